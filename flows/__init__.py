@@ -1,0 +1,1 @@
+"""Prefect flows: `distill` (the whole DAG) and `kd-train` (training alone, for the GPU work pool)."""

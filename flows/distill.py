@@ -1,0 +1,65 @@
+"""The distillation DAG: preflight -> pull -> vocab check -> train -> eval -> evidence.
+
+    kdflow run configs/smoke.yaml            # or: kdflow smoke
+    python -c "from flows.distill import distill; from kd.config import load_config; \
+               distill(load_config('configs/smoke.yaml'))"
+
+Routing only: each step is a task in `tasks/`, its logic in `kd/`. Once preflight has passed,
+evidence is written whatever happens next, so a failed run leaves a `fail` manifest behind.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from kd.config import RunConfig, default_run_name
+from kd.errors import GateFailure
+from tasks.evaluate import evaluate
+from tasks.evidence import write_evidence_task
+from tasks.preflight import preflight
+from tasks.pull import pull_models
+from tasks.train import train_student_task
+from tasks.vocab import check_vocab
+
+
+def _flow_run_name() -> str:
+    cfg = flow_run.parameters["config"]
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.model_validate(cfg)
+    return cfg.name or default_run_name(cfg, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
+
+
+@flow(name="distill", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
+def distill(config: RunConfig) -> dict:
+    """Distil `config.teacher` into `config.student`; returns the manifest summary, raises if the run fails."""
+    start = datetime.now(timezone.utc)
+    run_name = flow_run.name or config.name or default_run_name(config, start.strftime("%Y%m%d-%H%M%S"))
+    refresh = config.orchestration.refresh_cache
+    opts = dict(refresh_cache=refresh or None, retries=config.orchestration.retries,
+                retry_delay_seconds=config.orchestration.retry_delay_s)
+
+    report = preflight(config)
+    teacher = student = alignment = training = evaluation = None
+    failure = None
+    try:
+        teacher, student = pull_models.with_options(**opts)(config)
+        alignment = check_vocab.with_options(refresh_cache=refresh or None)(config, teacher, student)
+        training = train_student_task.with_options(**opts)(config, teacher, student, alignment, run_name)
+        evaluation = evaluate.with_options(refresh_cache=refresh or None)(config, teacher, student, alignment,
+                                                                          training)
+    except Exception as err:  # recorded in the evidence, then re-raised: a failed run stays failed
+        failure = err
+    manifest = write_evidence_task(
+        config, run_name, start, report, teacher, student, alignment, training, evaluation,
+        failure=None if failure is None else f"{type(failure).__name__}: {failure}",
+        flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url,
+    )
+    if failure is not None:
+        raise failure
+    if manifest.run.status != "pass":
+        failed = [f"{f.id} ({f.observed})" for f in manifest.falsifiers if f.verdict != "pass"]
+        raise GateFailure(f"run {run_name} failed its gates: {'; '.join(failed)}")
+    return {"run": run_name, "status": manifest.run.status, "evidence": f"{config.evidence_dir}/{run_name}",
+            "falsifiers": {f.id: f.verdict for f in manifest.falsifiers}}

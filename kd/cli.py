@@ -1,0 +1,149 @@
+"""The `kdflow` command.
+
+    kdflow smoke [--evidence-dir DIR] [--steps N]      tiny local models, embedded Prefect server
+    kdflow run CONFIG [--set K=V ...] [--dry-run] [--no-cache] [--evidence-dir DIR]
+    kdflow make-tiny OUT
+    kdflow evidence verify|show RUN_DIR | diff A B | schema
+
+Exit codes: 0 success; 2 invalid input (config, model, tokenizer/vocab, data), one message naming
+what is wrong; 1 any other failed run (failed gates included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kd.errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMOKE_PRESET = REPO_ROOT / "configs" / "smoke.yaml"
+
+
+def _quiet_prefect_env() -> None:
+    """Nothing may leave 127.0.0.1: no analytics, no telemetry."""
+    for k, v in (("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                 ("HF_HUB_DISABLE_TELEMETRY", "1"), ("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore"),
+                 # a busy 2-core machine can take longer than the 20 s default to start the server
+                 ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")):
+        os.environ.setdefault(k, v)
+
+
+def _run_flow(cfg) -> int:
+    _quiet_prefect_env()
+    from flows.distill import distill
+
+    result = distill(cfg)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kd.config import load_config
+    from kd.preflight import format_plan, run_preflight
+
+    overrides = list(args.set or [])
+    if args.evidence_dir:
+        overrides.append(f"evidence_dir={args.evidence_dir}")
+    if args.no_cache:
+        overrides.append("orchestration.refresh_cache=true")
+    if getattr(args, "steps", None):
+        overrides.append(f"train.steps={args.steps}")
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        report = run_preflight(cfg)
+        print(format_plan(report))
+        return 0 if report.ok else 2
+    return _run_flow(cfg)
+
+
+def cmd_smoke(args) -> int:
+    args.config, args.dry_run = SMOKE_PRESET, False
+    return cmd_run(args)
+
+
+def cmd_make_tiny(args) -> int:
+    from kd.tiny import make_tiny
+
+    teacher, student = make_tiny(Path(args.out), seed=args.seed)
+    print(f"teacher: {teacher}\nstudent: {student}")
+    return 0
+
+
+def cmd_evidence(args) -> int:
+    from kd import manifest
+
+    if args.action == "schema":
+        print(json.dumps(manifest.manifest_json_schema(), indent=2))
+        return 0
+    if args.action == "verify":
+        problems = manifest.verify_run_dir(Path(args.run_dir))
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        if not problems:
+            print(f"ok: {args.run_dir} verifies (schema and every sha256)")
+        return 1 if problems else 0
+    if args.action == "show":
+        print(manifest.show_run(Path(args.run_dir)))
+        return 0
+    print(manifest.diff_runs(Path(args.a), Path(args.b)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdflow", description="Knowledge distillation of causal LMs on Prefect 3.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def run_options(sp):
+        sp.add_argument("--set", action="append", metavar="K=V", help="override a field, e.g. kd.alpha=0.5")
+        sp.add_argument("--evidence-dir", help="where evidence/<run>/ goes")
+        sp.add_argument("--no-cache", action="store_true", help="ignore cached task results")
+
+    smoke = sub.add_parser("smoke", help="smoke distillation: tiny local models, embedded Prefect server")
+    run_options(smoke)
+    smoke.add_argument("--steps", type=int, help="training steps")
+    smoke.set_defaults(func=cmd_smoke)
+
+    run = sub.add_parser("run", help="run a distillation from a YAML preset")
+    run.add_argument("config", help="configs/*.yaml")
+    run_options(run)
+    run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    run.set_defaults(func=cmd_run)
+
+    tiny = sub.add_parser("make-tiny", help="write OUT/teacher and OUT/student tiny models")
+    tiny.add_argument("out")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    ev = sub.add_parser("evidence", help="inspect evidence folders")
+    evsub = ev.add_subparsers(dest="action", required=True)
+    for name, text in (("verify", "check the schema and every sha256"), ("show", "print a readable summary")):
+        sp = evsub.add_parser(name, help=text)
+        sp.add_argument("run_dir")
+    d = evsub.add_parser("diff", help="config and metric differences between two runs")
+    d.add_argument("a")
+    d.add_argument("b")
+    evsub.add_parser("schema", help="print the manifest JSON Schema")
+    ev.set_defaults(func=cmd_evidence)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"kdflow: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a failed run: name it, keep the traceback out of the one-line message
+        print(f"kdflow: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

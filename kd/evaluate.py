@@ -1,0 +1,298 @@
+"""Held-out metrics of teacher and student, and the no-fake-pass gates.
+
+Usage (models loaded by the caller with `backends.get_backend("hf").load(...)`):
+
+    report = evaluate_run(teacher, student_before, student_after, heldout_blocks, alignment,
+                          cfg.eval, chunk_size=cfg.kd.chunk_size, device="cpu")
+    if not report.passed: ...   # write evidence first, then fail the run (exit 1)
+
+    m = evaluate_model(student, teacher, blocks, rows_kept=..., valid_vocab=..., batch_size=8)
+
+Metrics are next-token prediction (position t predicts token t+1) over the *aligned* vocab: every
+model's output matrix is cut to its first `valid_vocab` rows, which is the same as cutting the
+teacher to `rows_kept` and masking ids ≥ `valid_vocab` (padding rows) out of both softmaxes.
+The teacher's own loss is therefore over the shared vocab too, so all three rows of the table are
+comparable. Logits exist only for `chunk_size` tokens at a time (hidden states × output matrix):
+a (N, 152k) logits tensor for a real model would be gigabytes.
+
+Gates are `Falsifier`s and never raise here: a failed gate is recorded with verdict `fail`; the
+caller writes the evidence and then fails the run. Every gate is written fail-closed: NaN compares
+false, so a metric that is not a real number can never satisfy a claim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kd.config import EvalConfig
+from kd.errors import DataError, VocabError
+from kd.results import EvalReport, Falsifier, ModelEval, VocabAlignment
+
+FINITE_ID = "F-DISTILL-FINITE-001"
+COLLAPSE_ID = "F-DISTILL-COLLAPSE-001"
+KL_ID = "F-DISTILL-EVAL-001"
+
+_METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share")
+
+
+@dataclass
+class _Acc:
+    """Running sums for one model (python floats are float64: no drift over many chunks)."""
+
+    compare: bool
+    n: int = 0
+    loss: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    entropy: float = 0.0
+    counts: torch.Tensor | None = field(default=None, repr=False)
+
+    def result(self) -> ModelEval:
+        n = self.n
+        loss = self.loss / n
+        # exp overflows a double above ~709.78 nats; such a model is broken anyway (and fails FINITE).
+        ppl = math.exp(loss) if loss < 709.0 else (float("inf") if loss == loss else float("nan"))
+        share = float(self.counts.max().item()) / n if self.counts is not None else float("nan")
+        return ModelEval(
+            loss=loss,
+            perplexity=ppl,
+            kl_to_teacher=self.kl / n if self.compare else None,
+            top1_agreement=self.agree / n if self.compare else None,
+            entropy=self.entropy / n,
+            top_token_share=share,
+            tokens=n,
+        )
+
+
+def _head(model, backend, valid_vocab: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w, b = backend.output_head(model)
+    if w.shape[0] < valid_vocab:
+        raise VocabError(f"{what} output matrix has {w.shape[0]} rows, fewer than valid_vocab={valid_vocab}")
+    return w[:valid_vocab], (b[:valid_vocab] if b is not None else None)
+
+
+def _log_probs(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """(n, H) hidden × (V, H) head -> (n, V) float32 log-probs. Matmul in the model dtype (no fp32
+    copy of a 152k-row matrix), softmax in float32."""
+    return F.log_softmax(F.linear(h, w, b).float(), dim=-1)
+
+
+@torch.no_grad()
+def _evaluate(
+    models: list[torch.nn.Module],
+    teacher: torch.nn.Module | None,
+    blocks: torch.Tensor,
+    *,
+    compare: list[bool],
+    rows_kept: int,
+    valid_vocab: int,
+    batch_size: int,
+    chunk_size: int,
+    device,
+    max_batches: int | None,
+    backend: str,
+) -> list[ModelEval]:
+    """One pass over `blocks` for several models, sharing the teacher's forward pass."""
+    from backends import get_backend
+
+    be = get_backend(backend)
+    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        raise DataError(f"held-out blocks must be a non-empty (B, T≥2) tensor, got shape {tuple(blocks.shape)}")
+    if not 0 < valid_vocab <= rows_kept:
+        raise VocabError(f"valid_vocab={valid_vocab} must be in 1..rows_kept={rows_kept}")
+    if batch_size <= 0 or chunk_size <= 0:
+        raise ValueError(f"batch_size and chunk_size must be > 0, got {batch_size}, {chunk_size}")
+    if any(compare) and teacher is None:
+        raise ValueError("KL/agreement need a teacher")
+    top = int(blocks.max())
+    if top >= valid_vocab or int(blocks.min()) < 0:
+        raise DataError(f"held-out blocks contain token id {top}, outside the aligned vocab 0..{valid_vocab - 1}")
+
+    for m in [*models, teacher]:
+        if m is not None:
+            m.eval()  # dropout off; eval never trains
+    heads = [_head(m, be, valid_vocab, f"model {i}") for i, m in enumerate(models)]
+    t_head = _head(teacher, be, valid_vocab, "teacher") if teacher is not None else None
+    accs = [_Acc(compare=c, counts=torch.zeros(valid_vocab, dtype=torch.long, device=device)) for c in compare]
+
+    for bi, start in enumerate(range(0, blocks.shape[0], batch_size)):
+        if max_batches is not None and bi >= max_batches:
+            break
+        x = blocks[start : start + batch_size].to(device)
+        inp, tgt = x[:, :-1], x[:, 1:].reshape(-1)  # position t predicts token t+1
+        cache: dict[int, torch.Tensor] = {}
+
+        def hidden(m):
+            # The same module (teacher evaluated as itself) is run once per batch.
+            if id(m) not in cache:
+                h = be.hidden_states(m, inp)
+                cache[id(m)] = h.reshape(-1, h.shape[-1])
+            return cache[id(m)]
+
+        hs = [hidden(m) for m in models]
+        ht = hidden(teacher) if teacher is not None else None
+        n = tgt.shape[0]
+        for s in range(0, n, chunk_size):
+            y = tgt[s : s + chunk_size]
+            lt = _log_probs(ht[s : s + chunk_size], *t_head) if ht is not None else None
+            t_arg = lt.argmax(-1) if lt is not None else None
+            for m, acc, h, head in zip(models, accs, hs, heads):
+                # The teacher evaluated as itself reuses its log-probs.
+                lm = lt if m is teacher else _log_probs(h[s : s + chunk_size], *head)
+                pm = lm.exp()
+                arg = lm.argmax(-1)
+                acc.loss += float(F.nll_loss(lm, y, reduction="sum"))
+                acc.entropy += float(-(pm * lm).sum())
+                acc.counts += torch.bincount(arg, minlength=valid_vocab)
+                if acc.compare:
+                    # KL(p_t || p_m) = sum p_t (log p_t - log p_m); p_t = 0 terms contribute 0.
+                    acc.kl += float(F.kl_div(lm, lt, reduction="sum", log_target=True))
+                    acc.agree += int((arg == t_arg).sum())
+                acc.n += y.shape[0]
+    return [a.result() for a in accs]
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    blocks: torch.Tensor,
+    *,
+    rows_kept: int,
+    valid_vocab: int,
+    batch_size: int,
+    chunk_size: int = 256,
+    device="cpu",
+    max_batches: int | None = None,
+    backend: str = "hf",
+) -> ModelEval:
+    """Held-out metrics of `model` on `blocks` (LongTensor (B, T)), batched, no grad, chunked.
+
+    With a `teacher`, also KL(teacher‖model) at T=1 and top-1 agreement over the aligned vocab.
+    `teacher=None` evaluates a model on its own (use it for the teacher itself): `kl_to_teacher`
+    and `top1_agreement` are then None, not the trivial 0 and 1, so no table shows a
+    "perfect" number that was never measured. Models must already be on `device`.
+    """
+    return _evaluate(
+        [model], teacher, blocks, compare=[teacher is not None], rows_kept=rows_kept,
+        valid_vocab=valid_vocab, batch_size=batch_size, chunk_size=chunk_size, device=device,
+        max_batches=max_batches, backend=backend,
+    )[0]
+
+
+def _fmt(x: float | None) -> str:
+    return "None" if x is None else f"{x:.6g}"
+
+
+def finite_gate(evals: dict[str, ModelEval]) -> Falsifier:
+    """F-DISTILL-FINITE-001: every measured metric of every model is a finite number."""
+    bad = [
+        f"{name}.{k}={_fmt(getattr(ev, k))}"
+        for name, ev in evals.items()
+        for k in _METRICS
+        if getattr(ev, k) is not None and not math.isfinite(getattr(ev, k))
+    ]
+    bad += [f"{name}.tokens=0" for name, ev in evals.items() if ev.tokens <= 0]
+    return Falsifier(
+        id=FINITE_ID,
+        claim="every eval metric (loss, perplexity, KL, agreement, entropy, top-token share) of "
+        f"{', '.join(evals)} is finite, over > 0 tokens",
+        observed="all finite" if not bad else "non-finite: " + ", ".join(bad),
+        verdict="pass" if not bad else "fail",
+    )
+
+
+def collapse_gate(after: ModelEval, teacher: ModelEval, vocab_size: int, cfg: EvalConfig) -> Falsifier:
+    """F-DISTILL-COLLAPSE-001: the trained student is not collapsed.
+
+    Collapsed = perplexity ≥ f·V, or one argmax token at ≥ `max_top_token_share` of positions
+    (unless the teacher is at least as peaked: then it is the data, not the student), or mean
+    entropy ≥ e·log V (near uniform). Each check is written as "healthy if <", so NaN fails.
+    """
+    log_v = math.log(vocab_size)
+    ppl_limit = cfg.collapse_perplexity_fraction * vocab_size
+    ent_limit = cfg.collapse_entropy_fraction * log_v
+    share_limit = cfg.max_top_token_share
+    # A teacher that itself predicts one token this often says the data is that repetitive.
+    share_ok = after.top_token_share < share_limit or (
+        teacher.top_token_share >= share_limit and after.top_token_share <= teacher.top_token_share
+    )
+    checks = {
+        f"perplexity {_fmt(after.perplexity)} < {_fmt(ppl_limit)} ({cfg.collapse_perplexity_fraction:g}×V)":
+            after.perplexity < ppl_limit,
+        f"top-token share {_fmt(after.top_token_share)} < {share_limit:g} "
+        f"(teacher {_fmt(teacher.top_token_share)})": share_ok,
+        f"entropy {_fmt(after.entropy)} < {_fmt(ent_limit)} ({cfg.collapse_entropy_fraction:g}·log V)":
+            after.entropy < ent_limit,
+    }
+    failed = [k for k, ok in checks.items() if not ok]
+    return Falsifier(
+        id=COLLAPSE_ID,
+        claim=f"student-after is not collapsed over V={vocab_size}: perplexity < "
+        f"{cfg.collapse_perplexity_fraction:g}×V, no single token predicted at ≥ {share_limit:g} of positions "
+        f"(unless the teacher is as peaked), entropy < {cfg.collapse_entropy_fraction:g}·log V",
+        observed="; ".join(checks) if not failed else "FAILED: " + "; ".join(failed),
+        verdict="pass" if not failed else "fail",
+    )
+
+
+def kl_gate(before: ModelEval, after: ModelEval) -> Falsifier:
+    """F-DISTILL-EVAL-001: distillation moved the student towards the teacher on held-out data."""
+    ok = (
+        before.kl_to_teacher is not None
+        and after.kl_to_teacher is not None
+        and after.kl_to_teacher < before.kl_to_teacher
+    )
+    return Falsifier(
+        id=KL_ID,
+        claim="student-after KL(teacher‖student) at T=1 on held-out data is below student-before's",
+        observed=f"before {_fmt(before.kl_to_teacher)}, after {_fmt(after.kl_to_teacher)}",
+        verdict="pass" if ok else "fail",
+    )
+
+
+def eval_gates(
+    teacher: ModelEval, before: ModelEval, after: ModelEval, vocab_size: int, cfg: EvalConfig
+) -> list[Falsifier]:
+    """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`
+    (an unchecked claim is left out rather than written down as a pass)."""
+    gates = [
+        finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
+        collapse_gate(after, teacher, vocab_size, cfg),
+    ]
+    if cfg.require_kl_improvement:
+        gates.append(kl_gate(before, after))
+    return gates
+
+
+def evaluate_run(
+    teacher_model: torch.nn.Module,
+    student_before: torch.nn.Module,
+    student_after: torch.nn.Module,
+    blocks: torch.Tensor,
+    alignment: VocabAlignment,
+    eval_cfg: EvalConfig,
+    *,
+    chunk_size: int = 256,
+    device="cpu",
+    backend: str = "hf",
+) -> EvalReport:
+    """Teacher, student-before and student-after on the held-out `blocks` (one shared pass, the
+    teacher's forward runs once per batch), plus the gates. Never raises on a failed gate."""
+    teacher_eval, before, after = _evaluate(
+        [teacher_model, student_before, student_after], teacher_model, blocks,
+        compare=[False, True, True], rows_kept=alignment.rows_kept, valid_vocab=alignment.valid_vocab,
+        batch_size=eval_cfg.batch_size, chunk_size=chunk_size, device=device,
+        max_batches=eval_cfg.max_batches, backend=backend,
+    )
+    v = alignment.valid_vocab
+    return EvalReport(
+        teacher=teacher_eval,
+        student_before=before,
+        student_after=after,
+        vocab_size=v,
+        gates=eval_gates(teacher_eval, before, after, v, eval_cfg),
+    )

@@ -1,0 +1,97 @@
+"""Human views of evidence folders: `kdflow evidence show RUN_DIR` and `kdflow evidence diff A B`.
+
+    print(show_run(Path("evidence/run-1")))
+    print(diff_runs(Path("evidence/run-1"), Path("evidence/run-2")))
+
+Both read manifest.json through kd.manifest.load_manifest (EvidenceError when it is missing or invalid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kd.manifest import Manifest, load_manifest, verify_run_dir
+
+
+def _g(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _eval_rows(m: Manifest) -> dict[str, dict]:
+    if m.eval is None:
+        return {}
+    rows = {"teacher": m.eval.teacher, "student_before": m.eval.student_before, "student_after": m.eval.student_after}
+    return {k: v.model_dump() for k, v in rows.items()}
+
+
+def show_run(run_dir: Path) -> str:
+    """A readable summary of one run folder (status, models, training, eval table, falsifiers, integrity)."""
+    m = load_manifest(run_dir)
+    r, t = m.run, m.training
+    out = [
+        f"run {r.name}: {r.status.upper()}   {r.start.isoformat()} → {r.end.isoformat()}",
+        f"  flow run: {r.flow_run_id or '-'} {r.flow_run_url or ''}".rstrip(),
+        f"  code {m.code.git_commit[:12]}{' (dirty)' if m.code.dirty else ''}, torch {m.environment.torch}, "
+        f"device {m.environment.device}",
+    ]
+    for role in ("teacher", "student"):
+        s = getattr(m.models, role)
+        if s is not None:
+            out.append(f"  {role}: {s.repo}@{s.revision} ({s.resolved_commit[:12]}, {s.total_bytes / 1e6:.1f} MB)")
+    if m.vocab is not None:
+        out.append(f"  vocab: {m.vocab.verdict}, rows kept {m.vocab.rows_kept}, valid {m.vocab.valid_vocab}")
+    if t is not None:
+        out.append(f"  training: {t.steps} steps, {t.tokens} tokens, loss {_g(t.initial_loss)} → {_g(t.final_loss)}, "
+                   f"{t.tokens_per_s:.0f} tok/s, {t.wall_s:.1f} s, peak {t.peak_memory_bytes / 2**20:.0f} MiB")
+    if m.checkpoint is not None:
+        out.append(f"  checkpoint: {m.checkpoint.path} (sha256 {m.checkpoint.sha256[:12]}…)")
+    rows = _eval_rows(m)
+    if rows:
+        cols = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share", "tokens")
+        out.append("  eval " + "".join(f"{c[:14]:>15}" for c in cols))
+        out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>15}" for c in cols) for name, row in rows.items()]
+    out.append("  falsifiers:")
+    out += [f"    [{f.verdict.upper():4}] {f.id}: {f.claim} — {f.observed}" for f in m.falsifiers]
+    out += [f"  note: {n}" for n in m.notes]
+    problems = verify_run_dir(run_dir)
+    out.append(f"  integrity: {len(m.files)} files, " + ("all sha256 match" if not problems else "PROBLEMS:"))
+    out += [f"    {p}" for p in problems]
+    return "\n".join(out)
+
+
+def _flatten(d, prefix="") -> dict[str, object]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _metrics(m: Manifest) -> dict[str, object]:
+    out: dict[str, object] = {"run.status": m.run.status}
+    if m.training is not None:
+        for k in ("steps", "tokens", "initial_loss", "final_loss", "tokens_per_s", "wall_s", "peak_memory_bytes"):
+            out[f"training.{k}"] = getattr(m.training, k)
+    for name, row in _eval_rows(m).items():
+        out.update({f"eval.{name}.{k}": v for k, v in row.items()})
+    out.update({f"falsifier.{f.id}": f.verdict for f in m.falsifiers})
+    for role in ("teacher", "student"):
+        s = getattr(m.models, role)
+        if s is not None:
+            out[f"models.{role}"] = f"{s.repo}@{s.resolved_commit[:12]}/{s.content_hash[:12]}"
+    return out
+
+
+def diff_runs(a: Path, b: Path) -> str:
+    """Config and metric differences between two run folders, one `key: a → b` line each."""
+    ma, mb = load_manifest(a), load_manifest(b)
+    out = [f"A = {Path(a)} ({ma.run.name}), B = {Path(b)} ({mb.run.name})"]
+    for title, da, db in (("config", _flatten(ma.config), _flatten(mb.config)), ("metrics", _metrics(ma), _metrics(mb))):
+        keys = [k for k in sorted(set(da) | set(db)) if da.get(k, "<absent>") != db.get(k, "<absent>")
+                and not (isinstance(da.get(k), float) and da.get(k) != da.get(k) and db.get(k) != db.get(k))]
+        out.append(f"{title}: " + ("no differences" if not keys else f"{len(keys)} differ"))
+        out += [f"  {k}: {_g(da.get(k, '<absent>'))} → {_g(db.get(k, '<absent>'))}" for k in keys]
+    return "\n".join(out)

@@ -1,0 +1,437 @@
+"""The evidence manifest: a versioned schema, an atomic writer, and a verifier.
+
+    m = write_evidence(Path("evidence/run-1"), config=cfg, preflight=pre, models={"teacher": t,
+                       "student": s}, vocab=va, training=tr, eval_report=ev, falsifiers=None,
+                       flow_run_id=id, flow_run_url=url, start=t0, end=t1)
+    problems = verify_run_dir(Path("evidence/run-1"))   # [] when intact
+    print(show_run(run_dir)); print(diff_runs(a, b)); manifest_json_schema()
+
+A run folder holds `manifest.json`, `train.log`, `metrics.jsonl`, `eval.json`, `loss_curve.png`,
+the student checkpoint under `checkpoint/` (or, when kept elsewhere, its path and sha256 in
+`checkpoint`), and any extra files; `files` maps every file but manifest.json to its sha256.
+
+Contract (issue 2, extended additively): schema_version, run {name, flow_run_id, start, end,
+status}, config, environment, code {git_commit, dirty}, models, vocab, training {steps,
+initial_loss, final_loss, tokens, wall_s, ...}, eval, falsifiers [{id, claim, observed, verdict}],
+files. `status` is `pass` only when every falsifier passes; the schema refuses anything else.
+The manifest is written last, through a temp file and os.replace, after any old manifest is
+removed: a crash leaves no manifest, never one that claims success. Secrets are redacted (see
+kd/redact.py). `verify_run_dir` checks integrity, not success: a `fail` run with intact files
+verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import kd
+from kd.config import RunConfig, format_validation_error
+from kd.errors import InputError
+from kd.hashing import sha256_file
+from kd.plots import plot_loss_curve
+from kd.redact import redact, scrub, secret_values
+from kd.results import EvalReport, Falsifier, ModelSnapshot, PreflightReport, TrainResult, VocabAlignment
+
+SCHEMA_VERSION = "1.0"  # bump the minor for additive changes; verify accepts any 1.x
+MANIFEST = "manifest.json"
+SMOKE_ID = "F-DISTILL-SMOKE-001"
+VOCAB_ID = "F-DISTILL-VOCAB-001"
+# Environment variables worth recording (values of secret-looking ones are redacted).
+_ENV_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "PREFECT_", "CUDA_", "PYTORCH_", "TORCH_", "KDFLOW_")
+_ENV_NAMES = ("OMP_NUM_THREADS", "DO_NOT_TRACK")
+# Optimizer/RNG state stays in the work dir: evidence carries the loadable model only (and no pickles).
+_CKPT_SKIP_PREFIXES = ("optimizer", "scheduler", "rng", "trainer_state")
+_CKPT_SKIP_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+
+class EvidenceError(InputError):
+    """A run folder or manifest cannot be read (exit 2: the path given is wrong)."""
+
+
+class _M(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+class RunInfo(_M):
+    name: str
+    flow_run_id: str | None = Field(None, description="Prefect flow-run id (None outside a flow)")
+    flow_run_url: str | None = Field(None, description="Prefect UI URL of the flow run, when a server is set")
+    start: datetime
+    end: datetime
+    status: Literal["pass", "fail"] = Field(description="pass only if every falsifier passes")
+
+
+class EnvironmentInfo(_M):
+    python: str
+    platform: str = ""
+    torch: str
+    transformers: str | None
+    prefect: str | None
+    huggingface_hub: str | None
+    device: str
+    env: dict[str, str] = Field(default_factory=dict, description="Relevant env vars, secrets redacted")
+
+
+class CodeInfo(_M):
+    git_commit: str = Field(description="40-hex commit of the kdflow source, or `unknown`")
+    dirty: bool | None = Field(description="Uncommitted changes in the source tree (None: not a git repo)")
+    kdflow_version: str = kd.__version__
+
+
+class CheckpointInfo(_M):
+    path: str = Field(description="`checkpoint` (in this folder) or where it was kept")
+    sha256: str = Field(description="sha256 over sorted `relpath\\0sha256` lines of the checkpoint's files")
+    in_evidence: bool
+    source: str = Field(description="Checkpoint folder the trainer wrote")
+
+
+class Models(_M):
+    teacher: ModelSnapshot | None = None
+    student: ModelSnapshot | None = None
+
+
+class Manifest(_M):
+    """Everything a reviewer needs to trust (or refute) one distillation run."""
+
+    schema_version: str = SCHEMA_VERSION
+    run: RunInfo
+    config: dict = Field(description="The full RunConfig, secrets redacted")
+    environment: EnvironmentInfo
+    code: CodeInfo
+    preflight: PreflightReport | None = None
+    models: Models = Field(default_factory=Models)
+    vocab: VocabAlignment | None = None
+    training: TrainResult | None = None
+    checkpoint: CheckpointInfo | None = None
+    eval: EvalReport | None = None
+    falsifiers: list[Falsifier] = Field(default_factory=list)
+    files: dict[str, str] = Field(default_factory=dict, description="relpath -> sha256 of every other file")
+    notes: list[str] = Field(default_factory=list, description="What could not be collected, and why")
+
+    @model_validator(mode="after")
+    def _no_fake_pass(self) -> "Manifest":
+        if not self.schema_version.startswith("1."):
+            raise ValueError(f"schema_version {self.schema_version!r} is not 1.x")
+        if self.run.status == "pass":
+            failed = [f.id for f in self.falsifiers if f.verdict != "pass"]
+            if not self.falsifiers or failed or self.training is None or self.eval is None:
+                raise ValueError(
+                    "run.status is pass but "
+                    + (f"falsifiers {failed} failed" if failed else "training, eval or falsifiers are missing")
+                )
+        return self
+
+
+def manifest_json_schema() -> dict:
+    """JSON Schema of manifest.json (`kdflow evidence schema`). Non-finite metrics are written as
+    the strings "NaN"/"Infinity", which the pydantic model (the verifier) accepts."""
+    return Manifest.model_json_schema()
+
+
+# ---------------------------------------------------------------- hashing, git, environment
+def hash_files(root: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """relpath (posix) -> sha256 of every file under `root` (nothing skipped: an evidence folder
+    has no caches), minus the relpaths in `exclude`."""
+    root = Path(root)
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in exclude
+    }
+
+
+def digest_of(files: dict[str, str]) -> str:
+    """One sha256 over a {relpath: sha256} listing: sorted `relpath\\0sha256\\n` lines (the formula
+    of ModelSnapshot.content_hash), independent of where the files live."""
+    h = hashlib.sha256()
+    for rel, digest in sorted(files.items()):
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def dir_sha256(path: Path) -> str:
+    """One sha256 for a folder: digest_of(hash_files(path))."""
+    return digest_of(hash_files(Path(path)))
+
+
+def git_info(path: Path | str | None = None) -> dict:
+    """{commit, dirty} of the git work tree holding `path` (default: kdflow's source); outside a
+    repo, without git, or before the first commit: {"commit": "unknown", "dirty": None}."""
+    where = str(path or Path(__file__).resolve().parent)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=20)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": "unknown", "dirty": None}
+        status = git("status", "--porcelain")
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return {"commit": head.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)  # metadata only: kd never imports prefect
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment_info(device: str, env: dict[str, str] | None = None) -> EnvironmentInfo:
+    import torch
+
+    env = dict(os.environ if env is None else env)
+    picked = {k: v for k, v in sorted(env.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
+    return EnvironmentInfo(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch=torch.__version__,
+        transformers=_version("transformers"),
+        prefect=_version("prefect"),
+        huggingface_hub=_version("huggingface_hub"),
+        device=device,
+        env=redact(picked),
+    )
+
+
+# ---------------------------------------------------------------- falsifiers built from results
+def training_falsifiers(training: TrainResult) -> list[Falsifier]:
+    """F-DISTILL-SMOKE-001: final training loss < initial (NaN compares false, so it fails)."""
+    ok = training.final_loss < training.initial_loss
+    return [
+        Falsifier(
+            id=SMOKE_ID,
+            claim="final training loss < initial training loss on a non-degenerate batch",
+            observed=f"initial {training.initial_loss:.6g}, final {training.final_loss:.6g} "
+            f"after {training.steps} steps",
+            verdict="pass" if ok else "fail",
+        )
+    ]
+
+
+def vocab_falsifiers(vocab: VocabAlignment, max_dropped_mass: float) -> list[Falsifier]:
+    """F-DISTILL-VOCAB-001 when teacher rows were cut: the teacher's mean probability on them is
+    ≤ kd.max_dropped_mass (the rows really are padding). Nothing when no rows were cut."""
+    if vocab.dropped_mass_mean is None:
+        return []
+    ok = vocab.dropped_mass_mean <= max_dropped_mass
+    return [
+        Falsifier(
+            id=VOCAB_ID,
+            claim=f"teacher mean probability on the {vocab.teacher_rows - vocab.rows_kept} cut rows is "
+            f"≤ kd.max_dropped_mass={max_dropped_mass:g}",
+            observed=f"mean {vocab.dropped_mass_mean:.3g}, max {vocab.dropped_mass_max}",
+            verdict="pass" if ok else "fail",
+        )
+    ]
+
+
+# ---------------------------------------------------------------- writing
+def _copy_scrubbed(src: Path, dst: Path, secrets: set[str]) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(scrub(Path(src).read_bytes(), secrets))
+
+
+def _keep_in_checkpoint(p: Path) -> bool:
+    name = p.name.lower()
+    return not (name.startswith(_CKPT_SKIP_PREFIXES) or name.endswith(_CKPT_SKIP_SUFFIXES))
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)  # a retry must not mix two checkpoints
+    for p in sorted(Path(src).rglob("*")):
+        if p.is_file() and _keep_in_checkpoint(p):
+            out = dst / p.relative_to(src)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, out)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _safe_rel(rel: str) -> bool:
+    p = Path(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts and p.as_posix() != MANIFEST
+
+
+def write_evidence(
+    run_dir: Path,
+    *,
+    config: RunConfig,
+    preflight: PreflightReport | None,
+    models: dict[str, ModelSnapshot] | Models,
+    vocab: VocabAlignment | None,
+    training: TrainResult | None,
+    eval_report: EvalReport | None,
+    falsifiers: list[Falsifier] | None = None,
+    flow_run_id: str | None = None,
+    flow_run_url: str | None = None,
+    start: datetime,
+    end: datetime,
+    extra_files: dict[str, Path] | None = None,
+    copy_checkpoint: bool = True,
+    env: dict[str, str] | None = None,
+) -> Manifest:
+    """Write the whole evidence folder and return its manifest (status pass only if every falsifier passes).
+
+    Falsifiers are `falsifiers` plus, for ids not already given, `training_falsifiers(training)`,
+    `vocab_falsifiers(vocab, config.kd.max_dropped_mass)` and `eval_report.gates`. Missing inputs
+    (no training, log file gone) are written down in `notes` and can only make the run `fail`.
+    `copy_checkpoint=False` records the checkpoint's path and sha256 instead of copying it.
+    `env` defaults to os.environ (used for the recorded environment and the secrets to scrub).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # From here until the final os.replace there is no manifest at all: never a stale "pass".
+    (run_dir / MANIFEST).unlink(missing_ok=True)
+    for stale in run_dir.glob(f".{MANIFEST}.*.tmp"):
+        stale.unlink()
+
+    cfg_dict = config.model_dump(mode="json")
+    secrets = secret_values(env, cfg_dict)
+    notes: list[str] = []
+
+    ckpt = None
+    if training is not None:
+        for src, name in ((training.log_path, "train.log"), (training.metrics_path, "metrics.jsonl")):
+            if Path(src).is_file():
+                _copy_scrubbed(Path(src), run_dir / name, secrets)
+            else:
+                notes.append(f"{name}: source {src} not found")
+        src = Path(training.checkpoint_dir)
+        if not src.is_dir():
+            notes.append(f"checkpoint: source {src} not found")
+        elif copy_checkpoint:
+            _copy_checkpoint(src, run_dir / "checkpoint")
+            ckpt = CheckpointInfo(path="checkpoint", sha256=dir_sha256(run_dir / "checkpoint"),
+                                  in_evidence=True, source=str(src))
+        else:
+            ckpt = CheckpointInfo(path=str(src.resolve()), sha256=dir_sha256(src), in_evidence=False, source=str(src))
+    else:
+        notes.append("training: no TrainResult (the run stopped before or during training)")
+    metrics = run_dir / "metrics.jsonl"
+    plot_loss_curve(metrics if metrics.is_file() else Path(os.devnull), run_dir / "loss_curve.png",
+                    title=f"{config.name or run_dir.name}: KD training loss")
+    if eval_report is not None:
+        (run_dir / "eval.json").write_text(scrub(eval_report.model_dump_json(indent=2), secrets))
+    else:
+        notes.append("eval: no EvalReport")
+    for rel, src in (extra_files or {}).items():
+        if not _safe_rel(rel):
+            raise ValueError(f"extra file name {rel!r} must be a relative path inside the run folder")
+        _copy_scrubbed(Path(src), run_dir / rel, secrets)
+
+    given = list(falsifiers or [])
+    auto = []
+    if training is not None:
+        auto += training_falsifiers(training)
+    if vocab is not None:
+        auto += vocab_falsifiers(vocab, config.kd.max_dropped_mass)
+    if eval_report is not None:
+        auto += eval_report.gates
+    ids = {f.id for f in given}
+    all_f = given + [f for f in auto if f.id not in ids]
+    passed = bool(all_f) and all(f.verdict == "pass" for f in all_f) and training is not None \
+        and eval_report is not None
+    if not isinstance(models, Models):
+        models = Models(**models)
+
+    device = training.device if training else (preflight.device if preflight else "cpu")
+    gi = git_info()
+    manifest = Manifest(
+        run=RunInfo(name=config.name or run_dir.name, flow_run_id=flow_run_id, flow_run_url=flow_run_url,
+                    start=start, end=end, status="pass" if passed else "fail"),
+        config=redact(cfg_dict),
+        environment=environment_info(device, env),
+        code=CodeInfo(git_commit=gi["commit"], dirty=gi["dirty"]),
+        preflight=preflight, models=models, vocab=vocab, training=training, checkpoint=ckpt,
+        eval=eval_report, falsifiers=all_f,
+        files=hash_files(run_dir, exclude=(MANIFEST,)),
+        notes=notes,
+    )
+    _atomic_write_text(run_dir / MANIFEST, scrub(manifest.model_dump_json(indent=2), secrets) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------- reading and verifying
+def load_manifest(run_dir: Path) -> Manifest:
+    """The validated manifest of a run folder; EvidenceError naming the file when it cannot be."""
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        raise EvidenceError(f"{path}: missing (not an evidence folder, or the run crashed before writing it)")
+    try:
+        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as err:
+        raise EvidenceError(f"{path}: does not validate: {format_validation_error(err)}") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise EvidenceError(f"{path}: not valid JSON: {err}") from None
+
+
+def verify_run_dir(run_dir: Path) -> list[str]:
+    """Problems with a run folder, each naming the file: the manifest must validate, every listed
+    file must exist with its sha256, and no unlisted file may be present. [] means intact."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return [f"{run_dir}: run folder not found"]
+    try:
+        m = load_manifest(run_dir)
+    except EvidenceError as err:
+        return [str(err).replace(str(run_dir / MANIFEST), MANIFEST)]
+    problems = []
+    for rel, want in sorted(m.files.items()):
+        if not _safe_rel(rel):
+            problems.append(f"{rel}: path escapes the run folder")
+            continue
+        p = run_dir / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif (got := sha256_file(p)) != want:
+            problems.append(f"{rel}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…)")
+    on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    problems += [f"{rel}: extra file not listed in {MANIFEST}" for rel in sorted(on_disk - set(m.files) - {MANIFEST})]
+    if m.checkpoint is not None:
+        if m.checkpoint.in_evidence:
+            listed = {r[len("checkpoint/"):]: d for r, d in m.files.items() if r.startswith("checkpoint/")}
+            if digest_of(listed) != m.checkpoint.sha256:
+                problems.append("checkpoint: sha256 does not match the files listed under checkpoint/")
+        elif Path(m.checkpoint.path).is_dir() and dir_sha256(Path(m.checkpoint.path)) != m.checkpoint.sha256:
+            problems.append(f"checkpoint {m.checkpoint.path}: sha256 mismatch")
+    return problems
+
+
+# ---------------------------------------------------------------- reading for humans (kd/evidence_view.py)
+def show_run(run_dir: Path) -> str:
+    """A readable summary of one run folder (status, models, training, eval table, falsifiers, integrity)."""
+    from kd.evidence_view import show_run as _show
+
+    return _show(run_dir)
+
+
+def diff_runs(a: Path, b: Path) -> str:
+    """Config and metric differences between two run folders, one `key: a → b` line each."""
+    from kd.evidence_view import diff_runs as _diff
+
+    return _diff(a, b)

@@ -1,0 +1,126 @@
+"""The small results the steps pass to each other (and that the evidence manifest embeds).
+
+Every model here is JSON-serialisable: Prefect persists them for caching, the manifest embeds
+them. They carry paths and numbers, never tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Result(BaseModel):
+    # NaN/inf metrics are evidence (a broken model), not errors: serialise them as the strings
+    # "NaN"/"Infinity" so JSON stays standard and round-trips (the default writes null, which
+    # then fails validation of a `float` field on reload).
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+class PreflightReport(_Result):
+    """What preflight found and what the run will do."""
+
+    ok: bool
+    python: str
+    torch: str
+    transformers: str
+    huggingface_hub: str
+    prefect: str | None = None
+    device: str = Field(description="cpu, or the CUDA device name")
+    cuda_available: bool
+    bf16_supported: bool
+    free_disk_bytes: int
+    needed_disk_bytes: int = Field(description="Estimated download + checkpoint bytes")
+    memory_estimate_bytes: int = Field(description="Rough peak training memory (weights, grads, Adam, activations)")
+    checks: list[dict] = Field(default_factory=list, description="[{name, ok, detail}] per check")
+    plan: dict = Field(default_factory=dict, description="Models, sizes, steps, tokens, where things go")
+
+
+class ModelSnapshot(_Result):
+    """A model folder on local disk, with where it came from and a hash of every file."""
+
+    role: Literal["teacher", "student"]
+    repo: str
+    revision: str
+    kind: Literal["hub", "local", "tiny"]
+    resolved_commit: str = Field(description="40-hex hub commit, or `local` for folders and tiny models")
+    local_dir: str
+    files: dict[str, str] = Field(description="relative path -> sha256")
+    total_bytes: int
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 over the sorted file hashes: identifies the content wherever it lives."""
+        from kd.hashing import digest_of
+
+        return digest_of(self.files)
+
+
+class VocabAlignment(_Result):
+    """How teacher and student vocabularies relate, and what the loss must do about it."""
+
+    verdict: Literal["identical", "teacher-padded"]
+    teacher_rows: int = Field(description="Teacher output-matrix rows (config vocab_size)")
+    student_rows: int = Field(description="Student output-matrix rows (config vocab_size)")
+    teacher_tokenizer_size: int
+    student_tokenizer_size: int
+    rows_kept: int = Field(description="Teacher rows used by the loss (= student_rows)")
+    valid_vocab: int = Field(
+        description="Ids < valid_vocab are real tokens; ids ≥ it are padding rows masked from both softmaxes"
+    )
+    padding_ids: list[int] = Field(default_factory=list, description="[first, last] padding id range, empty if none")
+    dropped_mass_mean: float | None = Field(None, description="Mean teacher probability on the cut rows")
+    dropped_mass_max: float | None = None
+    special_tokens: dict[str, int | None] = Field(default_factory=dict)
+
+
+class TrainResult(_Result):
+    """What training produced."""
+
+    run_dir: str
+    checkpoint_dir: str
+    checkpoint_sha256: str = Field(description="sha256 over the checkpoint's files")
+    metrics_path: str
+    log_path: str
+    steps: int
+    resumed_from_step: int = Field(0, description="Step the last attempt started from (0: from scratch)")
+    tokens: int
+    initial_loss: float
+    final_loss: float
+    tokens_per_s: float
+    wall_s: float
+    peak_memory_bytes: int
+    device: str
+    dtype: str
+
+
+class ModelEval(_Result):
+    """Held-out metrics of one model."""
+
+    loss: float
+    perplexity: float
+    kl_to_teacher: float | None = Field(description="KL(teacher||model) at T=1 over the aligned vocab")
+    top1_agreement: float | None = Field(description="Fraction of positions whose argmax equals the teacher's")
+    entropy: float = Field(description="Mean output entropy (nats)")
+    top_token_share: float = Field(description="Share of positions predicting the single most common argmax")
+    tokens: int
+
+
+class Falsifier(_Result):
+    id: str
+    claim: str
+    observed: str
+    verdict: Literal["pass", "fail"]
+
+
+class EvalReport(_Result):
+    teacher: ModelEval
+    student_before: ModelEval
+    student_after: ModelEval
+    vocab_size: int
+    gates: list[Falsifier] = Field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.verdict == "pass" for g in self.gates)

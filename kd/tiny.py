@@ -1,0 +1,158 @@
+"""Deterministic tiny teacher/student pairs for smoke runs and tests.
+
+    kdflow make-tiny OUT        # writes OUT/teacher and OUT/student, laid out like hub repos
+
+Both are Qwen2 causal LMs with a byte-level BPE tokenizer trained on the bundled smoke corpus.
+Like Qwen2.5-7B vs -0.5B, the teacher's vocabulary is the student's plus extra tokens at the
+end (default 16) and both output matrices have padding rows past the tokenizer. The teacher is
+briefly trained on the corpus so its targets are not noise; the student starts random.
+Everything is a function of the seed: the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+CORPUS = Path(__file__).parent / "corpus" / "smoke.txt"
+EOS = "<|endoftext|>"
+TINY_FORMAT = 1  # bump when the generated models change, so cached copies are rebuilt
+STUDENT_VOCAB_TARGET = 360
+ROW_MULTIPLE = 32
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _train_tokenizer(corpus: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=STUDENT_VOCAB_TARGET,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    return tok
+
+
+def _save_tokenizer(tok, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
+    fast.save_pretrained(out)
+
+
+def _qwen2(vocab_rows: int, hidden: int, layers: int, heads: int, tie: bool, eos_id: int, seed: int):
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=vocab_rows,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return model
+
+
+def _pretrain(model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 64, batch: int = 12) -> float:
+    """A few hundred CE steps on the corpus so the teacher's distribution carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = (len(ids) - 1) // seq_len
+    blocks = ids[: n_blocks * seq_len].view(n_blocks, seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        rows = blocks[torch.randint(0, n_blocks, (batch,), generator=g)]
+        loss = model(input_ids=rows, labels=rows).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def make_tiny(out_dir: str | Path, seed: int = 0, extra_teacher_tokens: int = 16, teacher_steps: int = 200):
+    """Write `out_dir/teacher` and `out_dir/student`; returns their paths."""
+    from tokenizers import AddedToken
+
+    out = Path(out_dir)
+    corpus = CORPUS.read_text()
+    with _single_thread():
+        tok = _train_tokenizer(corpus)
+        student_tokens = tok.get_vocab_size(with_added_tokens=True)
+        eos_id = tok.token_to_id(EOS)
+
+        student_dir, teacher_dir = out / "student", out / "teacher"
+        _save_tokenizer(tok, student_dir)
+        tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra_teacher_tokens)])
+        teacher_tokens = tok.get_vocab_size(with_added_tokens=True)
+        _save_tokenizer(tok, teacher_dir)
+
+        student_rows = _round_up(student_tokens, ROW_MULTIPLE)
+        teacher_rows = max(_round_up(teacher_tokens, ROW_MULTIPLE), student_rows + extra_teacher_tokens)
+        teacher = _qwen2(teacher_rows, hidden=128, layers=2, heads=4, tie=False, eos_id=eos_id, seed=seed)
+        ids = torch.tensor(
+            [i for line in corpus.splitlines() for i in tok.encode(line).ids + [eos_id]], dtype=torch.long
+        )
+        teacher_loss = _pretrain(teacher, ids, steps=teacher_steps, seed=seed)
+        student = _qwen2(student_rows, hidden=64, layers=2, heads=4, tie=True, eos_id=eos_id, seed=seed + 1)
+        teacher.save_pretrained(teacher_dir)
+        student.save_pretrained(student_dir)
+    (out / "tiny.json").write_text(
+        json.dumps(
+            {"seed": seed, "format": TINY_FORMAT, "teacher_rows": teacher_rows, "student_rows": student_rows,
+             "teacher_tokens": teacher_tokens, "student_tokens": student_tokens,
+             "teacher_final_ce": round(teacher_loss, 4)},
+            indent=2,
+        )
+        + "\n"
+    )
+    return teacher_dir, student_dir
+
+
+def ensure_tiny(root: str | Path | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """The cached tiny pair under `root` (default `$KDFLOW_HOME/tiny`), created once, atomically."""
+    base = Path(root) if root else Path(os.environ.get("KDFLOW_HOME", "~/.cache/kdflow")).expanduser() / "tiny"
+    final = base / f"seed{seed}-v{TINY_FORMAT}"
+    if not (final / "tiny.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+        make_tiny(tmp, seed=seed)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race: its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final / "teacher", final / "student"
+
+
+class _single_thread:
+    """Pin torch to one thread while generating, so the weights do not depend on the core count."""
+
+    def __enter__(self):
+        self._n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self._n)

@@ -1,0 +1,272 @@
+"""The KD training loop: AdamW, warm-up + cosine, accumulation, clipping, checkpoints, resume.
+
+    result = train_student(cfg, teacher_dir, student_dir, alignment, packed, run_dir)
+
+Writes under `run_dir`: `checkpoints/step-NNNNNN/` (Hugging Face folder + `trainer_state.pt`,
+written to a temp folder then renamed, so a crash never leaves half a checkpoint),
+`metrics.jsonl` (one line per step) and `train.log`. A second call with the same `run_dir`
+continues from the last checkpoint (or `train.resume_from`) and ends with the same weights
+as an uninterrupted run: the data order is a pure function of (seed, step) and the
+optimizer, scheduler and RNG states are restored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backends import get_backend
+from kd.config import RunConfig
+from kd.data import PackedData, train_batch
+from kd.errors import ConfigError
+from kd.hashing import hash_dir
+from kd.losses import fused_linear_kd_loss
+from kd.results import TrainResult, VocabAlignment
+
+STATE_FILE = "trainer_state.pt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json")
+StepCallback = Callable[[dict], None]
+
+
+def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype, bool]:
+    """(device, weight dtype, use bf16 autocast) from train.device / train.dtype."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
+    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    if cfg.train.dtype == "bfloat16" and device == "cpu":
+        raise ConfigError("train.dtype: bfloat16 is only supported on CUDA here; use auto or float32 on CPU")
+    autocast = device == "cuda" and cfg.train.dtype in ("auto", "bfloat16")
+    return device, torch.float32, autocast
+
+
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to `min_lr_ratio` at the last step."""
+    t = cfg.train
+
+    def f(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        span = max(1, t.steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, student_dir: Path) -> Path:
+    """Atomically write `checkpoints/step-NNNNNN` (HF format + trainer state)."""
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (student_dir / name).is_file():
+            shutil.copy2(student_dir / name, tmp / name)
+    torch.save(
+        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        tmp / STATE_FILE,
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _setup_log(path: Path) -> logging.Logger:
+    log = logging.getLogger(f"kdflow.train.{path}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+def _trim_metrics(path: Path, upto_step: int) -> None:
+    """On resume, drop metric lines of steps the crashed attempt ran past its last checkpoint."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class _Objective:
+    """Student + frozen teacher -> KD loss on one batch, through the fused-linear loss."""
+
+    def __init__(self, cfg: RunConfig, student, teacher, alignment: VocabAlignment, autocast: bool, device: str):
+        self.cfg, self.student, self.teacher = cfg, student, teacher
+        self.alignment, self.autocast, self.device = alignment, autocast, device
+        self.backend = get_backend("hf")
+
+    def __call__(self, ids: torch.Tensor):
+        kd = self.cfg.kd
+        ids = ids.to(self.device)
+        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            s_hidden = self.backend.hidden_states(self.student, ids)[:, :-1]
+            with torch.no_grad():  # not inference_mode: its tensors cannot be saved for backward
+                t_hidden = self.backend.hidden_states(self.teacher, ids)[:, :-1]
+        s_w, s_b = self.backend.output_head(self.student)
+        t_w, t_b = self.backend.output_head(self.teacher)
+        return fused_linear_kd_loss(
+            s_hidden.reshape(-1, s_hidden.shape[-1]), s_w,
+            t_hidden.reshape(-1, t_hidden.shape[-1]), t_w[: self.alignment.rows_kept].detach(),
+            ids[:, 1:].reshape(-1),
+            alpha=kd.alpha, temperature=kd.temperature, divergence=kd.divergence, beta=kd.jsd_beta,
+            valid_vocab=self.alignment.valid_vocab, chunk_size=kd.chunk_size,
+            student_bias=s_b, teacher_bias=None if t_b is None else t_b[: self.alignment.rows_kept].detach(),
+        )
+
+
+def train_student(
+    cfg: RunConfig,
+    teacher_dir: str | Path,
+    student_dir: str | Path,
+    alignment: VocabAlignment,
+    packed: PackedData,
+    run_dir: str | Path,
+    *,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train the student for `cfg.train.steps` optimizer steps; resume if a checkpoint exists."""
+    t0 = time.perf_counter()
+    run_dir, student_dir = Path(run_dir), Path(student_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _setup_log(run_dir / "train.log")
+    metrics_path = run_dir / "metrics.jsonl"
+    tc = cfg.train
+    device, dtype, autocast = resolve_device(cfg)
+    backend = get_backend("hf")
+
+    resume = Path(tc.resume_from) if tc.resume_from else latest_checkpoint(run_dir)
+    if resume is not None and not (resume / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume_from: {resume} is not a kdflow checkpoint (no {STATE_FILE})")
+    seed_everything(tc.seed)
+    trust = cfg.student.trust_remote_code
+    student = backend.load(resume or student_dir, device=device, dtype=dtype, trust_remote_code=trust)
+    teacher = backend.load(teacher_dir, device=device, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    objective = _Objective(cfg, student, teacher, alignment, autocast, device)
+
+    # A fixed probe batch measures initial and final loss on the same tokens (the smoke falsifier).
+    probe = train_batch(packed.train, step=0, micro=0, batch_size=tc.batch_size, grad_accum=1, seed=tc.seed)
+    start_step = 0
+    if resume is not None:
+        state = torch.load(resume / STATE_FILE, weights_only=False)  # our own file: optimizer + RNG state
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_step = state["step"]
+        _trim_metrics(metrics_path, start_step)
+        initial_loss = json.loads((run_dir / "initial_loss.json").read_text())["initial_loss"]
+        log.info("resumed from %s at step %d", resume, start_step)
+    else:
+        metrics_path.unlink(missing_ok=True)
+        with torch.no_grad():
+            initial_loss = float(objective(probe).loss)
+        (run_dir / "initial_loss.json").write_text(json.dumps({"initial_loss": initial_loss}) + "\n")
+        log.info("start: device=%s autocast_bf16=%s initial_loss=%.6f", device, autocast, initial_loss)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens_per_step = tc.batch_size * tc.grad_accum * (packed.train.shape[1] - 1)
+    ckpt = resume
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
+        for step in range(start_step, tc.steps):
+            t_step = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = ce_sum = kd_sum = 0.0
+            for micro in range(tc.grad_accum):
+                ids = train_batch(packed.train, step=step, micro=micro, batch_size=tc.batch_size,
+                                  grad_accum=tc.grad_accum, seed=tc.seed)
+                out = objective(ids)
+                (out.loss / tc.grad_accum).backward()
+                loss_sum += float(out.loss.detach())
+                ce_sum += float(out.ce)
+                kd_sum += float(out.kd)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            dt = time.perf_counter() - t_step
+            row = {"step": step + 1, "loss": loss_sum / tc.grad_accum, "ce": ce_sum / tc.grad_accum,
+                   "kd": kd_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_step / dt, "step_s": dt}
+            if not math.isfinite(row["loss"]):
+                log.error("non-finite loss at step %d: %s", step + 1, row)
+            if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                log.info("step %d/%d loss=%.5f ce=%.5f kd=%.5f lr=%.3g grad_norm=%.4g tok/s=%.0f",
+                         step + 1, tc.steps, row["loss"], row["ce"], row["kd"], lr, grad_norm, row["tokens_per_s"])
+            done = step + 1
+            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
+                ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir)
+                log.info("checkpoint %s", ckpt)
+            if on_step is not None:
+                on_step({**row, "total_steps": tc.steps, "checkpoint": str(ckpt) if ckpt else None})
+
+    student.eval()
+    with torch.no_grad():
+        final_loss = float(objective(probe).loss)
+    wall = time.perf_counter() - t0
+    trained_steps = tc.steps - start_step
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    log.info("done: initial_loss=%.6f final_loss=%.6f wall_s=%.1f", initial_loss, final_loss, wall)
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
+    assert ckpt is not None
+    return TrainResult(
+        run_dir=str(run_dir), checkpoint_dir=str(ckpt), checkpoint_sha256=hash_dir(ckpt),
+        metrics_path=str(metrics_path), log_path=str(run_dir / "train.log"),
+        steps=tc.steps, resumed_from_step=start_step, tokens=tokens_per_step * tc.steps,
+        initial_loss=initial_loss, final_loss=final_loss,
+        tokens_per_s=tokens_per_step * trained_steps / max(wall, 1e-9), wall_s=wall,
+        peak_memory_bytes=int(peak), device=device, dtype="bfloat16-autocast" if autocast else "float32",
+    )

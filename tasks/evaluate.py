@@ -1,0 +1,49 @@
+"""Task `evaluate`: held-out metrics for teacher, student-before and student-after, and the gates.
+
+A failed gate is not an exception here: it is recorded, the evidence step writes it down and
+the flow then fails the run. Cached on the checkpoint's content and the eval config.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from backends import get_backend
+from kd.config import RunConfig
+from kd.data import data_fingerprint, pack_dataset
+from kd.evaluate import evaluate_run
+from kd.results import EvalReport, ModelSnapshot, TrainResult, VocabAlignment
+from kd.train import resolve_device
+from tasks.policy import content_key, retry_transient
+
+
+def _eval_key(context, parameters) -> str:
+    cfg: RunConfig = parameters["config"]
+    return content_key("eval", parameters["training"].checkpoint_sha256, parameters["teacher"].content_hash,
+                       parameters["student"].content_hash, parameters["alignment"].model_dump(),
+                       cfg.eval.model_dump(), cfg.data.model_dump(), data_fingerprint(cfg.data), cfg.kd.chunk_size)
+
+
+@task(name="evaluate", cache_key_fn=_eval_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
+def evaluate(
+    config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment,
+    training: TrainResult,
+) -> EvalReport:
+    device, dtype, _ = resolve_device(config)
+    backend = get_backend("hf")
+    load = lambda d, ref: backend.load(d, device=device, dtype=dtype, trust_remote_code=ref.trust_remote_code)  # noqa: E731
+    packed = pack_dataset(config.data, student.local_dir, max_positions=None, min_train_blocks=1)
+    report = evaluate_run(
+        load(teacher.local_dir, config.teacher), load(student.local_dir, config.student),
+        load(training.checkpoint_dir, config.student), packed.heldout, alignment, config.eval,
+        chunk_size=config.kd.chunk_size, device=device,
+    )
+    rows = []
+    for name in ("teacher", "student_before", "student_after"):
+        m = getattr(report, name)
+        rows.append({"model": name.replace("_", "-"), "loss": round(m.loss, 5), "perplexity": round(m.perplexity, 3),
+                     "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement, "tokens": m.tokens})
+    create_table_artifact(key="eval-comparison", table=rows, description=(
+        "Held-out metrics; gates: " + ", ".join(f"{g.id}={g.verdict}" for g in report.gates)))
+    return report

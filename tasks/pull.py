@@ -1,0 +1,55 @@
+"""Task `pull_models`: snapshot teacher and student; cached on the sources' content identity."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from kd.config import ModelRef, RunConfig
+from kd.hub import pull_model
+from kd.results import ModelSnapshot
+from tasks.policy import content_key, retry_transient
+
+
+def source_fingerprint(ref: ModelRef) -> str:
+    """What identifies a source's content without downloading it: the tiny-model format, a local
+    folder's listing (names, sizes, mtimes), or the hub commit the revision resolves to now."""
+    if ref.kind == "tiny":
+        from kd.tiny import TINY_FORMAT
+
+        return f"{ref.repo}-v{TINY_FORMAT}"
+    if ref.kind == "local":
+        root = Path(ref.repo).expanduser()
+        return str(sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                          for p in root.rglob("*") if p.is_file()))
+    if re.fullmatch(r"[0-9a-f]{40}", ref.revision):
+        return f"{ref.repo}@{ref.revision}"
+    try:
+        from huggingface_hub import HfApi
+
+        return f"{ref.repo}@{HfApi().model_info(ref.repo, revision=ref.revision).sha}"
+    except Exception:  # offline or unreachable: the pull itself will say why; never reuse a guess
+        return f"{ref.repo}@{ref.revision}@uncached-{time.time_ns()}"
+
+
+def _pull_key(context, parameters) -> str:
+    cfg: RunConfig = parameters["config"]
+    return content_key("pull", source_fingerprint(cfg.teacher), source_fingerprint(cfg.student))
+
+
+@task(name="pull_models", cache_key_fn=_pull_key, persist_result=True, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def pull_models(config: RunConfig) -> tuple[ModelSnapshot, ModelSnapshot]:
+    teacher = pull_model(config.teacher, "teacher")
+    student = pull_model(config.student, "student")
+    create_table_artifact(
+        key="pull-files",
+        table=[{"role": s.role, "repo": s.repo, "commit": s.resolved_commit, "file": f, "sha256": h}
+               for s in (teacher, student) for f, h in sorted(s.files.items())],
+        description="Every model file with its sha256 and the resolved commit",
+    )
+    return teacher, student

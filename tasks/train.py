@@ -1,0 +1,61 @@
+"""Task `train_student`: KD training in-process; a retry resumes from the run's last checkpoint.
+
+Cached on what determines the weights: the training-relevant config, both models' content,
+the data's content and the code version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from kd.config import RunConfig
+from kd.data import data_fingerprint, pack_dataset
+from kd.hashing import code_version
+from kd.results import ModelSnapshot, TrainResult, VocabAlignment
+from kd.train import train_student
+from tasks.policy import content_key, retry_transient
+
+
+def _train_key(context, parameters) -> str:
+    cfg: RunConfig = parameters["config"]
+    t, s = parameters["teacher"], parameters["student"]
+    train_cfg = cfg.train.model_dump(exclude={"resume_from", "log_every"})
+    return content_key("train", t.content_hash, s.content_hash, parameters["alignment"].model_dump(),
+                       data_fingerprint(cfg.data), cfg.data.model_dump(), cfg.kd.model_dump(), train_cfg,
+                       code_version())
+
+
+@task(name="train_student", cache_key_fn=_train_key, persist_result=True, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_transient)
+def train_student_task(
+    config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str
+) -> TrainResult:
+    max_pos = _max_positions(student)
+    packed = pack_dataset(config.data, student.local_dir, max_positions=max_pos,
+                          min_train_blocks=config.train.batch_size)
+    progress_id = create_progress_artifact(progress=0.0, key="train-progress",
+                                           description=f"Training {config.train.steps} steps")
+    every = max(1, config.train.steps // 50)
+
+    def on_step(row: dict) -> None:
+        if row["step"] % every == 0 or row["step"] == row["total_steps"]:
+            update_progress_artifact(progress_id, progress=100.0 * row["step"] / row["total_steps"])
+
+    result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
+                           Path(config.work_dir) / run_name, on_step=on_step)
+    create_table_artifact(
+        key="train-metrics",
+        table=[{"metric": k, "value": str(v)} for k, v in result.model_dump().items()],
+        description="Training summary",
+    )
+    return result
+
+
+def _max_positions(snap: ModelSnapshot) -> int | None:
+    import json
+
+    cfg = json.loads((Path(snap.local_dir) / "config.json").read_text())
+    return cfg.get("max_position_embeddings")

@@ -1,0 +1,47 @@
+"""Task `check_vocab`: align the vocabularies; cached on the tokenizer and config hashes."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+
+from backends import get_backend
+from kd.config import RunConfig
+from kd.data import sample_blocks
+from kd.errors import VocabError
+from kd.results import ModelSnapshot, VocabAlignment
+from kd.vocab import align_vocab, measure_dropped_mass
+from tasks.policy import content_key
+
+VOCAB_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "generation_config.json", "vocab.json", "merges.txt")
+
+
+def _vocab_key(context, parameters) -> str:
+    cfg: RunConfig = parameters["config"]
+    t, s = parameters["teacher"], parameters["student"]
+    pick = lambda snap: {f: h for f, h in snap.files.items() if f in VOCAB_FILES}  # noqa: E731
+    # the dropped-mass sample reads the teacher's weights and the data: both are part of the key
+    return content_key("vocab", pick(t), pick(s), t.content_hash, cfg.data.model_dump(), cfg.kd.max_dropped_mass)
+
+
+@task(name="check_vocab", cache_key_fn=_vocab_key, persist_result=True)
+def check_vocab(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot) -> VocabAlignment:
+    alignment = align_vocab(teacher.local_dir, student.local_dir)
+    if alignment.teacher_rows > alignment.rows_kept:
+        backend = get_backend("hf")
+        model = backend.load(teacher.local_dir, trust_remote_code=config.teacher.trust_remote_code)
+        mean, worst = measure_dropped_mass(model, sample_blocks(config.data, student.local_dir), alignment.rows_kept)
+        alignment = alignment.model_copy(update={"dropped_mass_mean": mean, "dropped_mass_max": worst})
+        if mean > config.kd.max_dropped_mass:
+            raise VocabError(
+                f"teacher puts {mean:.3g} mean probability on the {alignment.teacher_rows - alignment.rows_kept} "
+                f"rows cut to the student's vocab (kd.max_dropped_mass={config.kd.max_dropped_mass:g}): "
+                "those rows carry real signal, the vocabularies do not align"
+            )
+    create_table_artifact(
+        key="vocab-alignment",
+        table=[{"field": k, "value": str(v)} for k, v in alignment.model_dump().items()],
+        description=f"Vocabulary alignment: {alignment.verdict}",
+    )
+    return alignment

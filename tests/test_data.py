@@ -1,0 +1,68 @@
+"""Data sources, packing, the held-out split and the step -> batch function."""
+
+import json
+
+import pytest
+import torch
+
+from kd.config import DataConfig
+from kd.data import pack_dataset, sample_blocks, train_batch
+from kd.errors import DataError
+
+
+def test_smoke_pack_is_deterministic(tiny_pair):
+    _, student = tiny_pair
+    a = pack_dataset(DataConfig(), student, max_positions=256, min_train_blocks=8)
+    b = pack_dataset(DataConfig(), student, max_positions=256, min_train_blocks=8)
+    assert a.content_hash == b.content_hash and torch.equal(a.heldout, b.heldout)
+    assert a.train.shape[1] == 64 and a.heldout.shape[0] == round((a.train.shape[0] + a.heldout.shape[0]) * 0.1)
+    train_rows = {tuple(r.tolist()) for r in a.train}
+    assert not any(tuple(r.tolist()) in train_rows for r in a.heldout)  # held-out really held out
+
+
+def test_jsonl_and_txt_folder(tmp_path, tiny_pair):
+    _, student = tiny_pair
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": f"the cat sees the dog {i}."}) for i in range(300)))
+    (tmp_path / "b.txt").write_text("\n".join(f"one plus two is three {i}." for i in range(300)))
+    packed = pack_dataset(DataConfig(source=str(tmp_path), text_field="body", seq_len=32), student,
+                          max_positions=256)
+    assert packed.source_files == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]
+    assert packed.train.numel() > 0
+
+
+def test_jsonl_missing_field_names_it(tmp_path, tiny_pair):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"a\.jsonl:1: record has no field 'text'"):
+        pack_dataset(DataConfig(source=str(tmp_path / "a.jsonl")), tiny_pair[1], max_positions=256)
+
+
+def test_too_small_says_found_and_needed(tmp_path, tiny_pair):
+    (tmp_path / "tiny.txt").write_text("the cat.\n")
+    with pytest.raises(DataError, match=r"found \d+ tokens, need at least \d+"):
+        pack_dataset(DataConfig(source=str(tmp_path / "tiny.txt")), tiny_pair[1], max_positions=256)
+
+
+def test_seq_len_beyond_context_is_an_error(tiny_pair):
+    with pytest.raises(DataError, match="max_position_embeddings=256"):
+        pack_dataset(DataConfig(seq_len=512), tiny_pair[1], max_positions=256)
+
+
+def test_missing_source(tiny_pair):
+    with pytest.raises(DataError, match="no such file"):
+        pack_dataset(DataConfig(source="/no/such/corpus.txt"), tiny_pair[1], max_positions=256)
+
+
+def test_batches_are_a_function_of_step_and_cover_an_epoch():
+    train = torch.arange(10).view(10, 1)
+    kw = dict(batch_size=2, grad_accum=1, seed=7)
+    first_epoch = torch.cat([train_batch(train, step=s, micro=0, **kw) for s in range(5)]).flatten()
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    assert torch.equal(train_batch(train, step=3, micro=0, **kw), train_batch(train, step=3, micro=0, **kw))
+    other_seed = torch.cat([train_batch(train, step=s, micro=0, batch_size=2, grad_accum=1, seed=8)
+                            for s in range(5)]).flatten()
+    assert not torch.equal(first_epoch, other_seed)
+
+
+def test_sample_blocks(tiny_pair):
+    blocks = sample_blocks(DataConfig(), tiny_pair[1], n_blocks=4)
+    assert blocks.shape == (4, 64)

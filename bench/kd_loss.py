@@ -173,12 +173,13 @@ def child(args) -> dict:
     base_rss = _rss_mb()
     sampler = _RssSampler()
     sampler.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = f(h, w, ht, wt, y)
     loss.backward()
     if cuda:
         torch.cuda.synchronize()
     row["time_s"] = time.perf_counter() - t0
+    row["cpu_s"] = time.process_time() - c0  # less sensitive than wall time to other load on a shared machine
     sampled = sampler.stop()
     row["loss"] = float(loss.detach())
     row["grad_w_norm"] = float(w.grad.float().norm())

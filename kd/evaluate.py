@@ -108,9 +108,11 @@ def _evaluate(
         raise ValueError(f"batch_size and chunk_size must be > 0, got {batch_size}, {chunk_size}")
     if any(compare) and teacher is None:
         raise ValueError("KL/agreement need a teacher")
-    top = int(blocks.max())
-    if top >= valid_vocab or int(blocks.min()) < 0:
-        raise DataError(f"held-out blocks contain token id {top}, outside the aligned vocab 0..{valid_vocab - 1}")
+    outside = blocks[(blocks < 0) | (blocks >= valid_vocab)]
+    if outside.numel():
+        raise DataError(
+            f"held-out blocks contain token id {int(outside[0])}, outside the aligned vocab 0..{valid_vocab - 1}"
+        )
 
     for m in [*models, teacher]:
         if m is not None:

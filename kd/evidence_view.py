@@ -49,9 +49,10 @@ def show_run(run_dir: Path) -> str:
         out.append(f"  checkpoint: {m.checkpoint.path} (sha256 {m.checkpoint.sha256[:12]}…)")
     rows = _eval_rows(m)
     if rows:
-        cols = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share", "tokens")
-        out.append("  eval " + "".join(f"{c[:14]:>15}" for c in cols))
-        out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>15}" for c in cols) for name, row in rows.items()]
+        cols = {"loss": "loss", "perplexity": "ppl", "kl_to_teacher": "KL(t||m)", "top1_agreement": "top1 agree",
+                "entropy": "entropy", "top_token_share": "top share", "tokens": "tokens"}
+        out.append(f"  {'eval':<15}" + "".join(f"{label:>11}" for label in cols.values()))
+        out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>11}" for c in cols) for name, row in rows.items()]
     out.append("  falsifiers:")
     out += [f"    [{f.verdict.upper():4}] {f.id}: {f.claim} — {f.observed}" for f in m.falsifiers]
     out += [f"  note: {n}" for n in m.notes]

@@ -1,20 +1,21 @@
-"""Model sources -> a local folder with a sha256 for every file: hub repos, local folders, tiny models.
+"""Model (and dataset) sources -> a local folder with a sha256 for every file.
 
-    from kd.hub import pull_model, remote_download_bytes
-    snap = pull_model(cfg.teacher, "teacher")     # ModelSnapshot: local_dir, resolved commit, hashes
-    need = remote_download_bytes(cfg.teacher)     # bytes still to download (None: unknown / not a hub repo)
+    from kd.hub import pull_model, remote_download_bytes, resolve_commit, pull_dataset
+    snap = pull_model(cfg.teacher, "teacher")   # ModelSnapshot: local_dir, resolved commit, file hashes
+    need = remote_download_bytes(cfg.teacher)   # bytes still to download (None: unknown / not a hub repo)
+    sha = resolve_commit(cfg.teacher)           # the 40-hex commit `revision` means now (cache when offline)
+    folder = pull_dataset("owner/corpus")       # .txt/.jsonl/.parquet files of a hub dataset repo
 
-Hub repos go through `huggingface_hub.snapshot_download` into the standard HF cache (HF_HOME,
-HF_HUB_CACHE, HF_ENDPOINT, HF_HUB_OFFLINE all apply), root-level safetensors, json and tokenizer files
-only. On top of what huggingface_hub does, `pull_model`:
-- refuses a pickle-only repo from its file listing, before anything is downloaded;
-- checks every file against the listing (sha256 for LFS files, git blob sha1 for the rest), because
-  huggingface_hub does not: a bad blob is evicted and fetched once more, then it is a ModelError;
-- retries transient failures (connection errors, timeouts, HTTP 408/429/5xx) with a bounded backoff
-  and raises TransientError when they persist; permanent ones (missing repo, gated repo, unknown
-  revision, missing file, offline and not cached) become a ModelError that says what to do;
-- puts finite timeouts on hub requests (huggingface_hub's shared client has none by default).
-HF_TOKEN (or `token=`) is sent to the hub and never logged, put in messages or returned.
+Sources: a hub repo at a revision, a local folder, or `tiny:teacher` / `tiny:student`
+(kd.tiny.ensure_tiny, under $KDFLOW_HOME/tiny). Hub repos go through
+`huggingface_hub.snapshot_download` into the standard HF cache (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
+HF_HUB_OFFLINE apply), root-level safetensors, json and tokenizer files only. On top of that:
+- a pickle-only repo is refused from its file listing, before anything is downloaded;
+- every file is checked against the listing (sha256 for LFS files, git blob sha1 for the others)
+  because huggingface_hub does not; a bad blob is evicted and fetched once more, then it fails;
+- errors are classified, transient ones retried, and hub requests get finite timeouts
+  (kd.hubclient);
+- HF_TOKEN (or `token=`) is sent to the hub and never logged, put in messages or returned.
 """
 
 from __future__ import annotations
@@ -23,38 +24,31 @@ import glob
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Callable, Literal, TypeVar
+from typing import Callable, Literal
 
 from kd.config import ModelRef
-from kd.errors import ModelError, TransientError
+from kd.errors import DataError, ModelError
 from kd.hashing import git_blob_sha1, hash_tree, sha256_file, sha256_memo
+from kd.hubclient import Source, classified, install_timeouts, offline_error, scrub, storage_folder, with_retries
 from kd.results import ModelSnapshot
 
+__all__ = ["pull_model", "pull_dataset", "remote_download_bytes", "resolve_commit", "select_files",
+           "sha256_file", "hash_tree"]
 log = logging.getLogger("kdflow.hub")
 
-# Retries of transient hub failures inside one pull (Prefect task retries come on top of these).
-RETRY_ATTEMPTS = 4
-RETRY_BASE_DELAY_S = 1.0
-RETRY_MAX_DELAY_S = 8.0
-# Timeouts filled into hub requests that would otherwise wait forever (per connect / per read).
-CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 60.0
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_NEEDED = ("*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken")  # weights, configs, tokenizers
+_SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")  # configs, tokenizers (merges/vocab, spm, tiktoken)
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what kd.data reads
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-__all__ = ["pull_model", "remote_download_bytes", "select_files", "sha256_file", "hash_tree"]
-T = TypeVar("T")
+Select = Callable[[list[str]], list[str]]
 
 
-# --------------------------------------------------------------------------- which files a model needs
 def select_files(paths: list[str], repo: str, *, trust_remote_code: bool = False) -> list[str]:
-    """The root-level files kdflow needs from a repo/folder listing; ModelError for pickle-only or no weights.
+    """The root-level files kdflow needs from a model listing; ModelError for pickle-only or no weights.
 
     Weights: `model*.safetensors` when present (skips duplicate formats such as
     `consolidated.safetensors`), else any root `*.safetensors`. Plus configs, tokenizer files and,
@@ -74,7 +68,7 @@ def select_files(paths: list[str], repo: str, *, trust_remote_code: bool = False
         raise ModelError(f"{repo}: no *.safetensors weights found")
     if "config.json" not in root:
         raise ModelError(f"{repo}: no config.json, not a transformers model")
-    patterns = _NEEDED[1:] + (("*.py",) if trust_remote_code else ())
+    patterns = _SIDE_FILES + (("*.py",) if trust_remote_code else ())
     other = [p for p in root if not p.endswith(".safetensors") and any(fnmatchcase(p, g) for g in patterns)]
     return sorted(weights + other)
 
@@ -98,7 +92,23 @@ def pull_model(
         if not folder.is_dir():
             raise ModelError(f"{ref.repo}: local model folder not found")
         return _snapshot_folder(ref, role, folder, "local")
-    return _pull_hub(ref, role, cache_dir=cache_dir, token=token or os.environ.get("HF_TOKEN") or None)
+    src = Source(ref.repo, ref.revision)
+    select = _model_selector(ref)
+    commit, folder, files, size = _fetch(src, select, cache_dir, _token(token))
+    return ModelSnapshot(role=role, repo=ref.repo, revision=ref.revision, kind="hub", resolved_commit=commit,
+                         local_dir=folder, files=files, total_bytes=size)
+
+
+def pull_dataset(repo: str, revision: str = "main", *, cache_dir: str | None = None,
+                 token: str | None = None) -> str:
+    """Local folder with the .txt/.jsonl/.parquet files (any depth) of hub dataset `repo`, verified."""
+    def select(paths: list[str]) -> list[str]:
+        wanted = sorted(p for p in paths if p.lower().endswith(DATA_SUFFIXES))
+        if not wanted:
+            raise DataError(f"hf-dataset:{repo}@{revision}: no {'/'.join(DATA_SUFFIXES)} files in the repo")
+        return wanted
+
+    return _fetch(Source(repo, revision, "dataset"), select, cache_dir, _token(token))[1]
 
 
 def remote_download_bytes(ref: ModelRef, token: str | None = None, *, cache_dir: str | None = None) -> int | None:
@@ -110,26 +120,43 @@ def remote_download_bytes(ref: ModelRef, token: str | None = None, *, cache_dir:
         return None
     from huggingface_hub import constants
 
+    src, token = Source(ref.repo, ref.revision), _token(token)
     if constants.is_offline_mode():
-        log.info("%s: offline mode (HF_HUB_OFFLINE), download size unknown", ref.repo)
+        log.info("%s: offline mode (HF_HUB_OFFLINE), download size unknown", src.where)
         return None
-    token = token or os.environ.get("HF_TOKEN") or None
     try:
-        _install_timeouts()
-        commit, listing = _classified(lambda: _resolve_and_list(ref, token), ref, token)
-        wanted = select_files(list(listing), ref.repo, trust_remote_code=ref.trust_remote_code)
+        install_timeouts()
+        commit, listing = classified(lambda: _resolve_and_list(src, token), src, token)
+        wanted = _model_selector(ref)(list(listing))
     except Exception as err:  # sizing is advisory: pull_model reports the real problem
-        log.warning("%s@%s: cannot size the download: %s", ref.repo, ref.revision, _scrub(str(err), token))
+        log.warning("%s: cannot size the download: %s", src.where, scrub(str(err), token))
         return None
-    snap = Path(_storage_folder(ref.repo, cache_dir)) / "snapshots" / commit
-    return sum(listing[p].size for p in wanted if not (snap / p).is_file())
+    snap = Path(storage_folder(src, cache_dir)) / "snapshots" / commit
+    return sum(_expected(listing[p]).size for p in wanted if not (snap / p).is_file())
+
+
+def resolve_commit(ref: ModelRef, token: str | None = None, *, cache_dir: str | None = None) -> str:
+    """The 40-hex commit `ref.revision` names now; offline, the one the HF cache recorded.
+
+    For cache keys: `pull_model` would fetch exactly this commit. Raises ModelError / TransientError.
+    """
+    from huggingface_hub import HfApi, constants
+
+    src, token = Source(ref.repo, ref.revision), _token(token)
+    if _HEX40.match(ref.revision):
+        return ref.revision
+    if constants.is_offline_mode():
+        return _cached_commit(src, cache_dir)
+    install_timeouts()
+    return with_retries(lambda: HfApi(token=token).model_info(ref.repo, revision=ref.revision).sha, src, token,
+                        "resolving the revision")
 
 
 # --------------------------------------------------------------------------- local and tiny folders
 def _snapshot_folder(ref: ModelRef, role: str, folder: Path, kind: str) -> ModelSnapshot:
     names = [p.name for p in folder.iterdir() if p.is_file()]
-    wanted = select_files(names, str(folder), trust_remote_code=ref.trust_remote_code)
-    files = hash_tree(folder, include=wanted, memo=True)
+    files = hash_tree(folder, include=select_files(names, str(folder), trust_remote_code=ref.trust_remote_code),
+                      memo=True)
     return ModelSnapshot(
         role=role, repo=ref.repo, revision=ref.revision, kind=kind, resolved_commit="local",
         local_dir=str(folder), files=files, total_bytes=sum((folder / p).stat().st_size for p in files),
@@ -138,107 +165,118 @@ def _snapshot_folder(ref: ModelRef, role: str, folder: Path, kind: str) -> Model
 
 # --------------------------------------------------------------------------- hub
 @dataclass(frozen=True)
-class _Expected:
+class _Expect:
     size: int
     blob_sha1: str | None
     lfs_sha256: str | None
 
 
-def _pull_hub(ref: ModelRef, role: str, *, cache_dir: str | None, token: str | None) -> ModelSnapshot:
+def _token(token: str | None) -> str | None:
+    return token or os.environ.get("HF_TOKEN") or None
+
+
+def _model_selector(ref: ModelRef) -> Select:
+    return lambda paths: select_files(paths, ref.repo, trust_remote_code=ref.trust_remote_code)
+
+
+def _expected(entry) -> _Expect:
+    lfs = entry.lfs
+    return _Expect(lfs.size if lfs else entry.size, entry.blob_id, lfs.sha256 if lfs else None)
+
+
+def _fetch(src: Source, select: Select, cache_dir: str | None, token: str | None):
+    """(commit, snapshot folder, {path: sha256}, total bytes) of the selected files, verified."""
     from huggingface_hub import constants
 
-    _install_timeouts()
+    install_timeouts()
     if constants.is_offline_mode():
-        return _pull_cached(ref, role, cache_dir)
-    commit, listing = _with_retries(lambda: _resolve_and_list(ref, token), ref, token, "listing files")
-    wanted = select_files(list(listing), ref.repo, trust_remote_code=ref.trust_remote_code)
-    expected = {
-        p: _Expected(listing[p].size, listing[p].blob_id, listing[p].lfs.sha256 if listing[p].lfs else None)
-        for p in wanted
-    }
-    download = lambda: _download(ref, commit, wanted, cache_dir, token)  # noqa: E731
-    folder = _with_retries(download, ref, token, "downloading")
+        return _fetch_cached(src, select, cache_dir)
+    commit, listing = with_retries(lambda: _resolve_and_list(src, token), src, token, "listing files")
+    wanted = select(list(listing))  # refuses (e.g. pickle-only) before any download
+    expected = {p: _expected(listing[p]) for p in wanted}
+
+    def download() -> str:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(src.repo, repo_type=src.repo_type, revision=commit, cache_dir=cache_dir,
+                                 token=token, allow_patterns=[glob.escape(p) for p in wanted],
+                                 etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
+
+    folder = with_retries(download, src, token, "downloading")
     files, bad = _verify(folder, expected)
     if bad:
-        log.warning("%s@%s: %s; evicting and downloading once more", ref.repo, commit, "; ".join(bad.values()))
+        log.warning("%s@%s: %s; evicting and downloading once more", src.repo, commit, "; ".join(bad.values()))
         _evict(folder, bad)
-        folder = _with_retries(download, ref, token, "downloading")
+        folder = with_retries(download, src, token, "downloading")
         files, bad = _verify(folder, expected)
         if bad:
             _evict(folder, bad)  # never leave a known-bad blob in the cache
-            raise ModelError(
-                f"{ref.repo}@{commit}: downloaded twice and still does not match the hub listing: "
+            raise src.error(
+                f"{src.repo}@{commit}: downloaded twice and still does not match the hub listing: "
                 + "; ".join(bad.values())
             )
-    _record_ref(ref, commit, cache_dir)
-    return ModelSnapshot(
-        role=role, repo=ref.repo, revision=ref.revision, kind="hub", resolved_commit=commit,
-        local_dir=folder, files=files, total_bytes=sum(e.size for e in expected.values()),
-    )
+    _record_ref(src, commit, cache_dir)
+    return commit, folder, files, sum(e.size for e in expected.values())
 
 
-def _pull_cached(ref: ModelRef, role: str, cache_dir: str | None) -> ModelSnapshot:
-    """HF_HUB_OFFLINE: the cached snapshot of `ref.revision`, complete and matching its blob names."""
-    from huggingface_hub import get_cached_repo_tree
-
-    storage = Path(_storage_folder(ref.repo, cache_dir))
-    commit = ref.revision if _HEX40.match(ref.revision) else None
-    if commit is None and (storage / "refs" / ref.revision).is_file():
-        commit = (storage / "refs" / ref.revision).read_text().strip()
-    folder = storage / "snapshots" / (commit or "-")
-    if commit is None or not folder.is_dir():
-        raise _offline_error(ref, cache_dir)
-    try:  # the listing huggingface_hub cached with the snapshot tells whether it is complete
-        listing = {f.path: f.size for f in get_cached_repo_tree(ref.repo, revision=commit, cache_dir=cache_dir)}
-    except Exception:
-        listing = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
-    wanted = select_files(list(listing), f"{ref.repo} (cached at {folder})", trust_remote_code=ref.trust_remote_code)
-    # In the HF cache a blob is named by its hub id: sha256 for LFS files, git sha1 for the others.
-    expected = {}
-    for p in wanted:
-        blob = os.path.basename(os.path.realpath(folder / p))
-        expected[p] = _Expected(listing[p], blob if _HEX40.match(blob) else None, blob if _HEX64.match(blob) else None)
-    files, bad = _verify(str(folder), expected)
-    if bad:
-        raise ModelError(
-            f"{ref.repo}@{commit}: the cached snapshot is incomplete or corrupt and HF_HUB_OFFLINE is set: "
-            f"{'; '.join(bad.values())}. Pull it once online."
-        )
-    return ModelSnapshot(
-        role=role, repo=ref.repo, revision=ref.revision, kind="hub", resolved_commit=commit,
-        local_dir=str(folder), files=files, total_bytes=sum(e.size for e in expected.values()),
-    )
-
-
-def _resolve_and_list(ref: ModelRef, token: str | None):
-    """(40-hex commit, {root path: RepoFile}) for `ref.revision`, from the hub."""
+def _resolve_and_list(src: Source, token: str | None):
+    """(40-hex commit, {path: RepoFile}) for the revision, from the hub (datasets: all depths)."""
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
     api = HfApi(token=token)
-    commit = ref.revision if _HEX40.match(ref.revision) else api.model_info(ref.repo, revision=ref.revision).sha
+    commit = src.revision if _HEX40.match(src.revision) else api.repo_info(
+        src.repo, repo_type=src.repo_type, revision=src.revision).sha
     if not commit or not _HEX40.match(commit):
-        raise ModelError(f"{ref.repo}@{ref.revision}: the hub returned no commit id ({commit!r})")
-    entries = api.list_repo_tree(ref.repo, revision=commit, recursive=False)
+        raise src.error(f"{src.where}: the hub returned no commit id ({commit!r})")
+    entries = api.list_repo_tree(src.repo, repo_type=src.repo_type, revision=commit,
+                                 recursive=src.repo_type == "dataset")
     return commit, {e.path: e for e in entries if isinstance(e, RepoFile)}
 
 
-def _download(ref: ModelRef, commit: str, wanted: list[str], cache_dir: str | None, token: str | None) -> str:
-    from huggingface_hub import constants, snapshot_download
+def _cached_commit(src: Source, cache_dir: str | None) -> str:
+    ref = Path(storage_folder(src, cache_dir)) / "refs" / src.revision
+    if _HEX40.match(src.revision):
+        return src.revision
+    if not ref.is_file():
+        raise offline_error(src, cache_dir)
+    return ref.read_text().strip()
 
-    return snapshot_download(
-        ref.repo, revision=commit, cache_dir=cache_dir, token=token,
-        allow_patterns=[glob.escape(p) for p in wanted], etag_timeout=constants.HF_HUB_ETAG_TIMEOUT,
-    )
+
+def _fetch_cached(src: Source, select: Select, cache_dir: str | None):
+    """HF_HUB_OFFLINE: the cached snapshot of the revision, complete and matching its blob names."""
+    from huggingface_hub import get_cached_repo_tree
+
+    commit = _cached_commit(src, cache_dir)
+    folder = Path(storage_folder(src, cache_dir)) / "snapshots" / commit
+    if not folder.is_dir():
+        raise offline_error(src, cache_dir)
+    try:  # the listing huggingface_hub cached with the snapshot tells whether it is complete
+        listing = {f.path: f.size for f in get_cached_repo_tree(
+            src.repo, repo_type=src.repo_type, revision=commit, cache_dir=cache_dir)}
+    except Exception:
+        listing = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    # In the HF cache a blob is named by its hub id: sha256 for LFS files, git sha1 for the others.
+    expected = {}
+    for p in select(list(listing)):
+        blob = os.path.basename(os.path.realpath(folder / p))
+        expected[p] = _Expect(listing[p], blob if _HEX40.match(blob) else None, blob if _HEX64.match(blob) else None)
+    files, bad = _verify(str(folder), expected)
+    if bad:
+        raise src.error(
+            f"{src.repo}@{commit}: the cached snapshot is incomplete or corrupt and HF_HUB_OFFLINE is set: "
+            f"{'; '.join(bad.values())}. Pull it once online."
+        )
+    return commit, str(folder), files, sum(e.size for e in expected.values())
 
 
-def _verify(folder: str, expected: dict[str, _Expected]) -> tuple[dict[str, str], dict[str, str]]:
+def _verify(folder: str, expected: dict[str, _Expect]) -> tuple[dict[str, str], dict[str, str]]:
     """({path: sha256} of good files, {path: what is wrong} of bad ones)."""
     files, bad = {}, {}
     for path, exp in sorted(expected.items()):
         p = Path(folder) / path
         if not p.is_file():
-            bad[path] = f"{path}: missing after download"
+            bad[path] = f"{path}: missing"
             continue
         size = p.stat().st_size
         if size != exp.size:
@@ -264,14 +302,14 @@ def _evict(folder: str, bad: dict[str, str]) -> None:
             Path(blob).unlink(missing_ok=True)
 
 
-def _record_ref(ref: ModelRef, commit: str, cache_dir: str | None) -> None:
-    """Write refs/<revision> -> commit, as huggingface_hub does, so HF_HUB_OFFLINE finds this snapshot.
+def _record_ref(src: Source, commit: str, cache_dir: str | None) -> None:
+    """Write refs/<revision> -> commit as huggingface_hub does, so HF_HUB_OFFLINE finds this snapshot.
 
     (We download at the resolved commit, so huggingface_hub itself records no ref.)
     """
-    if ref.revision == commit:
+    if src.revision == commit:
         return
-    path = Path(_storage_folder(ref.repo, cache_dir)) / "refs" / ref.revision
+    path = Path(storage_folder(src, cache_dir)) / "refs" / src.revision
     try:
         if path.is_file() and path.read_text() == commit:
             return
@@ -280,143 +318,4 @@ def _record_ref(ref: ModelRef, commit: str, cache_dir: str | None) -> None:
         tmp.write_text(commit)
         os.replace(tmp, path)
     except OSError as err:
-        log.warning("%s: could not record ref %s -> %s: %s", ref.repo, ref.revision, commit, err)
-
-
-def _storage_folder(repo: str, cache_dir: str | None) -> str:
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    return os.path.join(cache_dir or constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo, repo_type="model"))
-
-
-# --------------------------------------------------------------------------- errors, retries, timeouts
-def _with_retries(fn: Callable[[], T], ref: ModelRef, token: str | None, what: str) -> T:
-    delay = RETRY_BASE_DELAY_S
-    for attempt in range(1, RETRY_ATTEMPTS + 1):
-        try:
-            return _classified(fn, ref, token)
-        except _Transient as err:
-            if attempt == RETRY_ATTEMPTS:
-                raise TransientError(
-                    f"{ref.repo}@{ref.revision}: {what} failed {attempt} times, last: {err}"
-                ) from err.__cause__
-            log.warning("%s@%s: %s: %s; retry %d/%d in %.1f s", ref.repo, ref.revision, what, err,
-                        attempt, RETRY_ATTEMPTS - 1, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY_S)
-    raise AssertionError("unreachable")
-
-
-class _Transient(Exception):
-    """Internal: a failure worth retrying (message already scrubbed)."""
-
-
-def _classified(fn: Callable[[], T], ref: ModelRef, token: str | None) -> T:
-    """Run fn; turn hub failures into ModelError (permanent) or _Transient (retry); re-raise the rest."""
-    try:
-        return fn()
-    except (ModelError, TransientError):
-        raise
-    except Exception as err:
-        problem = _classify(err, ref, token)
-        if isinstance(problem, ModelError):
-            raise problem from err
-        if problem is None:
-            raise
-        raise _Transient(problem) from err
-
-
-def _classify(err: BaseException, ref: ModelRef, token: str | None) -> ModelError | str | None:
-    """ModelError for a permanent failure, a reason string for a transient one, None if not a hub error."""
-    import httpx2
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-        RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
-
-    chain: list[BaseException] = []
-    e: BaseException | None = err
-    while e is not None and e not in chain and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-
-    def find(kind):
-        return next((c for c in chain if isinstance(c, kind)), None)
-
-    where = f"{ref.repo}@{ref.revision}"
-    if find(GatedRepoError):  # a RepositoryNotFoundError subclass: must come first
-        return ModelError(
-            f"{ref.repo}: gated repo. Accept its licence at {constants.ENDPOINT}/{ref.repo} with your "
-            "account, then set HF_TOKEN to a read token of that account."
-        )
-    if find(RevisionNotFoundError):
-        return ModelError(f"{ref.repo}: revision {ref.revision!r} not found (no such branch, tag or commit)")
-    if find(RepositoryNotFoundError):
-        return ModelError(
-            f"{ref.repo}: repository not found on {constants.ENDPOINT} (check the id; if it is private, set HF_TOKEN)"
-        )
-    if missing := find(RemoteEntryNotFoundError):
-        return ModelError(f"{where}: a listed file is missing on the hub: {_scrub(str(missing), token)[:300]}")
-    if find(OfflineModeIsEnabled):
-        return _offline_error(ref, None)
-    transport = find(httpx2.TransportError)
-    if transport is not None and not isinstance(transport, httpx2.ProxyError):
-        return f"{type(transport).__name__}: {_scrub(str(transport), token)[:200]}"
-    http = find(HfHubHTTPError)
-    status = getattr(getattr(http, "response", None), "status_code", None)
-    if http is not None and status is not None:
-        if status in (408, 429) or status >= 500:
-            return f"HTTP {status}"
-        if status in (401, 403):
-            return ModelError(f"{where}: access denied (HTTP {status}); set HF_TOKEN to a token with read access")
-        return ModelError(f"{where}: hub answered HTTP {status}: {_scrub(str(http), token)[:300]}")
-    if (c := find((ConnectionError, TimeoutError))) is not None:
-        return f"{type(c).__name__}: {_scrub(str(c), token)[:200]}"
-    if find(LocalEntryNotFoundError):  # no transient cause in the chain: the cache just lacks it
-        return _offline_error(ref, None)
-    return None
-
-
-def _offline_error(ref: ModelRef, cache_dir: str | None) -> ModelError:
-    return ModelError(
-        f"{ref.repo}@{ref.revision}: not in the HF cache ({_storage_folder(ref.repo, cache_dir)}) and the hub "
-        "cannot be used (HF_HUB_OFFLINE is set or downloads are disabled). Pull it once online."
-    )
-
-
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
-
-
-_TIMEOUTS_INSTALLED = False
-
-
-def _install_timeouts() -> None:
-    """Give huggingface_hub's shared client finite timeouts (it uses timeout=None by default)."""
-    global _TIMEOUTS_INSTALLED
-    if _TIMEOUTS_INSTALLED:
-        return
-    try:
-        from huggingface_hub import set_client_factory
-        from huggingface_hub.utils._http import default_client_factory
-    except ImportError:  # a huggingface_hub without this hook: keep its own client
-        log.debug("huggingface_hub client factory not found; hub timeouts left as they are")
-        return
-
-    def fill(request) -> None:
-        # Only fills what the caller left unbounded: explicit timeouts (etag, download) are kept.
-        given = request.extensions.get("timeout") or {}
-        default = {"connect": CONNECT_TIMEOUT_S, "read": READ_TIMEOUT_S, "write": READ_TIMEOUT_S,
-                   "pool": CONNECT_TIMEOUT_S}
-        request.extensions["timeout"] = {k: v if given.get(k) is None else given[k] for k, v in default.items()}
-
-    def factory():
-        client = default_client_factory()
-        hooks = client.event_hooks
-        client.event_hooks = {"request": [*hooks.get("request", []), fill], "response": hooks.get("response", [])}
-        return client
-
-    set_client_factory(factory)
-    _TIMEOUTS_INSTALLED = True
+        log.warning("%s: could not record ref %s -> %s: %s", src.repo, src.revision, commit, err)

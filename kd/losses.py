@@ -40,9 +40,10 @@ from torch.autograd.function import once_differentiable
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
-# Elementwise work runs on row blocks of about this many logits: big enough that per-op overhead is small,
-# small enough that the ~8 temporaries of the divergence math stay well under one vocab-sized chunk.
-_BLOCK_ELEMS = 1 << 21
+# Elementwise work runs on row blocks of about this many logits (one row at V=152k): the ~5 temporaries of
+# the divergence math stay small and cache-resident. Measured on 2 cores, 256x151936 JSD: 0.56 s at 2^18,
+# 0.9 s at 2^21 elements per block.
+_BLOCK_ELEMS = 1 << 18
 
 
 @dataclass

@@ -13,7 +13,8 @@ the student checkpoint under `checkpoint/` (or, when kept elsewhere, its path an
 Contract (issue 2, extended additively): schema_version, run {name, flow_run_id, start, end,
 status}, config, environment, code {git_commit, dirty}, models, vocab, training {steps,
 initial_loss, final_loss, tokens, wall_s, ...}, eval, falsifiers [{id, claim, observed, verdict}],
-files. `status` is `pass` only when every falsifier passes; the schema refuses anything else.
+files. `status` is `pass` only when every falsifier passes and nothing is missing (`notes` is
+empty); the schema refuses anything else.
 The manifest is written last, through a temp file and os.replace, after any old manifest is
 removed: a crash leaves no manifest, never one that claims success. Secrets are redacted (see
 kd/redact.py). `verify_run_dir` checks integrity, not success: a `fail` run with intact files
@@ -124,10 +125,12 @@ class Manifest(_M):
             raise ValueError(f"schema_version {self.schema_version!r} is not 1.x")
         if self.run.status == "pass":
             failed = [f.id for f in self.falsifiers if f.verdict != "pass"]
-            if not self.falsifiers or failed or self.training is None or self.eval is None:
+            if not self.falsifiers or failed or self.training is None or self.eval is None or self.notes:
                 raise ValueError(
                     "run.status is pass but "
-                    + (f"falsifiers {failed} failed" if failed else "training, eval or falsifiers are missing")
+                    + (f"falsifiers {failed} failed" if failed else
+                       f"evidence is incomplete: {self.notes}" if self.notes else
+                       "training, eval or falsifiers are missing")
                 )
         return self
 
@@ -251,8 +254,6 @@ def _keep_in_checkpoint(p: Path) -> bool:
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:
-    if dst.exists():
-        shutil.rmtree(dst)  # a retry must not mix two checkpoints
     for p in sorted(Path(src).rglob("*")):
         if p.is_file() and _keep_in_checkpoint(p):
             out = dst / p.relative_to(src)
@@ -299,7 +300,7 @@ def write_evidence(
 
     Falsifiers are `falsifiers` plus, for ids not already given, `training_falsifiers(training)`,
     `vocab_falsifiers(vocab, config.kd.max_dropped_mass)` and `eval_report.gates`. Missing inputs
-    (no training, log file gone) are written down in `notes` and can only make the run `fail`.
+    (no training, a log file gone) are written down in `notes` and make the run `fail`.
     `copy_checkpoint=False` records the checkpoint's path and sha256 instead of copying it.
     `env` defaults to os.environ (used for the recorded environment and the secrets to scrub).
     """
@@ -321,11 +322,15 @@ def write_evidence(
                 _copy_scrubbed(Path(src), run_dir / name, secrets)
             else:
                 notes.append(f"{name}: source {src} not found")
-        src = Path(training.checkpoint_dir)
+        src, dst = Path(training.checkpoint_dir), run_dir / "checkpoint"
+        in_place = src.resolve() == dst.resolve()  # the trainer wrote straight into the evidence folder
+        if dst.exists() and not in_place:
+            shutil.rmtree(dst)  # a retry must not mix two checkpoints, nor keep a stale copy
         if not src.is_dir():
             notes.append(f"checkpoint: source {src} not found")
-        elif copy_checkpoint:
-            _copy_checkpoint(src, run_dir / "checkpoint")
+        elif copy_checkpoint or in_place:
+            if not in_place:
+                _copy_checkpoint(src, dst)
             ckpt = CheckpointInfo(path="checkpoint", sha256=dir_sha256(run_dir / "checkpoint"),
                                   in_evidence=True, source=str(src))
         else:
@@ -355,7 +360,7 @@ def write_evidence(
     ids = {f.id for f in given}
     all_f = given + [f for f in auto if f.id not in ids]
     passed = bool(all_f) and all(f.verdict == "pass" for f in all_f) and training is not None \
-        and eval_report is not None
+        and eval_report is not None and not notes
     if not isinstance(models, Models):
         models = Models(**models)
 

@@ -21,7 +21,7 @@ import torch
 
 CORPUS = Path(__file__).parent / "corpus" / "smoke.txt"
 EOS = "<|endoftext|>"
-TINY_FORMAT = 1  # bump when the generated models change, so cached copies are rebuilt
+TINY_FORMAT = 2  # bump when the generated models change, so cached copies are rebuilt
 STUDENT_VOCAB_TARGET = 360
 ROW_MULTIPLE = 32
 
@@ -93,7 +93,10 @@ def _pretrain(model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 64
     return float(loss.detach())
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, extra_teacher_tokens: int = 16, teacher_steps: int = 200):
+def make_tiny(
+    out_dir: str | Path, seed: int = 0, extra_teacher_tokens: int = 16, teacher_steps: int = 200,
+    student_steps: int = 60,
+):
     """Write `out_dir/teacher` and `out_dir/student`; returns their paths."""
     from tokenizers import AddedToken
 
@@ -118,13 +121,14 @@ def make_tiny(out_dir: str | Path, seed: int = 0, extra_teacher_tokens: int = 16
         )
         teacher_loss = _pretrain(teacher, ids, steps=teacher_steps, seed=seed)
         student = _qwen2(student_rows, hidden=64, layers=2, heads=4, tie=True, eos_id=eos_id, seed=seed + 1)
+        student_loss = _pretrain(student, ids, steps=student_steps, seed=seed + 1)
         teacher.save_pretrained(teacher_dir)
         student.save_pretrained(student_dir)
     (out / "tiny.json").write_text(
         json.dumps(
             {"seed": seed, "format": TINY_FORMAT, "teacher_rows": teacher_rows, "student_rows": student_rows,
              "teacher_tokens": teacher_tokens, "student_tokens": student_tokens,
-             "teacher_final_ce": round(teacher_loss, 4)},
+             "teacher_final_ce": round(teacher_loss, 4), "student_final_ce": round(student_loss, 4)},
             indent=2,
         )
         + "\n"

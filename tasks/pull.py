@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from kd.config import ModelRef, RunConfig
-from kd.hub import pull_model
+from kd.hub import pull_model, resolve_commit
 from kd.results import ModelSnapshot
 from tasks.policy import content_key, retry_transient
 
 
 def source_fingerprint(ref: ModelRef) -> str:
     """What identifies a source's content without downloading it: the tiny-model format, a local
-    folder's listing (names, sizes, mtimes), or the hub commit the revision resolves to now."""
+    folder's listing (names, sizes, mtimes), or the hub commit the revision resolves to now (the cached one when offline)."""
     if ref.kind == "tiny":
         from kd.tiny import TINY_FORMAT
 
@@ -26,14 +24,7 @@ def source_fingerprint(ref: ModelRef) -> str:
         root = Path(ref.repo).expanduser()
         return str(sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
                           for p in root.rglob("*") if p.is_file()))
-    if re.fullmatch(r"[0-9a-f]{40}", ref.revision):
-        return f"{ref.repo}@{ref.revision}"
-    try:
-        from huggingface_hub import HfApi
-
-        return f"{ref.repo}@{HfApi().model_info(ref.repo, revision=ref.revision).sha}"
-    except Exception:  # offline or unreachable: the pull itself will say why; never reuse a guess
-        return f"{ref.repo}@{ref.revision}@uncached-{time.time_ns()}"
+    return f"{ref.repo}@{resolve_commit(ref)}"
 
 
 def _pull_key(context, parameters) -> str:

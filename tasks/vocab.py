@@ -28,15 +28,16 @@ def _vocab_key(context, parameters) -> str:
 @task(name="check_vocab", cache_key_fn=_vocab_key, persist_result=True)
 def check_vocab(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot) -> VocabAlignment:
     alignment = align_vocab(teacher.local_dir, student.local_dir)
-    if alignment.teacher_rows > alignment.rows_kept:
+    if alignment.verdict == "teacher-padded":
         backend = get_backend("hf")
         model = backend.load(teacher.local_dir, trust_remote_code=config.teacher.trust_remote_code)
-        mean, worst = measure_dropped_mass(model, sample_blocks(config.data, student.local_dir), alignment.rows_kept)
+        # every teacher id the loss ignores: teacher-only tokens and padding rows alike
+        mean, worst = measure_dropped_mass(model, sample_blocks(config.data, student.local_dir), alignment.valid_vocab)
         alignment = alignment.model_copy(update={"dropped_mass_mean": mean, "dropped_mass_max": worst})
         if mean > config.kd.max_dropped_mass:
             raise VocabError(
-                f"teacher puts {mean:.3g} mean probability on the {alignment.teacher_rows - alignment.rows_kept} "
-                f"rows cut to the student's vocab (kd.max_dropped_mass={config.kd.max_dropped_mass:g}): "
+                f"teacher puts {mean:.3g} mean probability on ids {alignment.valid_vocab}..{alignment.teacher_rows - 1} "
+                f"that the student's vocab does not have (kd.max_dropped_mass={config.kd.max_dropped_mass:g}): "
                 "those rows carry real signal, the vocabularies do not align"
             )
     create_table_artifact(

@@ -43,10 +43,10 @@ def prefect_server():
         yield
 
 
-def smoke_overrides(tmp: Path, steps: int = 6) -> list[str]:
+def smoke_overrides(tmp: Path, steps: int = 8) -> list[str]:
     """A quick smoke config writing into `tmp`."""
     return [f"evidence_dir={tmp / 'evidence'}", f"work_dir={tmp / 'runs'}", f"train.steps={steps}",
-            "train.checkpoint_every=3", "train.warmup_steps=1", "eval.max_batches=2"]
+            "train.checkpoint_every=3", "train.warmup_steps=1", "train.lr=1e-3"]
 
 
 @pytest.fixture
@@ -55,15 +55,16 @@ def hub(tmp_path, monkeypatch):
 
     huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / the cache path into `constants` at import,
     so those are patched there as well as in the environment. Each test gets an empty HF cache,
-    no HF_TOKEN, and fast kd.hub retries.
+    no HF_TOKEN, and fast kd.hubclient retries.
     """
     import sys
 
     from huggingface_hub import constants
 
-    import kd.hub
+    import kd.hubclient
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
     from hubserver import HubServer
 
     server = HubServer().start()
@@ -79,7 +80,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
-    monkeypatch.setattr(kd.hub, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setattr(kd.hubclient, "RETRY_BASE_DELAY_S", 0.01)
     try:
         yield server
     finally:

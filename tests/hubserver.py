@@ -11,8 +11,9 @@ What huggingface_hub 2.4 and transformers 5 ask of a hub, as served here:
   GET  /api/models/{repo}/tree/{rev}[/{dir}]?recursive=  -> [{type, path, size, oid, lfs?}]
   HEAD|GET /{repo}/resolve/{rev}/{path}  -> X-Repo-Commit, ETag / X-Linked-Etag (sha256 of LFS
        files), Content-Length / X-Linked-Size, Range support (206) for resumed downloads
+  (datasets: /api/datasets/... and /datasets/{repo}/resolve/...)
   misses -> 404 + X-Error-Code RepoNotFound | RevisionNotFound | EntryNotFound; gated -> 401 GatedRepo
-*.safetensors, *.bin, *.pt are treated as LFS files (listed with lfs.oid = sha256). Commits are
+*.safetensors, *.bin, *.pt, *.parquet are treated as LFS files (listed with lfs.oid = sha256). Commits are
 fake but stable: a sha1 over the repo's paths and git blob ids.
 """
 
@@ -29,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".parquet")
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -63,7 +64,7 @@ class _Fault:
 
 class HubServer:
     def __init__(self) -> None:
-        self.repos: dict[str, _Repo] = {}
+        self.repos: dict[tuple[str, str], _Repo] = {}  # (repo_type, repo_id) -> repo
         self.tokens: set[str] = set()  # accepted for gated repos
         self.log: list[Request] = []
         self._faults: list[_Fault] = []
@@ -79,6 +80,12 @@ class HubServer:
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             block_on_close = False
+
+            def handle_error(self, request, client_address):  # a client that gave up is not an error
+                import sys
+
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)
 
             def shutdown_request(self, request):  # a "reset" response ends with RST, not FIN
                 if id(request) in hub._resets:
@@ -111,7 +118,7 @@ class HubServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
     def add_repo(self, repo_id: str, files: Path | dict[str, bytes], *, branch: str = "main",
-                 gated: bool = False) -> str:
+                 gated: bool = False, repo_type: str = "model") -> str:
         """Publish `files` (a folder, recursively, or {path: bytes}) as `branch`; returns the commit sha."""
         if isinstance(files, Path):
             files = {p.relative_to(files).as_posix(): p.read_bytes() for p in sorted(files.rglob("*")) if p.is_file()}
@@ -119,7 +126,7 @@ class HubServer:
         commit = hashlib.sha1(
             "".join(f"{p}\0{git_blob_sha1(d)}\n" for p, d in content.items()).encode() + repo_id.encode()
         ).hexdigest()
-        repo = self.repos.setdefault(repo_id, _Repo())
+        repo = self.repos.setdefault((repo_type, repo_id), _Repo())
         repo.commits[commit] = content
         repo.refs[branch] = commit
         repo.gated = repo.gated or gated
@@ -168,9 +175,9 @@ class HubServer:
             self.log.clear()
 
     # ------------------------------------------------------------------ routing helpers
-    def resolve(self, repo_id: str, rev: str) -> tuple[int, str | None, str | None]:
-        """(status, error code, commit) for repo@rev."""
-        repo = self.repos.get(repo_id)
+    def resolve(self, key: tuple[str, str], rev: str) -> tuple[int, str | None, str | None]:
+        """(status, error code, commit) for (repo_type, repo_id)@rev."""
+        repo = self.repos.get(key)
         if repo is None:
             return 404, "RepoNotFound", None
         commit = repo.refs.get(rev) or (rev if rev in repo.commits else None)
@@ -240,22 +247,25 @@ def _make_handler(hub: HubServer):
             url = urlsplit(self.path)
             parts = [unquote(p) for p in url.path.split("/")[1:]]
             query = parse_qs(url.query)
-            if parts[:2] == ["api", "models"] and len(parts) >= 4:
-                return self._api(f"{parts[2]}/{parts[3]}", parts[4:], query, head)
+            if parts[0] == "api" and parts[1:2] in (["models"], ["datasets"]) and len(parts) >= 4:
+                return self._api((parts[1][:-1], f"{parts[2]}/{parts[3]}"), parts[4:], query, head)
+            kind = "dataset" if parts[0] == "datasets" else "model"
+            parts = parts[1:] if kind == "dataset" else parts
             if len(parts) >= 5 and parts[2] == "resolve":
-                return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), head)
+                return self._resolve((kind, f"{parts[0]}/{parts[1]}"), parts[3], "/".join(parts[4:]), head)
             return self._error(404, None, f"no route for {url.path}", head=head)
 
-        def _api(self, repo_id: str, rest: list[str], query: dict, head: bool) -> None:
+        def _api(self, key: tuple[str, str], rest: list[str], query: dict, head: bool) -> None:
             rev = rest[1] if len(rest) >= 2 and rest[0] in ("revision", "tree") else "main"
-            status, code, commit = hub.resolve(repo_id, rev)
+            status, code, commit = hub.resolve(key, rev)
+            repo_id = key[1]
             if status != 200:
                 return self._error(status, code, f"{code}: {repo_id}@{rev}", head=head)
-            files = hub.repos[repo_id].commits[commit]
+            files = hub.repos[key].commits[commit]
             if not rest or rest[0] == "revision":
                 return self._json({
                     "id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                    "gated": "manual" if hub.repos[repo_id].gated else False, "disabled": False,
+                    "gated": "manual" if hub.repos[key].gated else False, "disabled": False,
                     "tags": ["transformers", "safetensors"], "library_name": "transformers",
                     "siblings": [{"rfilename": p} for p in files],
                 }, head=head)
@@ -265,13 +275,14 @@ def _make_handler(hub: HubServer):
                 return self._json(_tree(files, prefix, recursive), head=head)
             return self._error(404, None, f"unknown api route {rest}", head=head)
 
-        def _resolve(self, repo_id: str, rev: str, path: str, head: bool) -> None:
-            status, code, commit = hub.resolve(repo_id, rev)
+        def _resolve(self, key: tuple[str, str], rev: str, path: str, head: bool) -> None:
+            status, code, commit = hub.resolve(key, rev)
+            repo_id = key[1]
             if status != 200:
                 return self._error(status, code, f"{code}: {repo_id}@{rev}", head=head)
-            if hub.repos[repo_id].gated and (self._entry.authorization or "").removeprefix("Bearer ") not in hub.tokens:
-                return self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted.", head=head)
-            data = hub.repos[repo_id].commits[commit].get(path)
+            if hub.repos[key].gated and (self._entry.authorization or "").removeprefix("Bearer ") not in hub.tokens:
+                return self._error(401, "GatedRepo", f"Access to {key[0]} {repo_id} is restricted.", head=head)
+            data = hub.repos[key].commits[commit].get(path)
             if data is None:
                 return self._error(404, "EntryNotFound", f"{path} not found", commit=commit, head=head)
             lfs = path.endswith(LFS_SUFFIXES)

@@ -122,7 +122,7 @@ def test_max_batches_limits_tokens(setup):
     assert m.tokens == 2 * 3 * (SEQ - 1)
 
 
-def test_nan_student_fails_finite_and_nothing_passes(setup):
+def test_nan_student_fails_finite_and_nothing_passes(setup, tmp_path):
     teacher, before, after, heldout, va = setup
     broken = copy.deepcopy(after)
     with torch.no_grad():
@@ -136,6 +136,21 @@ def test_nan_student_fails_finite_and_nothing_passes(setup):
     # NaN survives the JSON round trip (written as "NaN", not null), so the evidence stays valid.
     again = EvalReport.model_validate_json(report.model_dump_json())
     assert math.isnan(again.student_after.loss)
+    # ... and the evidence is written, verifies, and says fail.
+    from datetime import datetime, timezone
+
+    from kd.config import RunConfig
+    from kd.manifest import load_manifest, verify_run_dir, write_evidence
+
+    cfg = RunConfig.model_validate({"name": "nan", "teacher": {"repo": "tiny:teacher"}, "student": {"repo": "tiny:student"}})
+    now = datetime.now(timezone.utc)
+    write_evidence(tmp_path / "nan", config=cfg, preflight=None, models={}, vocab=va, training=None,
+                   eval_report=report, start=now, end=now)
+    assert verify_run_dir(tmp_path / "nan") == []
+    m = load_manifest(tmp_path / "nan")
+    assert m.run.status == "fail" and math.isnan(m.eval.student_after.loss)
+    assert {f.id: f.verdict for f in m.falsifiers}[FINITE_ID] == "fail"
+    assert '"NaN"' in (tmp_path / "nan" / "eval.json").read_text()
 
 
 def test_collapsed_student_fails_collapse_gate(setup):

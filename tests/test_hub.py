@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import kd.hub
+import kd.hubclient
 from kd.config import ModelRef
-from kd.errors import ModelError, TransientError
-from kd.hub import hash_tree, pull_model, remote_download_bytes, sha256_file
+from kd.errors import DataError, ModelError, TransientError
+from kd.hub import hash_tree, pull_dataset, pull_model, remote_download_bytes, resolve_commit, sha256_file
+from kd.hubclient import Source, storage_folder
 
 REPO = "org/tiny"
 NEEDED = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -46,7 +47,7 @@ def test_pull_downloads_verifies_and_records_commit(hub, published, model_dir):
     assert snap.files == {name: _sha(model_dir / name) for name in NEEDED}
     assert snap.total_bytes == sum((model_dir / n).stat().st_size for n in NEEDED)
     local = Path(snap.local_dir)
-    assert local.name == published and str(local).startswith(str(kd.hub._storage_folder(REPO, None)))
+    assert local.name == published and str(local).startswith(storage_folder(Source(REPO, "main"), None))
     assert hash_tree(local) == snap.files  # exactly the needed files, nothing else
     assert len(_gets(hub, "model.safetensors")) == 1
 
@@ -119,7 +120,7 @@ def test_persistent_corruption_fails_and_leaves_no_bad_blob(hub, published, mode
     with pytest.raises(ModelError, match=r"org/tiny@[0-9a-f]{40}: downloaded twice.*model\.safetensors: sha256"):
         pull_model(ModelRef(repo=REPO), "student")
     assert len(_gets(hub, "model.safetensors")) == 2
-    blobs = Path(kd.hub._storage_folder(REPO, None)) / "blobs"
+    blobs = Path(storage_folder(Source(REPO, "main"), None)) / "blobs"
     assert not (blobs / _sha(model_dir / "model.safetensors")).exists()
 
 
@@ -134,7 +135,7 @@ def test_persistent_503_raises_transient_after_bounded_retries(hub, published):
     hub.fail_first(1000, status=503)
     with pytest.raises(TransientError, match="org/tiny@main: listing files failed 4 times, last: HTTP 503"):
         pull_model(ModelRef(repo=REPO), "student")
-    assert len(hub.log) == kd.hub.RETRY_ATTEMPTS == 4
+    assert len(hub.log) == kd.hubclient.RETRY_ATTEMPTS == 4
 
 
 @pytest.mark.parametrize("rst", [True, False], ids=["reset", "cut-short"])
@@ -150,7 +151,7 @@ def test_connection_dropped_mid_file_recovers(hub, published, model_dir, rst):
 
 
 def test_slow_response_times_out_and_is_retried(hub, published, monkeypatch):
-    monkeypatch.setattr(kd.hub, "READ_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(kd.hubclient, "READ_TIMEOUT_S", 0.3)
     hub.slow(3.0, times=1, match="/revision/")
     t0 = time.perf_counter()
     snap = pull_model(ModelRef(repo=REPO), "student")
@@ -160,7 +161,7 @@ def test_slow_response_times_out_and_is_retried(hub, published, monkeypatch):
 
 
 def test_missing_repo_fails_at_once(hub, published):
-    with pytest.raises(ModelError, match="org/missing: repository not found"):
+    with pytest.raises(ModelError, match="org/missing: model repository not found"):
         pull_model(ModelRef(repo="org/missing"), "student")
     assert len(hub.log) == 1
 
@@ -257,14 +258,58 @@ def test_error_classification():
     import httpx2
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    ref = ModelRef(repo=REPO)
+    src = Source(REPO, "main")
     try:
         try:
             raise httpx2.ConnectError("refused")
         except httpx2.ConnectError as cause:
             raise LocalEntryNotFoundError("cannot find the files") from cause
     except LocalEntryNotFoundError as err:
-        assert kd.hub._classify(err, ref, None) == "ConnectError: refused"
-    assert isinstance(kd.hub._classify(LocalEntryNotFoundError("not cached"), ref, None), ModelError)
-    assert kd.hub._classify(ValueError("a bug"), ref, None) is None
-    assert "s3cr3t" not in kd.hub._classify(httpx2.ReadTimeout("token s3cr3t"), ref, "s3cr3t")
+        assert kd.hubclient.classify(err, src, None) == "ConnectError: refused"
+    assert isinstance(kd.hubclient.classify(LocalEntryNotFoundError("not cached"), src, None), ModelError)
+    assert kd.hubclient.classify(ValueError("a bug"), src, None) is None
+    assert "s3cr3t" not in kd.hubclient.classify(httpx2.ReadTimeout("token s3cr3t"), src, "s3cr3t")
+    dataset = Source("org/data", "main", "dataset")
+    assert isinstance(kd.hubclient.classify(LocalEntryNotFoundError("not cached"), dataset, None), DataError)
+
+
+def test_resolve_commit_online_pinned_and_offline(hub, published, monkeypatch):
+    from huggingface_hub import constants
+
+    assert resolve_commit(ModelRef(repo=REPO)) == published
+    assert resolve_commit(ModelRef(repo=REPO, revision=published)) == published
+    with pytest.raises(ModelError, match="revision 'nope' not found"):
+        resolve_commit(ModelRef(repo=REPO, revision="nope"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="not in the HF cache"):
+        resolve_commit(ModelRef(repo=REPO))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    pull_model(ModelRef(repo=REPO), "student")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.clear_log()
+    assert resolve_commit(ModelRef(repo=REPO)) == published  # from the ref the pull recorded
+    assert hub.log == []
+
+
+def test_pull_dataset_fetches_data_files_verified(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    files = {"README.md": b"# corpus\n", "data/train.jsonl": b'{"text": "hello"}\n',
+             "data/more.parquet": b"PAR1" + bytes(range(200)) + b"PAR1", "notes.txt": b"plain text\n"}
+    commit = hub.add_repo("org/corpus", files, repo_type="dataset")
+    folder = Path(pull_dataset("org/corpus"))
+    assert folder.name == commit
+    got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert got == ["data/more.parquet", "data/train.jsonl", "notes.txt"]
+    assert all((folder / p).read_bytes() == files[p] for p in got)
+    hub.corrupt("more.parquet", times=None)
+    hub.add_repo("org/corpus2", files, repo_type="dataset")
+    with pytest.raises(DataError, match="data/more.parquet: sha256"):
+        pull_dataset("org/corpus2")
+    with pytest.raises(DataError, match="org/none: dataset repository not found"):
+        pull_dataset("org/none")
+    hub.add_repo("org/empty", {"README.md": b"x"}, repo_type="dataset")
+    with pytest.raises(DataError, match="no .txt/.jsonl/.parquet files"):
+        pull_dataset("org/empty")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert Path(pull_dataset("org/corpus")) == folder

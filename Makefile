@@ -23,6 +23,14 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Local Prefect stack: server (SQLite), cpu + gpu process pools, deployments, one worker per pool.
+# docs/prefect.md; `source .kdflow/up/env` points kdflow/prefect commands at it.
+up: $(STAMP)
+	deploy/local.sh up
+
+down:
+	deploy/local.sh down
+
 bench: $(STAMP)
 	$(BIN)/python bench/kd_loss.py
 

@@ -117,7 +117,7 @@ def _make_inputs(n: int, teacher_hidden: int, device: str, dtype):
     return h, w, ht, wt, y
 
 
-def _step_fn(variant: str, chunk: int, divergence: str):
+def _step_fn(variant: str, chunk: int, divergence: str, device: str = "cpu"):
     """Returns f(h, w, ht, wt, y) -> loss tensor (forward only; the caller runs backward)."""
     import torch
 
@@ -142,7 +142,7 @@ def _step_fn(variant: str, chunk: int, divergence: str):
             raise ValueError("liger only computes the JSD family: run it with --divergence jsd")
         loss_mod = _import_liger()(
             weight_hard_loss=ALPHA, weight_soft_loss=(1 - ALPHA) * TEMP**2, beta=BETA,
-            temperature=TEMP, compiled=False, chunk_size=chunk,
+            temperature=TEMP, compiled=device == "cuda", chunk_size=chunk,  # its default on GPU; CPU: plain eager
         )
 
         def f(h, w, ht, wt, y):
@@ -161,9 +161,11 @@ def child(args) -> dict:
     cuda = args.device == "cuda"
     row = {"variant": args.variant, "n": args.n, "chunk": args.chunk, "device": args.device, "dtype": args.dtype,
            "divergence": args.divergence, "threads": torch.get_num_threads()}
-    f = _step_fn(args.variant, args.chunk, args.divergence)
+    f = _step_fn(args.variant, args.chunk, args.divergence, args.device)
     h, w, ht, wt, y = _make_inputs(args.n, args.teacher_hidden, args.device, dtype)
-    warm = min(args.n, 64)  # same code path, small: thread pools, kernels, lazy imports
+    # Warm-up on the same code path: thread pools, kernels, lazy imports. CPU: small, to keep the run short;
+    # CUDA: full size, so torch.compile (Liger) and cuBLAS heuristics are not inside the timed step.
+    warm = args.n if cuda else min(args.n, 64)
     f(h[:warm], w, ht[:warm], wt, y[:warm]).backward()
     h.grad = w.grad = None
     if cuda:
@@ -203,6 +205,22 @@ def _run_child(variant, n, args) -> dict:
     return {**json.loads(p.stdout.strip().splitlines()[-1]), "status": "ok"}
 
 
+def _summarise(runs: list[dict]) -> list[dict]:
+    """One row per (variant, N): fastest wall and CPU time over the repeats, largest peak memory."""
+    rows = []
+    for key in dict.fromkeys((r["variant"], r["n"]) for r in runs):
+        mine = [r for r in runs if (r["variant"], r["n"]) == key]
+        ok = [r for r in mine if r["status"] == "ok"]
+        if not ok:
+            rows.append({k: v for k, v in mine[-1].items() if k != "rep"})
+            continue
+        row = {k: v for k, v in ok[0].items() if k != "rep"}
+        row.update(time_s=min(r["time_s"] for r in ok), cpu_s=min(r["cpu_s"] for r in ok),
+                   peak_mb=max(r["peak_mb"] for r in ok), times_s=[r["time_s"] for r in ok], repeats=len(ok))
+        rows.append(row)
+    return rows
+
+
 def _ratios(rows: list[dict]) -> dict:
     ok = {(r["variant"], r["n"]): r for r in rows if r.get("status") == "ok"}
     out = {}
@@ -212,6 +230,7 @@ def _ratios(rows: list[dict]) -> dict:
         if k and nv:
             d["kdflow_over_naive_memory"] = k["peak_mb"] / nv["peak_mb"]
             d["kdflow_over_naive_time"] = k["time_s"] / nv["time_s"]
+            d["kdflow_over_naive_cpu_time"] = k["cpu_s"] / nv["cpu_s"]
         if k and lg:
             d["kdflow_over_liger_memory"] = k["peak_mb"] / lg["peak_mb"]
             d["kdflow_over_liger_time"] = k["time_s"] / lg["time_s"]
@@ -224,22 +243,25 @@ def parent(args) -> None:
     liger_reason = None
     if "liger" in args.variants:
         liger_reason = ensure_liger()
-    rows = []
-    for n in ns:
-        for v in args.variants:
-            if v == "liger" and liger_reason:
-                rows.append({"variant": v, "n": n, "status": "unavailable", "reason": liger_reason})
-            else:
-                rows.append(_run_child(v, n, args))
-            r = rows[-1]
-            print(f"  {v:7s} N={n:5d} " + (f"{r['time_s']:7.2f} s {r['peak_mb']:9.0f} MB" if r["status"] == "ok"
-                                           else f"{r['status']}: {r.get('reason')}"), flush=True)
+    runs = []  # every child measurement; variants interleave so background load hits them alike
+    for rep in range(args.repeat):
+        for n in ns:
+            for v in args.variants:
+                if v == "liger" and liger_reason:
+                    r = {"variant": v, "n": n, "status": "unavailable", "reason": liger_reason}
+                else:
+                    r = _run_child(v, n, args)
+                runs.append({**r, "rep": rep})
+                print(f"  [{rep}] {v:7s} N={n:5d} " + (
+                    f"{r['time_s']:7.2f} s (cpu {r['cpu_s']:6.1f} s) {r['peak_mb']:9.0f} MB"
+                    if r["status"] == "ok" else f"{r['status']}: {r.get('reason')}"), flush=True)
+    rows = _summarise(runs)
     ratios = _ratios(rows)
     print(f"\nKD loss fwd+bwd, {args.device} {args.dtype}, H={H} V={V} divergence={args.divergence} chunk={args.chunk}")
-    print(f"{'variant':8s} {'N':>5s} {'time s':>8s} {'peak MB':>9s} {'loss':>10s}")
+    print(f"{'variant':8s} {'N':>5s} {'time s':>8s} {'cpu s':>8s} {'peak MB':>9s} {'loss':>10s}")
     for r in rows:
         if r["status"] == "ok":
-            print(f"{r['variant']:8s} {r['n']:5d} {r['time_s']:8.2f} {r['peak_mb']:9.0f} {r['loss']:10.5f}")
+            print(f"{r['variant']:8s} {r['n']:5d} {r['time_s']:8.2f} {r['cpu_s']:8.1f} {r['peak_mb']:9.0f} {r['loss']:10.5f}")
         else:
             print(f"{r['variant']:8s} {r['n']:5d} {r['status']}: {r.get('reason')}")
     for n, d in ratios.items():
@@ -254,9 +276,11 @@ def parent(args) -> None:
         "shape": {"H": H, "V": V, "teacher_hidden": args.teacher_hidden, "N": ns},
         "loss": {"divergence": args.divergence, "beta": BETA, "alpha": ALPHA, "temperature": TEMP},
         "chunk": args.chunk, "liger": LIGER_PIN if not liger_reason else f"unavailable: {liger_reason}",
-        "method": "fresh process per row; peak = ru_maxrss - VmRSS after inputs+warm-up (CPU), "
-                  "max_memory_allocated - allocated (CUDA); time = one fwd+bwd wall clock",
+        "method": "fresh process per measurement; peak = ru_maxrss - VmRSS after inputs+warm-up (CPU), "
+                  "max_memory_allocated - allocated (CUDA); time = one fwd+bwd wall clock (and process CPU "
+                  "time), fastest of --repeat runs, peak = largest",
         "rows": rows,
+        "runs": runs,
         "ratios": ratios,
         "targets": {
             "memory_le_1/8_naive": targets.get("kdflow_over_naive_memory", 9) <= 1 / 8,
@@ -280,6 +304,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1, help="run every (variant, N) this many times; keep the fastest")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--divergence", default="jsd", choices=["forward_kl", "reverse_kl", "jsd"])

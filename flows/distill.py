@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.train import train_via_deployment
 from kd.config import RunConfig, default_run_name
 from kd.errors import GateFailure
 from tasks.evaluate import evaluate
@@ -46,7 +47,10 @@ def distill(config: RunConfig) -> dict:
     try:
         teacher, student = pull_models.with_options(**opts)(config)
         alignment = check_vocab.with_options(refresh_cache=refresh or None)(config, teacher, student)
-        training = train_student_task.with_options(**opts)(config, teacher, student, alignment, run_name)
+        if config.orchestration.train_deployment:  # e.g. kd-train/gpu: runs on the gpu work pool's worker
+            training = train_via_deployment(config, teacher, student, alignment, run_name)
+        else:
+            training = train_student_task.with_options(**opts)(config, teacher, student, alignment, run_name)
         evaluation = evaluate.with_options(refresh_cache=refresh or None)(config, teacher, student, alignment,
                                                                           training)
     except Exception as err:  # recorded in the evidence, then re-raised: a failed run stays failed

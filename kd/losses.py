@@ -40,10 +40,11 @@ from torch.autograd.function import once_differentiable
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
-# Elementwise work runs on row blocks of about this many logits (one row at V=152k): the ~5 temporaries of
-# the divergence math stay small and cache-resident. Measured on 2 cores, 256x151936 JSD: 0.56 s at 2^18,
-# 0.9 s at 2^21 elements per block.
-_BLOCK_ELEMS = 1 << 18
+# Elementwise work runs on row blocks of about this many logits. CPU: one row at V=152k, so the ~5
+# temporaries of the divergence math stay small and cache-resident (measured on 2 cores, 256x151936 JSD:
+# 0.56 s at 2^18, 0.9 s at 2^21 elements per block). GPU: whole chunks, since kernel launches dominate there.
+_BLOCK_ELEMS = {"cpu": 1 << 18}
+_BLOCK_ELEMS_DEFAULT = 1 << 26
 
 
 @dataclass
@@ -263,14 +264,15 @@ class _FusedLinearKD(torch.autograd.Function):
             tbuf = torch.empty(c, ve, dtype=acc, device=dev)
             low = w.dtype != acc
             gw_tmp = torch.empty(ws.shape, dtype=w.dtype, device=dev) if (need_w and low) else None
-            rows = max(1, _BLOCK_ELEMS // ve)
+            rows = max(1, _BLOCK_ELEMS.get(dev.type, _BLOCK_ELEMS_DEFAULT) // ve)
             for s in range(0, m, c):
                 n = min(c, m - s)
                 z, t, hc, y = zbuf[:n], tbuf[:n], hv[s : s + n], yv[s : s + n]
                 _logits_into(z, hc, ws, bs)
                 _logits_into(t, htv[s : s + n], wts, bts)
                 for r in range(0, n, rows):
-                    ce_r, kd_r = _rows_to_grad_(z[r : r + rows], t[r : r + rows], y[r : r + rows], alpha, temp, divergence, beta)
+                    zr, tr, yr = z[r : r + rows], t[r : r + rows], y[r : r + rows]
+                    ce_r, kd_r = _rows_to_grad_(zr, tr, yr, alpha, temp, divergence, beta)
                     ce_sum += ce_r
                     kd_sum += kd_r
                 z.mul_(1.0 / m)  # dL/dz of the token mean

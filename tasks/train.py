@@ -1,7 +1,8 @@
 """Task `train_student`: KD training in-process; a retry resumes from the run's last checkpoint.
 
 Cached on what determines the weights: the training-relevant config, both models' content,
-the data's content and the code version.
+the data's content and the code version. Training holds one slot of the global concurrency limit
+`orchestration.gpu_slots` (see tasks/slots.py), so two trainings never share a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kd.hashing import code_version
 from kd.results import ModelSnapshot, TrainResult, VocabAlignment
 from kd.train import train_student
 from tasks.policy import content_key, retry_transient
+from tasks.slots import gpu_slot
 
 
 def _train_key(context, parameters) -> str:
@@ -44,8 +46,9 @@ def train_student_task(
         if row["step"] % every == 0 or row["step"] == row["total_steps"]:
             update_progress_artifact(progress_id, progress=100.0 * row["step"] / row["total_steps"])
 
-    result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
-                           Path(config.work_dir) / run_name, on_step=on_step)
+    with gpu_slot(config.orchestration.gpu_slots):
+        result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
+                               Path(config.work_dir) / run_name, on_step=on_step)
     create_table_artifact(
         key="train-metrics",
         table=[{"metric": k, "value": str(v)} for k, v in result.model_dump().items()],

@@ -22,6 +22,12 @@ os.environ.update(
     HF_HOME=str(_TMP / "hf-home"),
     TOKENIZERS_PARALLELISM="false",
 )
+# Configure Prefect's logging now, against the session's streams: configured lazily inside a
+# test using capsys, its console handler would keep writing to a closed capture stream.
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 # The tiny models are deterministic and take ~15 s to make: share one copy across test runs.
 os.environ.setdefault("KDFLOW_HOME", str(REPO / ".kdflow"))
 

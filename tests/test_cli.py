@@ -48,8 +48,8 @@ def test_make_tiny_and_console_script(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_command_end_to_end(tmp_path, prefect_server, capsys):
-    code = main(["smoke", "--steps", "6", "--evidence-dir", str(tmp_path / "ev"), "--no-cache",
-                 "--set", f"work_dir={tmp_path}/runs"])
+    code = main(["smoke", "--steps", "8", "--evidence-dir", str(tmp_path / "ev"), "--no-cache",
+                 "--set", f"work_dir={tmp_path}/runs", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=1"])
     assert code == 0
     (run_dir,) = (tmp_path / "ev").iterdir()
     assert main(["evidence", "verify", str(run_dir)]) == 0

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def setup(tiny_pair):
 
 
 def _weights(ckpt):
-    return load_file(str(ckpt / "model.safetensors"))
+    return load_file(str(Path(ckpt) / "model.safetensors"))
 
 
 def test_resume_is_bit_for_bit(setup, tmp_path):

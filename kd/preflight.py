@@ -10,7 +10,6 @@ models not yet downloaded, from the hub's file listing (safetensors bytes / 4 â‰
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import torch
 
 from kd.config import ModelRef, RunConfig
 from kd.errors import ConfigError
+from kd.results import PreflightReport
 
 BYTES_PER_PARAM_TRAINED = 16  # fp32 weights + grads + AdamW m and v
 BYTES_PER_PARAM_FROZEN = 4
@@ -87,9 +87,7 @@ def _model_info(ref: ModelRef) -> dict:
     return info
 
 
-def run_preflight(cfg: RunConfig) -> "PreflightReport":
-    from kd.results import PreflightReport
-
+def run_preflight(cfg: RunConfig) -> PreflightReport:
     checks: list[dict] = []
 
     def check(name: str, ok: bool, detail: str) -> None:
@@ -154,7 +152,7 @@ def run_preflight(cfg: RunConfig) -> "PreflightReport":
     )
 
 
-def raise_if_failed(report) -> None:
+def raise_if_failed(report: PreflightReport) -> None:
     bad = [c for c in report.checks if not c["ok"]]
     if bad:
         raise ConfigError("preflight failed: " + "; ".join(f"{c['name']}: {c['detail']}" for c in bad))
@@ -170,7 +168,7 @@ def _size(n: int | None) -> str:
     return f"{n:.1f}T"
 
 
-def format_plan(report) -> str:
+def format_plan(report: PreflightReport) -> str:
     p = report.plan
     lines = ["kdflow plan"]
     for role in ("teacher", "student"):

@@ -19,12 +19,14 @@ import os
 import random
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from backends import get_backend
 from kd.config import RunConfig
@@ -215,7 +217,9 @@ def train_student(
         torch.cuda.reset_peak_memory_stats()
     tokens_per_step = tc.batch_size * tc.grad_accum * (packed.train.shape[1] - 1)
     ckpt = resume
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    # a progress bar for people at a terminal; Prefect runs get the progress artifact instead
+    bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=not sys.stderr.isatty())
+    with bar, open(metrics_path, "a", encoding="utf-8") as metrics:
         for step in range(start_step, tc.steps):
             t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -247,6 +251,8 @@ def train_student(
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir)
                 log.info("checkpoint %s", ckpt)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
             if on_step is not None:
                 on_step({**row, "total_steps": tc.steps, "checkpoint": str(ckpt) if ckpt else None})
 

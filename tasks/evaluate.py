@@ -6,6 +6,8 @@ the flow then fails the run. Cached on the checkpoint's content and the eval con
 
 from __future__ import annotations
 
+import math
+
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
@@ -42,8 +44,16 @@ def evaluate(
     rows = []
     for name in ("teacher", "student_before", "student_after"):
         m = getattr(report, name)
-        rows.append({"model": name.replace("_", "-"), "loss": round(m.loss, 5), "perplexity": round(m.perplexity, 3),
-                     "kl_to_teacher": m.kl_to_teacher, "top1_agreement": m.top1_agreement, "tokens": m.tokens})
+        rows.append({"model": name.replace("_", "-"), "loss": _cell(m.loss), "perplexity": _cell(m.perplexity),
+                     "kl_to_teacher": _cell(m.kl_to_teacher), "top1_agreement": _cell(m.top1_agreement),
+                     "tokens": m.tokens})
     create_table_artifact(key="eval-comparison", table=rows, description=(
         "Held-out metrics; gates: " + ", ".join(f"{g.id}={g.verdict}" for g in report.gates)))
     return report
+
+
+def _cell(x: float | None) -> float | str | None:
+    """Table cells must be JSON: a NaN/inf metric (a failing run) is shown as text, not dropped."""
+    if x is None:
+        return None
+    return round(x, 5) if math.isfinite(x) else str(x)

@@ -66,3 +66,17 @@ def test_batches_are_a_function_of_step_and_cover_an_epoch():
 def test_sample_blocks(tiny_pair):
     blocks = sample_blocks(DataConfig(), tiny_pair[1], n_blocks=4)
     assert blocks.shape == (4, 64)
+
+
+def test_parquet_source(tmp_path, tiny_pair):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"the capital of peru is lima {i}." for i in range(400)]}),
+                   tmp_path / "corpus.parquet")
+    packed = pack_dataset(DataConfig(source=str(tmp_path / "corpus.parquet"), seq_len=32), tiny_pair[1],
+                          max_positions=256)
+    assert packed.train.shape[1] == 32 and packed.tokens_read > 400 * 5
+    with pytest.raises(DataError, match="no column 'body'"):
+        pack_dataset(DataConfig(source=str(tmp_path / "corpus.parquet"), text_field="body"), tiny_pair[1],
+                     max_positions=256)

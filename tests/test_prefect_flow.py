@@ -23,7 +23,7 @@ from kd.config import RunConfig, load_config
 from kd.errors import ConfigError, TransientError
 from kd.manifest import verify_run_dir
 from tests.prefect_helpers import (
-    SMOKE, api_url, artifacts, concurrency_limit, flow_run_by_name, orch_overrides, task_run, task_states,
+    SMOKE, artifacts, concurrency_limit, flow_run_by_name, orch_overrides, stop_process, task_run, task_states,
 )
 
 pytestmark = pytest.mark.slow
@@ -193,13 +193,55 @@ def test_every_task_leaves_its_artifacts(first_run):
     assert f"]({first_run.evidence.resolve().as_uri()})" in arts["evidence-folder"].data  # stored as a markdown link
 
 
+@pytest.fixture
+def ui_server(prefect_server, tmp_path):
+    """The Prefect UI over the session server's database (the test harness serves the API only).
+
+    A second `prefect server start --no-services` on a free port reads the same SQLite file; the UI it
+    serves talks to its own /api, so it shows exactly what the session server holds."""
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": PREFECT_SERVER_DATABASE_CONNECTION_URL.value(),
+           "PREFECT_HOME": str(tmp_path / "ui-home"), "PREFECT_SERVER_UI_ENABLED": "true",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    log = open(tmp_path / "ui-server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-services", "--ui", "--analytics-off"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "ui-server.log").read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{base}/api/health", timeout=2).read().strip() == b"true":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "UI server not healthy after 120 s"
+            time.sleep(0.5)
+        yield base
+    finally:
+        stop_process(proc)
+        log.close()
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed: `apt-get install -y chromium`")
-def test_ui_flow_run_page_shows_the_artifacts(first_run, tmp_path):
+def test_ui_flow_run_page_shows_the_artifacts(first_run, ui_server, tmp_path):
     """What a person opening the run in the Prefect UI sees: the run name and every artifact key.
 
     The flow-run page of the React UI (/v2) honours ?tab=Artifacts on a cold load (the classic UI resets
-    to Logs). The DOM is checked as text; the screenshot is kept at tmp_path/flow-run.png to look at."""
-    url = f"{api_url().removesuffix('/api')}/v2/runs/flow-run/{first_run.flow_run_id}?tab=Artifacts"
+    to Logs). The DOM is checked as text; the screenshot is kept at tmp_path/flow-run.png to look at
+    (and copied to $KDFLOW_SCREENSHOT_DIR when set)."""
+    url = f"{ui_server}/v2/runs/flow-run/{first_run.flow_run_id}?tab=Artifacts"
 
     def chromium(*mode: str) -> subprocess.CompletedProcess:
         profile = tmp_path / f"profile-{len(mode[0])}"

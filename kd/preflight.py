@@ -97,10 +97,15 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
     bf16 = bool(cuda and torch.cuda.is_bf16_supported())
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     check("torch", True, f"torch {torch.__version__}")
-    if cfg.train.device == "cuda":
-        check("cuda", cuda, "CUDA available" if cuda else "train.device=cuda but no CUDA device is visible")
-    if cfg.train.dtype == "bfloat16":
-        check("bf16", bf16, "bf16 supported" if bf16 else "train.dtype=bfloat16 needs a CUDA device with bf16")
+    remote = cfg.orchestration.train_deployment
+    if remote and (cfg.train.device == "cuda" or cfg.train.dtype == "bfloat16"):
+        # training runs on the work pool's machine: its CUDA is checked there, when training starts
+        check("cuda", True, f"training runs on deployment {remote}; CUDA/bf16 are checked on its worker")
+    else:
+        if cfg.train.device == "cuda":
+            check("cuda", cuda, "CUDA available" if cuda else "train.device=cuda but no CUDA device is visible")
+        if cfg.train.dtype == "bfloat16":
+            check("bf16", bf16, "bf16 supported" if bf16 else "train.dtype=bfloat16 needs a CUDA device with bf16")
 
     for ref, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
         if ref.kind == "local":
@@ -124,14 +129,17 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         check(f"writable-{label}", ok, detail)
 
     download = sum(m.get("download_bytes") or 0 for m in (teacher, student))
+    unknown = [role for role, m in (("teacher", teacher), ("student", student))
+               if m.get("params") is None and m["kind"] != "tiny"]
     s_params = student.get("params") or 0
     t_params = teacher.get("params") or 0
     ckpt_bytes = s_params * 4 * 2 + s_params * 8  # two kept checkpoints + optimizer state
     needed = download + ckpt_bytes
     probe = Path(cfg.work_dir) if paths_ok else Path(".")
     free = shutil.disk_usage(probe if probe.exists() else Path(".")).free
-    check("disk", free > needed, f"{free / 2**30:.1f} GiB free, ~{needed / 2**30:.2f} GiB needed")
-    mem = memory_estimate(s_params, t_params, cfg, student.get("hidden_size") or 1024)
+    note = f" (size of {', '.join(unknown)} unknown: hub not reachable)" if unknown else ""
+    check("disk", free > needed, f"{free / 2**30:.1f} GiB free, ~{needed / 2**30:.2f} GiB needed{note}")
+    mem = None if unknown else memory_estimate(s_params, t_params, cfg, student.get("hidden_size") or 1024)
 
     plan = {
         "teacher": teacher,
@@ -181,7 +189,8 @@ def format_plan(report: PreflightReport) -> str:
         f"  steps    {p['steps']} x {p['tokens_per_step']} tokens",
         f"  loss     {p['objective']}",
         f"  training {p['training']} on {report.device}",
-        f"  memory   ~{report.memory_estimate_bytes / 2**30:.2f} GiB peak (estimate)",
+        "  memory   " + ("unknown (model sizes unknown)" if report.memory_estimate_bytes is None
+                         else f"~{report.memory_estimate_bytes / 2**30:.2f} GiB peak (estimate)"),
         f"  disk     ~{report.needed_disk_bytes / 2**30:.2f} GiB needed, {report.free_disk_bytes / 2**30:.1f} GiB free",
         f"  evidence {p['evidence']}",
         "checks:",

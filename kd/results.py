@@ -32,7 +32,9 @@ class PreflightReport(_Result):
     bf16_supported: bool
     free_disk_bytes: int
     needed_disk_bytes: int = Field(description="Estimated download + checkpoint bytes")
-    memory_estimate_bytes: int = Field(description="Rough peak training memory (weights, grads, Adam, activations)")
+    memory_estimate_bytes: int | None = Field(
+        description="Rough peak training memory (weights, grads, Adam, activations); None when sizes are unknown"
+    )
     checks: list[dict] = Field(default_factory=list, description="[{name, ok, detail}] per check")
     plan: dict = Field(default_factory=dict, description="Models, sizes, steps, tokens, where things go")
 

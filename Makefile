@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: smoke test test-all bench up down clean
+.PHONY: smoke test test-all bench bench-orchestration up down clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 smoke: $(STAMP)
 	$(BIN)/kdflow smoke
 
+# The Prefect UI screenshot test needs headless Chromium (Debian: sudo apt-get install -y chromium);
+# without /usr/bin/chromium it is skipped with that reason.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -34,5 +36,9 @@ down:
 bench: $(STAMP)
 	$(BIN)/python bench/kd_loss.py
 
+bench-orchestration: $(STAMP)
+	$(BIN)/python bench/orchestration.py
+
 clean:
+	-deploy/local.sh down
 	rm -rf $(VENV) runs .kdflow

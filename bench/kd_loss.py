@@ -101,7 +101,7 @@ def ensure_liger() -> str | None:
     return f"pip install --no-deps {LIGER_PIN} failed: {(inst.stderr or done.stderr).strip().splitlines()[-1:]}"
 
 
-def _make_inputs(n: int, teacher_hidden: int, device: str, dtype):
+def _make_inputs(n: int, hidden: int, vocab: int, teacher_hidden: int, device: str, dtype):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -109,11 +109,11 @@ def _make_inputs(n: int, teacher_hidden: int, device: str, dtype):
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
-    h = rnd(n, H).requires_grad_()
-    w = rnd(V, H, scale=H**-0.5).requires_grad_()
+    h = rnd(n, hidden).requires_grad_()
+    w = rnd(vocab, hidden, scale=hidden**-0.5).requires_grad_()
     ht = rnd(n, teacher_hidden)
-    wt = rnd(V, teacher_hidden, scale=teacher_hidden**-0.5)
-    y = torch.randint(0, V, (n,), generator=g).to(device)
+    wt = rnd(vocab, teacher_hidden, scale=teacher_hidden**-0.5)
+    y = torch.randint(0, vocab, (n,), generator=g).to(device)
     return h, w, ht, wt, y
 
 
@@ -162,7 +162,7 @@ def child(args) -> dict:
     row = {"variant": args.variant, "n": args.n, "chunk": args.chunk, "device": args.device, "dtype": args.dtype,
            "divergence": args.divergence, "threads": torch.get_num_threads()}
     f = _step_fn(args.variant, args.chunk, args.divergence, args.device)
-    h, w, ht, wt, y = _make_inputs(args.n, args.teacher_hidden, args.device, dtype)
+    h, w, ht, wt, y = _make_inputs(args.n, args.hidden, args.vocab, args.teacher_hidden or args.hidden, args.device, dtype)
     # Warm-up on the same code path: thread pools, kernels, lazy imports. CPU: small, to keep the run short;
     # CUDA: full size, so torch.compile (Liger) and cuBLAS heuristics are not inside the timed step.
     warm = args.n if cuda else min(args.n, 64)
@@ -197,7 +197,8 @@ def child(args) -> dict:
 def _run_child(variant, n, args) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--n", str(n), "--chunk", str(args.chunk),
            "--device", args.device, "--dtype", args.dtype, "--divergence", args.divergence,
-           "--teacher-hidden", str(args.teacher_hidden)]
+           "--teacher-hidden", str(args.teacher_hidden or args.hidden), "--hidden", str(args.hidden),
+           "--vocab", str(args.vocab)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -257,7 +258,7 @@ def parent(args) -> None:
                     if r["status"] == "ok" else f"{r['status']}: {r.get('reason')}"), flush=True)
     rows = _summarise(runs)
     ratios = _ratios(rows)
-    print(f"\nKD loss fwd+bwd, {args.device} {args.dtype}, H={H} V={V} divergence={args.divergence} chunk={args.chunk}")
+    print(f"\nKD loss fwd+bwd, {args.device} {args.dtype}, H={args.hidden} V={args.vocab} divergence={args.divergence} chunk={args.chunk}")
     print(f"{'variant':8s} {'N':>5s} {'time s':>8s} {'cpu s':>8s} {'peak MB':>9s} {'loss':>10s}")
     for r in rows:
         if r["status"] == "ok":
@@ -273,7 +274,7 @@ def parent(args) -> None:
     report = {
         "date": dt.date.today().isoformat(),
         "device": args.device, "dtype": args.dtype, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "shape": {"H": H, "V": V, "teacher_hidden": args.teacher_hidden, "N": ns},
+        "shape": {"H": args.hidden, "V": args.vocab, "teacher_hidden": args.teacher_hidden or args.hidden, "N": ns},
         "loss": {"divergence": args.divergence, "beta": BETA, "alpha": ALPHA, "temperature": TEMP},
         "chunk": args.chunk, "liger": LIGER_PIN if not liger_reason else f"unavailable: {liger_reason}",
         "method": "fresh process per measurement; peak = ru_maxrss - VmRSS after inputs+warm-up (CPU), "
@@ -308,7 +309,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--divergence", default="jsd", choices=["forward_kl", "reverse_kl", "jsd"])
-    ap.add_argument("--teacher-hidden", type=int, default=H)
+    ap.add_argument("--hidden", type=int, default=H, help="student hidden size H")
+    ap.add_argument("--vocab", type=int, default=V, help="vocab rows V")
+    ap.add_argument("--teacher-hidden", type=int, default=0, help="teacher hidden size (default: --hidden)")
     ap.add_argument("--out", help="result path (default bench/results/kd_loss-<date>.json)")
     ap.add_argument("--probe-liger", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -181,7 +181,7 @@ class RunConfig(_Part):
 
     name: str | None = Field(
         None,
-        description="Run name (folder under evidence_dir). None: distill-<student>-from-<teacher>-<utc time>.",
+        description="Run name (folder under evidence_dir). None: distill-STUDENT-from-TEACHER-YYYYMMDD-HHMMSS (UTC).",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
     )
     teacher: ModelRef = Field(description="The larger model whose distribution is distilled.")

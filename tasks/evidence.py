@@ -40,5 +40,6 @@ def write_evidence_task(
         f"{rows}\n",
         description="Falsifier verdicts of this run",
     )
-    create_link_artifact(key="evidence-folder", link=run_dir.resolve().as_uri(), link_text=str(run_dir))
+    create_link_artifact(key="evidence-folder", link=run_dir.resolve().as_uri(), link_text=str(run_dir),
+                         description="This run's evidence folder: manifest.json and every file it hashes")
     return manifest

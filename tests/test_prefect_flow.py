@@ -35,7 +35,7 @@ ARTIFACT_KEYS = {"preflight-plan", "pull-files", "vocab-alignment", "train-progr
 CHECKPOINT_EVERY, FAIL_AT_STEP = 3, 5  # the transient failure hits step 5, after the step-3 checkpoint
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1100",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1400",
                   "--virtual-time-budget=20000"]
 
 
@@ -180,7 +180,8 @@ def test_every_task_leaves_its_artifacts(first_run):
         files = manifest["models"][role]["files"]
         assert {f: pulled[(role, f)] for f in files} == files
     vocab = {r["field"]: r["value"] for r in table("vocab-alignment")}
-    assert vocab["verdict"] == manifest["vocab"]["verdict"] and int(vocab["rows_kept"]) == manifest["vocab"]["rows_kept"]
+    assert vocab["verdict"] == manifest["vocab"]["verdict"]
+    assert int(vocab["rows_kept"]) == manifest["vocab"]["rows_kept"]
     assert float(arts["train-progress"].data) == pytest.approx(100.0)
     metrics = {r["metric"]: r["value"] for r in table("train-metrics")}
     assert float(metrics["final_loss"]) == pytest.approx(manifest["training"]["final_loss"])

@@ -14,7 +14,7 @@ An all-masked batch (|M| = 0) gives a loss of exactly 0 and zero gradients. D is
     forward_kl   KL(p || q) = sum_v p (log p - log q)                       (Hinton et al. 2015)
     reverse_kl   KL(q || p) = sum_v q (log q - log p)                       (mode seeking; MiniLLM, Gu et al. 2024)
     jsd          JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
-                 (generalized JSD, Agarwal et al. 2024 "On-Policy Distillation of Language Models" (GKD), eq. 5).
+                 (generalized JSD of Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD)).
                  Convention of TRL's `generalized_jsd_loss` and Liger's JSD: beta = 0 IS forward_kl and
                  beta = 1 IS reverse_kl (the formula above tends to 0 at both ends, only JSD_beta / beta and
                  JSD_beta / (1 - beta) tend to the KLs, so the two endpoints are defined as the KLs).
@@ -26,6 +26,9 @@ logits were -inf; a label in that range is a ValueError. Teacher rows/columns be
 computes the logits from hidden states and output matrices, turns them *in place* into dL/dlogits (elementwise
 math runs on small row blocks, so the only vocab-sized buffers are one student and one teacher chunk), folds
 that into grad_hidden (N, H), grad_weight (V, H) and grad_bias, and keeps only those for backward.
+Measured by bench/kd_loss.py (2 CPU cores, H=896, V=151,936, N=2048, fp32 fwd+bwd, JSD, chunk 256): peak
+828 MB over baseline (545 MB of it is grad_weight) vs 15,436 MB for the plain reference and 3,197 MB for
+Liger's LigerFusedLinearJSDLoss; 47 s vs 154 s and 108 s. See bench/results/.
 """
 
 from __future__ import annotations
@@ -358,8 +361,11 @@ def fused_linear_kd_loss(
     ve = _effective_vocab(v, teacher_weight.shape[0], valid_vocab)
     idx = _check_labels(y, ignore_index, ve, v)
     cfg = (float(alpha), float(temperature), divergence, float(beta), ve, int(chunk_size))
+    w, b = student_weight, student_bias
+    if not torch.is_grad_enabled():  # eval under no_grad: skip computing (and holding) the gradients
+        h, w, b = h.detach(), w.detach(), None if b is None else b.detach()
     loss, ce, kd = _FusedLinearKD.apply(
-        h, student_weight, student_bias, ht.detach(), teacher_weight.detach(),
+        h, w, b, ht.detach(), teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), idx, y, cfg,
     )
     return KDLossOutput(loss=loss, ce=ce, kd=kd, tokens=int(idx.numel()))

@@ -412,6 +412,17 @@ def test_iter_logit_chunks_covers_all_rows(p, chunk, cut):
     assert seen == p["h"].shape[0]
 
 
+def test_no_grad_mode_gives_the_value_without_a_graph():
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(12, 5, generator=g, requires_grad=True), torch.randn(20, 5, generator=g, requires_grad=True)
+    y = torch.randint(0, 20, (12,), generator=g)
+    with torch.no_grad():
+        ev = fused_linear_kd_loss(h, w, h, 2 * w, y, alpha=0.3, temperature=2.0)
+    tr = fused_linear_kd_loss(h, w, h, 2 * w, y, alpha=0.3, temperature=2.0)
+    assert not ev.loss.requires_grad and tr.loss.requires_grad
+    assert float(ev.loss) == float(tr.loss.detach())
+
+
 def test_output_type():
     h, w = torch.randn(4, 3), torch.randn(10, 3)
     out = fused_linear_kd_loss(h, w, h, w, torch.tensor([1, 2, 3, 4]), alpha=0.5, temperature=1.0)

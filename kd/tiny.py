@@ -136,10 +136,16 @@ def make_tiny(
     return teacher_dir, student_dir
 
 
+def tiny_dir(root: str | Path | None = None, seed: int = 0) -> Path:
+    """Where `ensure_tiny` keeps the pair: `$KDFLOW_HOME/tiny/seed<seed>-v<format>` by default."""
+    base = Path(root) if root else Path(os.environ.get("KDFLOW_HOME", "~/.cache/kdflow")).expanduser() / "tiny"
+    return base / f"seed{seed}-v{TINY_FORMAT}"
+
+
 def ensure_tiny(root: str | Path | None = None, seed: int = 0) -> tuple[Path, Path]:
     """The cached tiny pair under `root` (default `$KDFLOW_HOME/tiny`), created once, atomically."""
-    base = Path(root) if root else Path(os.environ.get("KDFLOW_HOME", "~/.cache/kdflow")).expanduser() / "tiny"
-    final = base / f"seed{seed}-v{TINY_FORMAT}"
+    final = tiny_dir(root, seed)
+    base = final.parent
     if not (final / "tiny.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))

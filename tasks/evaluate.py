@@ -7,6 +7,7 @@ the flow then fails the run. Cached on the checkpoint's content and the eval con
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
@@ -14,6 +15,7 @@ from prefect.artifacts import create_table_artifact
 from backends import get_backend
 from kd.config import RunConfig
 from kd.data import data_fingerprint, pack_dataset
+from kd.errors import ModelError
 from kd.evaluate import evaluate_run
 from kd.results import EvalReport, ModelSnapshot, TrainResult, VocabAlignment
 from kd.train import resolve_device
@@ -32,6 +34,9 @@ def evaluate(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment,
     training: TrainResult,
 ) -> EvalReport:
+    if not Path(training.checkpoint_dir).is_dir():
+        raise ModelError(f"checkpoint {training.checkpoint_dir} no longer exists (a cached training result "
+                         "from an earlier run whose folder was removed): run again with --no-cache")
     device, dtype, _ = resolve_device(config)
     backend = get_backend("hf")
     load = lambda d, ref: backend.load(d, device=device, dtype=dtype, trust_remote_code=ref.trust_remote_code)  # noqa: E731

@@ -14,17 +14,24 @@ from tasks.policy import content_key, retry_transient
 
 
 def source_fingerprint(ref: ModelRef) -> str:
-    """What identifies a source's content without downloading it: the tiny-model format, a local
-    folder's listing (names, sizes, mtimes), or the hub commit the revision resolves to now (the cached one when offline)."""
+    """What identifies a source's content without downloading it, and where it lives: the tiny
+    models' folder, a local folder's listing (names, sizes, mtimes), or the hub commit the revision
+    resolves to now (the cached one when offline). Whether the files are still on disk is part of
+    the key, so a cache hit never hands eval a snapshot folder that has since been deleted."""
     if ref.kind == "tiny":
-        from kd.tiny import TINY_FORMAT
+        from kd.tiny import tiny_dir
 
-        return f"{ref.repo}-v{TINY_FORMAT}"
+        folder = tiny_dir() / ref.repo.removeprefix("tiny:")
+        return f"{ref.repo}@{folder}:{(folder / 'model.safetensors').is_file()}"
     if ref.kind == "local":
-        root = Path(ref.repo).expanduser()
-        return str(sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                          for p in root.rglob("*") if p.is_file()))
-    return f"{ref.repo}@{resolve_commit(ref)}"
+        root = Path(ref.repo).expanduser().resolve()
+        return str([str(root)] + sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                                        for p in root.rglob("*") if p.is_file()))
+    from huggingface_hub import try_to_load_from_cache
+
+    commit = resolve_commit(ref)
+    cached = try_to_load_from_cache(ref.repo, "config.json", revision=commit)
+    return f"{ref.repo}@{commit}:{isinstance(cached, str)}"
 
 
 def _pull_key(context, parameters) -> str:

@@ -99,7 +99,9 @@ def make_tiny(
 ):
     """Write `out_dir/teacher` and `out_dir/student`; returns their paths."""
     from tokenizers import AddedToken
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise in a smoke run's output
     out = Path(out_dir)
     corpus = CORPUS.read_text()
     with _single_thread():

@@ -26,21 +26,24 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def hash_tree(directory: str | Path, *, include: list[str] | None = None, memo: bool = False) -> dict[str, str]:
+def hash_tree(
+    directory: str | Path, *, include: list[str] | None = None, memo: bool = False, skip_caches: bool = True
+) -> dict[str, str]:
     """`{relative posix path: sha256}` for every file under `directory`, sorted by path.
 
-    Skips `.cache/`, `.git/`, `.locks/` and `*.lock` / `*.incomplete` files. `include`, if given,
-    keeps only these relative paths. `memo=True` reuses remembered hashes of unchanged big files
-    (see `sha256_memo`); leave it off when the point is to re-check the bytes.
+    Skips `.cache/`, `.git/`, `.locks/` and `*.lock` / `*.incomplete` files unless `skip_caches`
+    is False (an evidence folder: every file counts). `include`, if given, keeps only these
+    relative paths. `memo=True` reuses remembered hashes of unchanged big files (see
+    `sha256_memo`); leave it off when the point is to re-check the bytes.
     """
     root = Path(directory)
     wanted = set(include) if include is not None else None
     out: dict[str, str] = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if set(rel.parts[:-1]) & _SKIP_DIRS or not p.is_file():
+        if not p.is_file() or (wanted is not None and rel.as_posix() not in wanted):
             continue
-        if p.name.endswith((".lock", ".incomplete")) or (wanted is not None and rel.as_posix() not in wanted):
+        if skip_caches and (set(rel.parts[:-1]) & _SKIP_DIRS or p.name.endswith((".lock", ".incomplete"))):
             continue
         out[rel.as_posix()] = sha256_memo(p) if memo else sha256_file(p)
     return out

@@ -32,7 +32,8 @@ from typing import Callable, Literal
 from kd.config import ModelRef
 from kd.errors import DataError, ModelError
 from kd.hashing import git_blob_sha1, hash_tree, sha256_file, sha256_memo
-from kd.hubclient import Source, classified, install_timeouts, offline_error, scrub, storage_folder, with_retries
+from kd.hubclient import Source, classified, install_timeouts, offline_error, storage_folder, with_retries
+from kd.redact import scrub
 from kd.results import ModelSnapshot
 
 __all__ = ["pull_model", "pull_dataset", "remote_download_bytes", "resolve_commit", "select_files",
@@ -129,7 +130,7 @@ def remote_download_bytes(ref: ModelRef, token: str | None = None, *, cache_dir:
         commit, listing = classified(lambda: _resolve_and_list(src, token), src, token)
         wanted = _model_selector(ref)(list(listing))
     except Exception as err:  # sizing is advisory: pull_model reports the real problem
-        log.warning("%s: cannot size the download: %s", src.where, scrub(str(err), token))
+        log.warning("%s: cannot size the download: %s", src.where, scrub(str(err), [token]))
         return None
     snap = Path(storage_folder(src, cache_dir)) / "snapshots" / commit
     return sum(_expected(listing[p]).size for p in wanted if not (snap / p).is_file())

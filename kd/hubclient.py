@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, TypeVar
 
 from kd.errors import DataError, InputError, ModelError, TransientError
+from kd.redact import scrub
 
 log = logging.getLogger("kdflow.hub")
 
@@ -64,10 +65,6 @@ def offline_error(src: Source, cache_dir: str | None) -> InputError:
         f"{src.where}: not in the HF cache ({storage_folder(src, cache_dir)}) and the hub cannot be used "
         "(HF_HUB_OFFLINE is set or downloads are disabled). Pull it once online."
     )
-
-
-def scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
 
 
 class _Transient(Exception):
@@ -137,12 +134,12 @@ def classify(err: BaseException, src: Source, token: str | None) -> InputError |
             "(check the id; if it is private, set HF_TOKEN)"
         )
     if missing := find(RemoteEntryNotFoundError):
-        return src.error(f"{src.where}: a listed file is missing on the hub: {scrub(str(missing), token)[:300]}")
+        return src.error(f"{src.where}: a listed file is missing on the hub: {scrub(str(missing), [token])[:300]}")
     if find(OfflineModeIsEnabled):
         return offline_error(src, None)
     transport = find(httpx2.TransportError)
     if transport is not None and not isinstance(transport, httpx2.ProxyError):
-        return f"{type(transport).__name__}: {scrub(str(transport), token)[:200]}"
+        return f"{type(transport).__name__}: {scrub(str(transport), [token])[:200]}"
     http = find(HfHubHTTPError)
     status = getattr(getattr(http, "response", None), "status_code", None)
     if http is not None and status is not None:
@@ -150,9 +147,9 @@ def classify(err: BaseException, src: Source, token: str | None) -> InputError |
             return f"HTTP {status}"
         if status in (401, 403):
             return src.error(f"{src.where}: access denied (HTTP {status}); set HF_TOKEN to a token with read access")
-        return src.error(f"{src.where}: hub answered HTTP {status}: {scrub(str(http), token)[:300]}")
+        return src.error(f"{src.where}: hub answered HTTP {status}: {scrub(str(http), [token])[:300]}")
     if (c := find((ConnectionError, TimeoutError))) is not None:
-        return f"{type(c).__name__}: {scrub(str(c), token)[:200]}"
+        return f"{type(c).__name__}: {scrub(str(c), [token])[:200]}"
     if find(LocalEntryNotFoundError):  # no transient cause in the chain: the cache just lacks it
         return offline_error(src, None)
     return None

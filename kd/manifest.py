@@ -23,7 +23,6 @@ verifies.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 import kd
 from kd.config import RunConfig, format_validation_error
 from kd.errors import InputError
-from kd.hashing import sha256_file
+from kd.hashing import digest_of, hash_tree, sha256_file
 from kd.plots import plot_loss_curve
 from kd.redact import redact, scrub, secret_values
 from kd.results import EvalReport, Falsifier, ModelSnapshot, PreflightReport, TrainResult, VocabAlignment
@@ -145,21 +144,7 @@ def manifest_json_schema() -> dict:
 def hash_files(root: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """relpath (posix) -> sha256 of every file under `root` (nothing skipped: an evidence folder
     has no caches), minus the relpaths in `exclude`."""
-    root = Path(root)
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() not in exclude
-    }
-
-
-def digest_of(files: dict[str, str]) -> str:
-    """One sha256 over a {relpath: sha256} listing: sorted `relpath\\0sha256\\n` lines (the formula
-    of ModelSnapshot.content_hash), independent of where the files live."""
-    h = hashlib.sha256()
-    for rel, digest in sorted(files.items()):
-        h.update(f"{rel}\0{digest}\n".encode())
-    return h.hexdigest()
+    return {rel: h for rel, h in hash_tree(root, skip_caches=False).items() if rel not in exclude}
 
 
 def dir_sha256(path: Path) -> str:
@@ -186,7 +171,8 @@ def git_info(path: Path | str | None = None) -> dict:
         return {"commit": "unknown", "dirty": None}
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """Installed version of a distribution, from its metadata (nothing is imported)."""
     try:
         return metadata.version(dist)  # metadata only: kd never imports prefect
     except metadata.PackageNotFoundError:
@@ -202,9 +188,9 @@ def environment_info(device: str, env: dict[str, str] | None = None) -> Environm
         python=platform.python_version(),
         platform=platform.platform(),
         torch=torch.__version__,
-        transformers=_version("transformers"),
-        prefect=_version("prefect"),
-        huggingface_hub=_version("huggingface_hub"),
+        transformers=package_version("transformers"),
+        prefect=package_version("prefect"),
+        huggingface_hub=package_version("huggingface_hub"),
         device=device,
         env=redact(picked),
     )

@@ -13,24 +13,17 @@ import json
 import platform
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from kd.config import ModelRef, RunConfig
 from kd.errors import ConfigError
+from kd.manifest import package_version
 from kd.results import PreflightReport
 
 BYTES_PER_PARAM_TRAINED = 16  # fp32 weights + grads + AdamW m and v
 BYTES_PER_PARAM_FROZEN = 4
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        return metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _config_json(ref: ModelRef) -> dict | None:
@@ -153,8 +146,8 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
     }
     return PreflightReport(
         ok=all(c["ok"] for c in checks),
-        python=platform.python_version(), torch=torch.__version__, transformers=_version("transformers") or "?",
-        huggingface_hub=_version("huggingface_hub") or "?", prefect=_version("prefect"),
+        python=platform.python_version(), torch=torch.__version__, transformers=package_version("transformers") or "?",
+        huggingface_hub=package_version("huggingface_hub") or "?", prefect=package_version("prefect"),
         device=device, cuda_available=cuda, bf16_supported=bf16,
         free_disk_bytes=free, needed_disk_bytes=needed, memory_estimate_bytes=mem, checks=checks, plan=plan,
     )

@@ -60,12 +60,10 @@ def secret_values(env: Mapping[str, str] | None = None, *others: Any) -> set[str
     return out
 
 
-def scrub(data: str | bytes, secrets: Iterable[str]) -> str | bytes:
+def scrub(data: str | bytes, secrets: Iterable[str | None]) -> str | bytes:
     """`data` with every occurrence of each secret replaced by ***. Longest first, so a secret
     that contains another is removed whole."""
-    for s in sorted(set(secrets), key=len, reverse=True):
-        if not s:
-            continue
+    for s in sorted({s for s in secrets if s}, key=len, reverse=True):  # None/"" (no token set) scrub nothing
         if isinstance(data, bytes):
             data = data.replace(s.encode(), REDACTED.encode())
         else:

@@ -8,7 +8,7 @@ then delegates training to it when `orchestration.train_deployment` is set:
 
 `train_via_deployment` starts the child run with `run_deployment(..., timeout=None)` (it shows as a
 subflow of the distill run), waits, and returns the child's persisted `TrainResult` (paths and
-numbers, no tensors). The checkpoint path in it must be readable where evaluation runs: on one
+numbers, no tensors). The checkpoint and held-out paths in it must be readable where evaluation runs: on one
 host it is; across hosts, put `work_dir` on shared storage (docs/prefect.md).
 A child that does not complete fails the parent with `TrainingDeploymentFailed` naming the child
 run and its final state; a child that failed on bad input (kd.errors.InputError) re-raises that

@@ -94,6 +94,11 @@ def load_tokenizer(tokenizer_dir: str | Path):
     return Tokenizer.from_file(str(path))
 
 
+def model_max_positions(model_dir: str | Path) -> int | None:
+    """`max_position_embeddings` from a model folder's config.json (None when it does not say)."""
+    return json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+
+
 def eos_id(tokenizer_dir: str | Path) -> int:
     """The EOS id from config.json / tokenizer_config.json, checked against the tokenizer."""
     d = Path(tokenizer_dir)

@@ -85,6 +85,7 @@ class TrainResult(_Result):
     checkpoint_sha256: str = Field(description="sha256 over the checkpoint's files")
     metrics_path: str
     log_path: str
+    heldout_path: str = Field(description="The held-out blocks (safetensors `heldout`), packed once for eval")
     steps: int
     resumed_from_step: int = Field(0, description="Step the last attempt started from (0: from scratch)")
     tokens: int

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from backends import get_backend
@@ -37,6 +38,7 @@ from kd.losses import fused_linear_kd_loss
 from kd.results import TrainResult, VocabAlignment
 
 STATE_FILE = "trainer_state.pt"
+HELDOUT_FILE = "heldout.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
 StepCallback = Callable[[dict], None]
@@ -213,6 +215,9 @@ def train_student(
         (run_dir / "initial_loss.json").write_text(json.dumps({"initial_loss": initial_loss}) + "\n")
         log.info("start: device=%s autocast_bf16=%s initial_loss=%.6f", device, autocast, initial_loss)
 
+    # eval reads the held-out blocks from here rather than tokenising the whole corpus again
+    heldout_path = run_dir / HELDOUT_FILE
+    save_file({"heldout": packed.heldout}, heldout_path)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tokens_per_step = tc.batch_size * tc.grad_accum * (packed.train.shape[1] - 1)
@@ -270,7 +275,7 @@ def train_student(
     assert ckpt is not None
     return TrainResult(
         run_dir=str(run_dir), checkpoint_dir=str(ckpt), checkpoint_sha256=hash_dir(ckpt),
-        metrics_path=str(metrics_path), log_path=str(run_dir / "train.log"),
+        metrics_path=str(metrics_path), log_path=str(run_dir / "train.log"), heldout_path=str(heldout_path),
         steps=tc.steps, resumed_from_step=start_step, tokens=tokens_per_step * tc.steps,
         initial_loss=initial_loss, final_loss=final_loss,
         tokens_per_s=tokens_per_step * trained_steps / max(wall, 1e-9), wall_s=wall,

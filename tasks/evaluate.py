@@ -10,11 +10,12 @@ import math
 from pathlib import Path
 
 from prefect import task
+from safetensors.torch import load_file
 from prefect.artifacts import create_table_artifact
 
 from backends import get_backend
 from kd.config import RunConfig
-from kd.data import data_fingerprint, pack_dataset
+from kd.data import data_fingerprint
 from kd.errors import ModelError
 from kd.evaluate import evaluate_run
 from kd.results import EvalReport, ModelSnapshot, TrainResult, VocabAlignment
@@ -34,16 +35,17 @@ def evaluate(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment,
     training: TrainResult,
 ) -> EvalReport:
-    if not Path(training.checkpoint_dir).is_dir():
-        raise ModelError(f"checkpoint {training.checkpoint_dir} no longer exists (a cached training result "
-                         "from an earlier run whose folder was removed): run again with --no-cache")
+    for what, path in (("checkpoint", training.checkpoint_dir), ("held-out data", training.heldout_path)):
+        if not Path(path).exists():
+            raise ModelError(f"{what} {path} no longer exists (a cached training result from an earlier "
+                             "run whose folder was removed): run again with --no-cache")
     device, dtype, _ = resolve_device(config)
     backend = get_backend("hf")
     load = lambda d, ref: backend.load(d, device=device, dtype=dtype, trust_remote_code=ref.trust_remote_code)  # noqa: E731
-    packed = pack_dataset(config.data, student.local_dir, max_positions=None, min_train_blocks=1)
+    heldout = load_file(training.heldout_path)["heldout"]
     report = evaluate_run(
         load(teacher.local_dir, config.teacher), load(student.local_dir, config.student),
-        load(training.checkpoint_dir, config.student), packed.heldout, alignment, config.eval,
+        load(training.checkpoint_dir, config.student), heldout, alignment, config.eval,
         chunk_size=config.kd.chunk_size, device=device,
     )
     rows = []

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from kd.config import RunConfig
-from kd.data import data_fingerprint, pack_dataset
+from kd.data import data_fingerprint, model_max_positions, pack_dataset
 from kd.hashing import code_version
 from kd.results import ModelSnapshot, TrainResult, VocabAlignment
 from kd.train import train_student
@@ -35,8 +35,7 @@ def _train_key(context, parameters) -> str:
 def train_student_task(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str
 ) -> TrainResult:
-    max_pos = _max_positions(student)
-    packed = pack_dataset(config.data, student.local_dir, max_positions=max_pos,
+    packed = pack_dataset(config.data, student.local_dir, max_positions=model_max_positions(student.local_dir),
                           min_train_blocks=config.train.batch_size)
     progress_id = create_progress_artifact(progress=0.0, key="train-progress",
                                            description=f"Training {config.train.steps} steps")
@@ -56,9 +55,3 @@ def train_student_task(
     )
     return result
 
-
-def _max_positions(snap: ModelSnapshot) -> int | None:
-    import json
-
-    cfg = json.loads((Path(snap.local_dir) / "config.json").read_text())
-    return cfg.get("max_position_embeddings")

@@ -55,7 +55,8 @@ def inputs(tmp_path, tiny_pair):
     (work / "train.log").write_text("step 1 loss=5.7\nstep 10 loss=3.0\n")
     training = TrainResult(
         run_dir=str(work), checkpoint_dir=str(ckpt), checkpoint_sha256=km.dir_sha256(ckpt),
-        metrics_path=str(work / "metrics.jsonl"), log_path=str(work / "train.log"), steps=10, tokens=5040,
+        metrics_path=str(work / "metrics.jsonl"), log_path=str(work / "train.log"),
+        heldout_path=str(work / "heldout.safetensors"), steps=10, tokens=5040,
         initial_loss=6.0, final_loss=3.0, tokens_per_s=1000.0, wall_s=5.0, peak_memory_bytes=1 << 28,
         device="cpu", dtype="float32",
     )
@@ -243,7 +244,7 @@ def test_status_is_fail_unless_every_falsifier_passes(tmp_path, inputs):
 
 
 def test_training_falsifier():
-    tr = dict(run_dir="r", checkpoint_dir="c", checkpoint_sha256="0", metrics_path="m", log_path="l", steps=3,
+    tr = dict(run_dir="r", checkpoint_dir="c", checkpoint_sha256="0", metrics_path="m", log_path="l", heldout_path="h", steps=3,
               tokens=10, tokens_per_s=1.0, wall_s=1.0, peak_memory_bytes=0, device="cpu", dtype="float32")
     assert training_falsifiers(TrainResult(**tr, initial_loss=5.0, final_loss=4.0))[0].verdict == "pass"
     assert training_falsifiers(TrainResult(**tr, initial_loss=5.0, final_loss=5.0))[0].verdict == "fail"

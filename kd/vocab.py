@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from kd.errors import ModelError, VocabError
+from kd.losses import iter_logit_chunks
 from kd.results import VocabAlignment
 
 SPECIALS = ("eos", "pad", "bos")
@@ -101,15 +102,11 @@ def measure_dropped_mass(
     weight, bias = be.output_head(teacher_model)
     if rows_kept >= weight.shape[0]:
         return 0.0, 0.0
-    hidden = be.hidden_states(teacher_model, input_ids)
+    with torch.no_grad():  # a measurement: no autograd graph through the teacher
+        hidden = be.hidden_states(teacher_model, input_ids)
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    w = weight.float()
-    b = bias.float() if bias is not None else None
     masses = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = hidden[start : start + chunk_size].float() @ w.T  # (c, V)
-        if b is not None:
-            logits = logits + b
+    for _, logits in iter_logit_chunks(hidden, weight, bias, chunk_size=chunk_size):  # (c, V) fp32
         # log p(dropped) = logsumexp(dropped logits) - logsumexp(all logits): stable for any V
         masses.append((logits[:, rows_kept:].logsumexp(-1) - logits.logsumexp(-1)).exp())
     m = torch.cat(masses)

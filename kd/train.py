@@ -2,8 +2,9 @@
 
     result = train_student(cfg, teacher_dir, student_dir, alignment, packed, run_dir)
 
-Writes under `run_dir`: `checkpoints/step-NNNNNN/` (Hugging Face folder + `trainer_state.pt`,
-written to a temp folder then renamed, so a crash never leaves half a checkpoint),
+Writes under `run_dir`: `checkpoints/step-NNNNNN/` (Hugging Face folder + trainer state as
+safetensors + JSON, never pickle: kd/trainer_state.py; written to a temp folder then renamed, so a
+crash never leaves half a checkpoint; it carries the initial loss, so any run can resume from it),
 `metrics.jsonl` (one line per step) and `train.log`. A second call with the same `run_dir`
 continues from the last checkpoint (or `train.resume_from`) and ends with the same weights
 as an uninterrupted run: the data order is a pure function of (seed, step) and the
@@ -36,8 +37,9 @@ from kd.errors import ConfigError
 from kd.hashing import hash_dir
 from kd.losses import fused_linear_kd_loss
 from kd.results import TrainResult, VocabAlignment
+from kd.trainer_state import STATE_JSON, is_checkpoint, load_trainer_state, save_trainer_state
 
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = STATE_JSON  # the file that marks a finished checkpoint
 HELDOUT_FILE = "heldout.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json")
@@ -78,7 +80,7 @@ def seed_everything(seed: int) -> None:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    ckpts = [c for c in ckpts if (c / STATE_FILE).is_file()]
+    ckpts = [c for c in ckpts if is_checkpoint(c)]
     return ckpts[-1] if ckpts else None
 
 
@@ -97,8 +99,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, student_dir: Path) -> Path:
-    """Atomically write `checkpoints/step-NNNNNN` (HF format + trainer state)."""
+def training_digest(cfg: RunConfig) -> str:
+    """What a checkpoint was trained for (objective, loop, data), recorded so a resume can say so."""
+    from kd.hashing import digest_of
+
+    parts = {"kd": cfg.kd.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+             "train": cfg.train.model_dump(mode="json", exclude={"resume_from", "log_every", "steps"})}
+    return digest_of({k: json.dumps(v, sort_keys=True) for k, v in parts.items()})
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, student_dir: Path,
+                    *, initial_loss: float = float("nan"), config_digest: str = "") -> Path:
+    """Atomically write `checkpoints/step-NNNNNN` (HF format + trainer state, no pickle)."""
     final = run_dir / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -106,10 +118,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stude
     for name in TOKENIZER_FILES:
         if (student_dir / name).is_file():
             shutil.copy2(student_dir / name, tmp / name)
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-        tmp / STATE_FILE,
-    )
+    save_trainer_state(tmp, {"step": step, "initial_loss": initial_loss, "config_digest": config_digest,
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": _rng_state()})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -183,9 +194,10 @@ def train_student(
     device, dtype, autocast = resolve_device(cfg)
     backend = get_backend("hf")
 
-    resume = Path(tc.resume_from) if tc.resume_from else latest_checkpoint(run_dir)
-    if resume is not None and not (resume / STATE_FILE).is_file():
-        raise ConfigError(f"train.resume_from: {resume} is not a kdflow checkpoint (no {STATE_FILE})")
+    resume = Path(tc.resume_from).expanduser().resolve() if tc.resume_from else latest_checkpoint(run_dir)
+    # read (and check) the trainer state before loading anything: never a pickle, from any folder
+    state = load_trainer_state(resume) if resume is not None else None
+    digest = training_digest(cfg)
     seed_everything(tc.seed)
     trust = cfg.student.trust_remote_code
     student = backend.load(resume or student_dir, device=device, dtype=dtype, trust_remote_code=trust)
@@ -199,20 +211,20 @@ def train_student(
     # A fixed probe batch measures initial and final loss on the same tokens (the smoke falsifier).
     probe = train_batch(packed.train, step=0, micro=0, batch_size=tc.batch_size, grad_accum=1, seed=tc.seed)
     start_step = 0
-    if resume is not None:
-        state = torch.load(resume / STATE_FILE, weights_only=False)  # our own file: optimizer + RNG state
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_step = state["step"]
         _trim_metrics(metrics_path, start_step)
-        initial_loss = json.loads((run_dir / "initial_loss.json").read_text())["initial_loss"]
+        initial_loss = float(state["initial_loss"])  # the checkpoint carries it: resume works from any run
         log.info("resumed from %s at step %d", resume, start_step)
+        if state.get("config_digest") != digest:
+            log.warning("resuming from %s, trained with other kd/data/train settings", resume)
     else:
         metrics_path.unlink(missing_ok=True)
         with torch.no_grad():
             initial_loss = float(objective(probe).loss)
-        (run_dir / "initial_loss.json").write_text(json.dumps({"initial_loss": initial_loss}) + "\n")
         log.info("start: device=%s autocast_bf16=%s initial_loss=%.6f", device, autocast, initial_loss)
 
     # eval reads the held-out blocks from here rather than tokenising the whole corpus again
@@ -254,7 +266,8 @@ def train_student(
                          step + 1, tc.steps, row["loss"], row["ce"], row["kd"], lr, grad_norm, row["tokens_per_s"])
             done = step + 1
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
-                ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir)
+                ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir,
+                                       initial_loss=initial_loss, config_digest=digest)
                 log.info("checkpoint %s", ckpt)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")

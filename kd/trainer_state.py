@@ -1,0 +1,116 @@
+"""Trainer state (optimizer, scheduler, RNG, step, initial loss) saved and loaded without pickle.
+
+    save_trainer_state(ckpt_dir, {"step": 3, "initial_loss": 5.1, "optimizer": opt.state_dict(), ...})
+    state = load_trainer_state(ckpt_dir)      # ConfigError naming the file when it is not ours
+
+Why not `torch.save`: `torch.load(weights_only=False)` unpickles, and a pickle can run any code;
+`train.resume_from` may name any folder. Here tensors go to `trainer_state.safetensors` (a header
+plus raw bytes: nothing executes on load) and everything else to `trainer_state.json`, where a
+tensor is `{"__tensor__": key}`, a tuple `{"__tuple__": [...]}`, a numpy array
+`{"__ndarray__": key, "dtype": ...}` and a dict with non-string keys `{"__items__": [[k, v], ...]}`
+(optimizer state is keyed by int). Python floats round-trip exactly through JSON, so a resumed run
+ends bit-for-bit equal to an uninterrupted one. A `trainer_state.pt` (older kdflow, or a planted
+pickle) is never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kd.errors import ConfigError
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LEGACY_PICKLE = "trainer_state.pt"
+FORMAT = "kdflow-trainer-state/1"
+_MARKERS = ("__tensor__", "__tuple__", "__ndarray__", "__items__", "__float__")
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """True when `folder` holds a kdflow trainer state (both files)."""
+    return (Path(folder) / STATE_JSON).is_file() and (Path(folder) / STATE_TENSORS).is_file()
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
+        return {"__ndarray__": path, "dtype": str(obj.dtype)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _MARKERS for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, f"{path}.k{i}"), _encode(v, tensors, f"{path}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}  # JSON has no NaN/inf; keep the file standard JSON
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    raise TypeError(f"trainer state at {path}: cannot store a {type(obj).__name__} without pickle")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def save_trainer_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write `state` (plain values, tensors, numpy arrays, tuples, int-keyed dicts) into `folder`."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain = _encode(state, tensors, "s")
+    save_file(tensors, str(Path(folder) / STATE_TENSORS))
+    (Path(folder) / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": plain}, allow_nan=False) + "\n")
+
+
+def load_trainer_state(folder: Path, *, field: str = "train.resume_from") -> dict[str, Any]:
+    """The state saved by `save_trainer_state`; ConfigError naming `field` and the file otherwise."""
+    folder = Path(folder)
+    if not is_checkpoint(folder):
+        legacy = folder / LEGACY_PICKLE
+        why = (f"it has {legacy.name}, a pickle, which kdflow never loads (it could run code); "
+               "resume from a checkpoint written by this kdflow") if legacy.exists() else (
+               f"no {STATE_JSON} + {STATE_TENSORS}")
+        raise ConfigError(f"{field}: {folder} is not a kdflow checkpoint: {why}")
+    try:
+        doc = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, UnicodeDecodeError, ValueError, SafetensorError) as err:
+        raise ConfigError(f"{field}: {folder}: trainer state unreadable: {str(err)[:200]}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ConfigError(f"{field}: {folder / STATE_JSON}: not a {FORMAT} file")
+    try:
+        state = _decode(doc["state"], tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{field}: {folder / STATE_JSON}: inconsistent with {STATE_TENSORS} ({err!r:.200})") from None
+    missing = [k for k in ("step", "initial_loss", "optimizer", "scheduler", "rng") if k not in state]
+    if missing:
+        raise ConfigError(f"{field}: {folder / STATE_JSON}: lacks {', '.join(missing)}")
+    return state

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,16 +23,52 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float is finite. Bounds are Field(gt=..., le=...) constraints, not
+    # validators, so the JSON schema (the Prefect form, the server's parameter check) enforces them too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+FROM_TEACHER = "from-teacher"
+
+
+class PruneSpec(_Part):
+    """Which teacher decoder layers a pruned student keeps: `keep_layers` evenly spaced, or `layers` exactly."""
+
+    keep_layers: int | None = Field(
+        None, gt=0, description="Keep this many decoder layers, evenly spaced, the first and last included."
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="Keep exactly these teacher decoder layers (0-based, increasing)."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "PruneSpec":
+        if (self.keep_layers is None) == (self.layers is None):
+            raise ValueError("give exactly one of keep_layers or layers")
+        if self.layers is not None and sorted(set(self.layers)) != self.layers:
+            raise ValueError(f"layers must be strictly increasing, got {self.layers}")
+        return self
+
+
+class ModelInit(_Part):
+    """How a student is initialised when it is not pulled."""
+
+    from_teacher: PruneSpec = Field(
+        description="Depth pruning (Minitron, DistilBERT): the teacher's embeddings, the chosen decoder layers, "
+        "its final norm and head, with the teacher's tokenizer."
+    )
 
 
 class ModelRef(_Part):
     """Where a model comes from: a hub repo at a revision, a local folder, or a generated tiny model."""
 
+    model_config = ConfigDict(regex_engine="python-re")  # the `repo` pattern needs a look-ahead
+
     repo: str = Field(
         description="Hub repo id (`Qwen/Qwen2.5-0.5B`), a local folder path, or `tiny:teacher` / "
         "`tiny:student` for the deterministic tiny models kdflow generates itself.",
         min_length=1,
+        pattern=r"^(?!tiny:)|^tiny:(teacher|student)$",
     )
     revision: str = Field(
         "main",
@@ -42,19 +78,48 @@ class ModelRef(_Part):
     trust_remote_code: bool = Field(
         False, description="Allow the repo's own Python code to run when loading (off: security default)."
     )
+    # --- real models (issue 11): GGUF files and students pruned from the teacher
+    gguf_file: str | None = Field(
+        None, min_length=1,
+        description="A GGUF file (llama.cpp format, e.g. `model.Q4_K_M.gguf`) in the hub repo `repo`: pulled, "
+        "sha256-verified, dequantized to the training dtype and converted once to a Hugging Face folder. "
+        "A local GGUF file is given directly as `repo` (a path ending in `.gguf`).",
+    )
+    init: ModelInit | None = Field(
+        None, description="Students only: build this model from the teacher instead of pulling one "
+        "(`repo` must then be `from-teacher`).",
+    )
 
     @property
-    def kind(self) -> Literal["hub", "local", "tiny"]:
+    def kind(self) -> Literal["hub", "local", "tiny", "pruned"]:
+        if self.init is not None:
+            return "pruned"
         if self.repo.startswith("tiny:"):
             return "tiny"
-        if self.repo.startswith(("/", "./", "../", "~")) or Path(self.repo).expanduser().is_dir():
+        if self.repo.startswith(("/", "./", "../", "~")) or self.repo.lower().endswith(".gguf") \
+                or Path(self.repo).expanduser().is_dir():
             return "local"
         return "hub"
 
-    @field_validator("repo")
+    @property
+    def is_gguf(self) -> bool:
+        """A GGUF source: a local `.gguf` file, or a hub repo with `gguf_file`."""
+        return self.init is None and (self.gguf_file is not None or self.repo.lower().endswith(".gguf"))
+
+    @model_validator(mode="after")
+    def _init_means_from_teacher(self) -> "ModelRef":
+        if (self.init is not None) != (self.repo == FROM_TEACHER):
+            raise ValueError(f"repo `{FROM_TEACHER}` and init.from_teacher go together (a student built from "
+                             f"the teacher's layers), got repo={self.repo!r}, init={self.init}")
+        if self.gguf_file is not None and self.kind != "hub":
+            raise ValueError("gguf_file names a file in a hub repo; give a local GGUF file as repo instead")
+        return self
+
+    # the pattern puts the rule in the JSON schema (UI form, server); this gives it a readable message
+    @field_validator("repo", mode="before")
     @classmethod
     def _repo_shape(cls, v: str) -> str:
-        if v.startswith("tiny:") and v not in ("tiny:teacher", "tiny:student"):
+        if isinstance(v, str) and v.startswith("tiny:") and v not in ("tiny:teacher", "tiny:student"):
             raise ValueError(f"tiny models are `tiny:teacher` or `tiny:student`, got {v!r}")
         return v
 
@@ -72,18 +137,54 @@ class DataConfig(_Part):
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet records.")
     seq_len: int = Field(64, gt=1, description="Tokens per packed training block (≤ the models' context).")
     heldout_fraction: float = Field(
-        0.1, gt=0, lt=1, description="Fraction of packed blocks kept aside (deterministically) for eval."
+        0.1, gt=0, lt=1, description="Fraction of documents kept aside (deterministically, whole documents) for eval."
     )
     max_tokens: int | None = Field(
         None, gt=0, description="Read at most this many tokens from the source (None: all of it)."
     )
+    # --- prepared data (E12): format, masking, packing, bad records
+    format: Literal["auto", "text", "chat", "prompt_completion"] = Field(
+        "auto",
+        description="Record format. auto: chat if the first record has `messages_field`, prompt_completion if "
+        "it has `prompt_field` and `completion_field`, else text.",
+    )
+    messages_field: str = Field("messages", description="Field holding a chat record's list of {role, content}.")
+    prompt_field: str = Field("prompt", description="Prompt field of prompt_completion records.")
+    completion_field: str = Field("completion", description="Completion field of prompt_completion records.")
+    train_on: Literal["assistant", "assistant_last", "all"] = Field(
+        "assistant",
+        description="Tokens that carry the loss in chat data: every assistant turn, the last one only, or all "
+        "tokens. prompt_completion: assistant = the completion, all = prompt and completion.",
+    )
+    overlong: Literal["auto", "split", "truncate", "drop", "error"] = Field(
+        "auto",
+        description="Records longer than seq_len: split into seq_len pieces, truncate, drop (counted) or error. "
+        "auto: split for text, truncate for chat and prompt_completion.",
+    )
+    bad_records: Literal["error", "skip"] = Field(
+        "error",
+        description="Null, empty or non-string text, unknown roles, conversations with no assistant turn or no "
+        "loss token: error (exit 2 naming file, line and field) or skip them and count them in the evidence.",
+    )
+    pack: bool = Field(
+        True,
+        description="Pack several documents per block (position ids restart per document and attention is "
+        "block-diagonal, so nothing attends across documents). False: one document per block, padded.",
+    )
+    num_proc: int = Field(
+        2, gt=0, le=64, description="Processes that tokenise in parallel (datasets.map num_proc)."
+    )
+    prepared_dir: str | None = Field(
+        None,
+        description="Where prepared sets are kept, one content-addressed folder each. None: $KDFLOW_HOME/prepared.",
+    )
 
 
 class KDConfig(_Part):
-    """The distillation objective: alpha*CE + (1-alpha)*T^2*D(teacher_T, student_T)."""
+    """The distillation objective: `alpha·CE + (1 − alpha)·T²·D(teacher_T, student_T)`."""
 
     alpha: float = Field(0.3, ge=0, le=1, description="Weight of the hard-label cross-entropy term.")
-    temperature: float = Field(4.0, description="Softmax temperature T for the divergence term (> 0).")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature T for the divergence term (> 0).")
     divergence: Divergence = Field(
         "forward_kl",
         description="forward_kl = KL(teacher||student) (Hinton 2015); reverse_kl = KL(student||teacher); "
@@ -100,12 +201,18 @@ class KDConfig(_Part):
         description="Largest mean teacher probability allowed on teacher-only (padding) vocab rows that are cut.",
     )
 
-    @field_validator("temperature")
-    @classmethod
-    def _positive_t(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"must be > 0, got {v:g}")
-        return v
+
+class RendezvousConfig(_Part):
+    """torchrun rendezvous for multi-node training (every node runs the same launch; see docs/prefect.md)."""
+
+    nnodes: int = Field(1, ge=1, le=4096, description="Nodes taking part. 1: `torchrun --standalone`.")
+    endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous (reachable from every node) when nnodes > 1.",
+        pattern=r"^[A-Za-z0-9._\[\]:-]+:[0-9]{1,5}$",
+    )
+    id: str = Field("kdflow", description="Rendezvous id shared by the nodes of one job (e.g. the flow run id).",
+                    min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    backend: Literal["c10d"] = Field("c10d", description="torchrun rendezvous backend.")
 
 
 class TrainConfig(_Part):
@@ -122,13 +229,43 @@ class TrainConfig(_Part):
     seed: int = Field(0, description="Seed for torch, python and numpy (data order and init).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when available.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, float32 on CPU. bfloat16 on CPU is refused."
+        "auto", description="Compute dtype. auto: bf16 autocast on CUDA, float32 on CPU; bfloat16: bf16 autocast "
+        "on any device (CPU too, so CI runs the bf16 code paths); float32: no autocast."
     )
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     resume_from: str | None = Field(
         None, description="Checkpoint folder to resume from. None: the last checkpoint of this run, if any."
     )
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
+    # --- distributed training (issue 14; kd/distributed/) ---
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="none: one process. ddp: the student replicated on every rank (DistributedDataParallel). "
+        "fsdp: the student sharded with FSDP2 `fully_shard`. ddp/fsdp are launched with torchrun."
+    )
+    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto", description="Processes (ranks) per node for ddp/fsdp. auto: one per visible GPU (on CPU give a number)."
+    )
+    teacher_sharding: Literal["replicate", "shard"] = Field(
+        "replicate", description="fsdp only: shard the frozen teacher like the student (a big teacher) or keep a "
+        "full copy on every rank (faster when it fits)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the student's layer activations in backward (less memory, ~30% more compute)."
+    )
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype the student's (master) weights and optimizer state are kept in."
+    )
+    reduce_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype gradients are averaged across ranks in (ddp/fsdp)."
+    )
+    rank_timeout_s: float = Field(
+        1800.0, gt=0, le=86400, description="A rank silent (no progress) or blocked in a collective this long fails "
+        "the training task; the launcher kills every rank. Must exceed one step plus one checkpoint."
+    )
+    rendezvous: RendezvousConfig = Field(
+        default_factory=RendezvousConfig,
+        description="torchrun rendezvous: single node (--standalone) unless nnodes > 1.",
+    )
 
 
 class EvalConfig(_Part):
@@ -193,8 +330,8 @@ class RunConfig(_Part):
     orchestration: OrchestrationConfig = Field(
         default_factory=OrchestrationConfig, description="Prefect execution settings."
     )
-    evidence_dir: str = Field("evidence", description="Folder that receives evidence/<run>/.")
-    work_dir: str = Field("runs", description="Folder for checkpoints and logs while training (runs/<run>/).")
+    evidence_dir: str = Field("evidence", description="Folder that receives `evidence/RUN/` (one folder per run name).")
+    work_dir: str = Field("runs", description="Folder for checkpoints and logs while training (`runs/RUN/`).")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -202,17 +339,26 @@ class RunConfig(_Part):
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) must be ≤ train.steps ({self.train.steps})"
             )
+        if self.teacher.init is not None:
+            raise ValueError("teacher.init: only the student can be built from the teacher")
         return self
 
 
 def short_model_name(ref: ModelRef) -> str:
     """`Qwen/Qwen2.5-0.5B` -> `qwen2.5-0.5b`; `tiny:student` -> `tiny-student`; folder -> its name."""
-    base = ref.repo.replace("tiny:", "tiny-").rstrip("/").split("/")[-1]
+    if ref.init is not None:  # a student pruned from the teacher: name it by its depth
+        spec = ref.init.from_teacher
+        return f"pruned-{spec.keep_layers or len(spec.layers or [])}l"
+    base = ref.repo.replace("tiny:", "tiny-").rstrip("/").split("/")[-1].removesuffix(".gguf")
     return re.sub(r"[^a-z0-9._-]+", "-", base.lower()) or "model"
 
 
 def default_run_name(cfg: RunConfig, when: str) -> str:
     return f"distill-{short_model_name(cfg.student)}-from-{short_model_name(cfg.teacher)}-{when}"
+
+
+_BOUND_WORDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+                "less_than_equal": ("<=", "le")}
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -223,6 +369,11 @@ def format_validation_error(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif e["type"] in _BOUND_WORDS:  # Field(gt=0) and friends: `must be > 0`, as the JSON schema says
+            op, key = _BOUND_WORDS[e["type"]]
+            msg = f"must be {op} {e['ctx'][key]:g}, got {e['input']!r}"
+        elif e["type"] == "finite_number":
+            msg = f"must be a finite number, got {e['input']!r}"
         elif "input" in e and e["type"] not in ("missing",) and "got" not in msg:
             msg = f"{msg}, got {e['input']!r}"
         lines.append(f"{loc}: {msg}")

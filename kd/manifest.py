@@ -39,16 +39,13 @@ from kd.config import RunConfig, format_validation_error
 from kd.errors import InputError
 from kd.hashing import digest_of, hash_tree, sha256_file
 from kd.plots import plot_loss_curve
-from kd.redact import redact, scrub, secret_values
+from kd.redact import recordable_env, redact, scrub, secret_values
 from kd.results import EvalReport, Falsifier, ModelSnapshot, PreflightReport, TrainResult, VocabAlignment
 
 SCHEMA_VERSION = "1.0"  # bump the minor for additive changes; verify accepts any 1.x
 MANIFEST = "manifest.json"
 SMOKE_ID = "F-DISTILL-SMOKE-001"
 VOCAB_ID = "F-DISTILL-VOCAB-001"
-# Environment variables worth recording (values of secret-looking ones are redacted).
-_ENV_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS_", "PREFECT_", "CUDA_", "PYTORCH_", "TORCH_", "KDFLOW_")
-_ENV_NAMES = ("OMP_NUM_THREADS", "DO_NOT_TRACK")
 # Optimizer/RNG state stays in the work dir: evidence carries the loadable model only (and no pickles).
 _CKPT_SKIP_PREFIXES = ("optimizer", "scheduler", "rng", "trainer_state")
 _CKPT_SKIP_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
@@ -79,7 +76,8 @@ class EnvironmentInfo(_M):
     prefect: str | None
     huggingface_hub: str | None
     device: str
-    env: dict[str, str] = Field(default_factory=dict, description="Relevant env vars, secrets redacted")
+    env: dict[str, str] = Field(default_factory=dict, description="Allowlisted env vars (kd.redact.ENV_ALLOWLIST), "
+                                "secrets redacted, URL credentials cut")
 
 
 class CodeInfo(_M):
@@ -182,8 +180,6 @@ def package_version(dist: str) -> str | None:
 def environment_info(device: str, env: dict[str, str] | None = None) -> EnvironmentInfo:
     import torch
 
-    env = dict(os.environ if env is None else env)
-    picked = {k: v for k, v in sorted(env.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
     return EnvironmentInfo(
         python=platform.python_version(),
         platform=platform.platform(),
@@ -192,7 +188,7 @@ def environment_info(device: str, env: dict[str, str] | None = None) -> Environm
         prefect=package_version("prefect"),
         huggingface_hub=package_version("huggingface_hub"),
         device=device,
-        env=redact(picked),
+        env=recordable_env(env),
     )
 
 

@@ -193,7 +193,7 @@ def test_secrets_appear_nowhere_in_the_run_folder(tmp_path, inputs, monkeypatch)
     extra.write_text(f"HF_TOKEN={SECRET}\n")
     d = tmp_path / "evidence" / "secret"
     m = write_evidence(d, **inputs, extra_files={"debug/debug.txt": extra})
-    assert m.environment.env["HF_TOKEN"] == "***" and m.environment.env["PREFECT_API_KEY"] == "***"
+    assert "HF_TOKEN" not in m.environment.env and "PREFECT_API_KEY" not in m.environment.env  # allowlist only
     files = [p for p in d.rglob("*") if p.is_file()]
     assert len(files) >= 8
     for p in files:

@@ -1,0 +1,247 @@
+"""The distributed training loop: the same steps as kd/train.py, on `world_size` ranks.
+
+    result = train_distributed(cfg, teacher_dir, student_dir, alignment, packed, run_dir, env, emit=print)
+
+Batch semantics (as in TRL / accelerate): `train.batch_size` is the micro-batch of ONE rank, so the
+global batch is batch_size × world_size × grad_accum. The data order is kd.data.train_batch's: the
+single-process micro-batch of `batch_size × world_size` sequences for (step, micro), of which rank r
+takes the r-th slice. So a run on W ranks sees exactly the sequences, in the same order, of a
+single-process run with batch_size × W, and (fp32) ends with the same weights up to reduction order.
+
+The loss is averaged over tokens of the whole global micro-batch, not per rank: each rank scales its
+token-mean loss by W·tokens_r/tokens_all before backward (DDP and FSDP average gradients over W),
+so ranks holding more loss tokens (masked data) weigh more, exactly as one process would.
+Metrics are reduced the same way; rank 0 writes metrics.jsonl, train.log and the checkpoints' HF folder.
+
+Randomness: the data order needs none; every rank reseeds torch at each step from (seed, step, rank),
+so a resume at any world size replays the same random draws (the KD models use no dropout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from backends import get_backend
+from kd.config import RunConfig
+from kd.data import train_batch
+from kd.distributed import checkpoint as ckpt_io
+from kd.distributed.model import KDModule, no_sync, student_of, wrap
+from kd.distributed.runtime import DistEnv, all_reduce_sum
+from kd.errors import ConfigError
+from kd.hashing import hash_dir
+from kd.results import TrainResult, VocabAlignment
+from kd.train import HELDOUT_FILE, _Objective, lr_lambda, seed_everything
+
+Emit = Callable[[str, dict], None]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def uses_bf16_autocast(cfg: RunConfig, device_type: str) -> bool:
+    """train.dtype: bfloat16 -> autocast anywhere; auto -> on CUDA only; float32 -> never."""
+    return cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device_type == "cuda")
+
+
+def rank_batch(train, *, step: int, micro: int, per_rank: int, grad_accum: int, seed: int, env: DistEnv):
+    """Rank r's share of the single-process micro-batch of per_rank × world_size sequences
+    (a `Batch` of ids / labels / position ids, or bare ids, whichever kd.data.train_batch gives)."""
+    full = train_batch(train, step=step, micro=micro, batch_size=per_rank * env.world_size,
+                       grad_accum=grad_accum, seed=seed)
+    mine = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
+    if isinstance(full, torch.Tensor):
+        return full[mine]
+    return type(full)(**{f.name: None if getattr(full, f.name) is None else getattr(full, f.name)[mine]
+                         for f in dataclasses.fields(full)})
+
+
+def _setup_log(path: Path, enabled: bool) -> logging.Logger:
+    log = logging.getLogger(f"kdflow.distributed.{path}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if enabled:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    else:
+        log.addHandler(logging.NullHandler())
+    return log
+
+
+def _trim_metrics(path: Path, upto_step: int) -> None:
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= upto_step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _grad_norm(total) -> float:
+    return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+
+
+def train_distributed(
+    cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, alignment: VocabAlignment,
+    packed, run_dir: str | Path, env: DistEnv, *, emit: Emit | None = None,
+    after_checkpoint: Callable[[int], None] | None = None,
+) -> TrainResult | None:
+    """Train on every rank (call from each); rank 0 returns the TrainResult, the others None."""
+    t0 = time.perf_counter()
+    tc, W = cfg.train, env.world_size
+    mode = tc.distributed if tc.distributed != "none" else "ddp"
+    run_dir, student_dir = Path(run_dir), Path(student_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    log = _setup_log(run_dir / "train.log", env.is_main)
+    say = emit if (emit is not None and env.is_main) else (lambda kind, row: None)
+    metrics_path = run_dir / "metrics.jsonl"
+    device_type = "cuda" if env.device.startswith("cuda") else "cpu"
+    autocast = uses_bf16_autocast(cfg, device_type)
+    global_batch = tc.batch_size * W * tc.grad_accum
+
+    resume = Path(tc.resume_from).expanduser() if tc.resume_from else ckpt_io.latest(run_dir)
+    if resume is not None and not ckpt_io.is_checkpoint(resume):
+        raise ConfigError(f"train.resume_from: {resume} is not a kdflow distributed checkpoint "
+                          f"(no {ckpt_io.STATE_FILE} and {ckpt_io.DCP_DIR}/.metadata)")
+    state = ckpt_io.read_state(resume) if resume is not None else None
+    if state is not None and state["global_batch"] != global_batch:
+        raise ConfigError(
+            f"train.batch_size: the checkpoint {resume} was trained with a global batch of {state['global_batch']} "
+            f"sequences; batch_size {tc.batch_size} × {W} ranks × grad_accum {tc.grad_accum} = {global_batch}. "
+            "Keep the global batch when resuming at another world size.")
+
+    seed_everything(tc.seed)
+    backend = get_backend("hf")
+    dtype = DTYPES[tc.param_dtype]
+    student = backend.load(student_dir, device=env.device, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code)
+    teacher = backend.load(teacher_dir, device=env.device, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    if tc.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard_teacher = mode == "fsdp" and tc.teacher_sharding == "shard"
+    objective = _Objective(cfg, student, teacher, alignment, autocast, device_type)
+    model = wrap(KDModule(objective, student, teacher, shard_teacher=shard_teacher), mode=mode,
+                 reduce_dtype=DTYPES[tc.reduce_dtype], device=env.device, shard_teacher=shard_teacher)
+    student = student_of(model)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    def batch(step: int, micro: int, accum: int) -> torch.Tensor:
+        return rank_batch(packed.train, step=step, micro=micro, per_rank=tc.batch_size, grad_accum=accum,
+                          seed=tc.seed, env=env)
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            loss, _, _, tokens = model(batch(0, 0, 1))
+        if hasattr(model, "reshard"):
+            model.reshard()  # FSDP2: a no-grad forward leaves the root unit gathered
+        s = all_reduce_sum([float(loss) * float(tokens), float(tokens)], env.device)
+        return s[0] / max(s[1], 1.0)
+
+    start_step = 0
+    if state is not None:
+        ckpt_io.load(resume, student, optimizer)  # weights + AdamW state (param_groups' lr included)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, initial_loss = state["step"], float(state["initial_loss"])
+        if env.is_main:
+            _trim_metrics(metrics_path, start_step)
+        log.info("resumed from %s at step %d (checkpoint world size %d, now %d)", resume, start_step,
+                 state["world_size"], W)
+        say("log", {"msg": f"resumed from {resume} at step {start_step}"})
+    else:
+        if env.is_main:
+            metrics_path.unlink(missing_ok=True)
+        initial_loss = probe_loss()
+        log.info("start: %s world_size=%d device=%s autocast_bf16=%s initial_loss=%.6f", mode, W, env.device,
+                 autocast, initial_loss)
+    # eval reads the held-out split: the prepared set's folder, or (in-memory blocks) a file rank 0 writes
+    heldout_path = Path(packed.root).resolve() if hasattr(packed, "root") else run_dir / HELDOUT_FILE
+    if env.is_main and not hasattr(packed, "root"):
+        save_file({"heldout": packed.heldout}, heldout_path)
+    say("log", {"msg": f"{mode} on {W} ranks ({env.device}), global batch {global_batch}, "
+                       f"steps {start_step}->{tc.steps}, initial_loss={initial_loss:.6f}"})
+
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens_per_step = global_batch * (packed.train.shape[1] - 1)
+    ckpt = resume
+    metrics = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
+    try:
+        for step in range(start_step, tc.steps):
+            t_step = time.perf_counter()
+            torch.manual_seed(tc.seed * 1_000_003 + step * 1009 + env.rank)
+            optimizer.zero_grad(set_to_none=True)
+            local = [0.0, 0.0, 0.0]  # this rank's token-weighted loss, ce, kd (already / tokens_all)
+            for micro in range(tc.grad_accum):
+                last = micro == tc.grad_accum - 1
+                with no_sync(model, last):  # gradients cross ranks once per step, on the last micro-batch
+                    loss, ce, kd, tokens = model(batch(step, micro, tc.grad_accum))
+                    tokens_all = all_reduce_sum([float(tokens)], env.device)[0]
+                    weight = float(tokens) / max(tokens_all, 1.0)
+                    (loss * (W * weight / tc.grad_accum)).backward()
+                local[0] += float(loss.detach()) * weight
+                local[1] += float(ce) * weight
+                local[2] += float(kd) * weight
+            grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            red = all_reduce_sum(local, env.device)
+            dt = time.perf_counter() - t_step
+            row = {"step": step + 1, "loss": red[0] / tc.grad_accum, "ce": red[1] / tc.grad_accum,
+                   "kd": red[2] / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_step / dt, "step_s": dt, "world_size": W}
+            if not math.isfinite(row["loss"]):
+                log.error("non-finite loss at step %d: %s", step + 1, row)
+            if metrics is not None and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                log.info("step %d/%d loss=%.5f ce=%.5f kd=%.5f lr=%.3g grad_norm=%.4g tok/s=%.0f", step + 1,
+                         tc.steps, row["loss"], row["ce"], row["kd"], lr, grad_norm, row["tokens_per_s"])
+            done = step + 1
+            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
+                ckpt = ckpt_io.save(run_dir, done, student, optimizer,
+                                    {"initial_loss": initial_loss, "global_batch": global_batch, "world_size": W,
+                                     "distributed": mode, "scheduler": scheduler.state_dict()}, student_dir, env.is_main)
+                log.info("checkpoint %s", ckpt)
+            say("step", {**row, "total_steps": tc.steps, "checkpoint": str(ckpt) if ckpt else None})
+            if after_checkpoint is not None:
+                after_checkpoint(done)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+    student.eval()
+    final_loss = probe_loss()
+    wall = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() if device_type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = int(all_reduce_sum([float(peak)], env.device)[0] / W)  # mean per rank
+    log.info("done: initial_loss=%.6f final_loss=%.6f wall_s=%.1f", initial_loss, final_loss, wall)
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
+    if not env.is_main:
+        return None
+    assert ckpt is not None
+    return TrainResult(
+        run_dir=str(run_dir), checkpoint_dir=str(ckpt), checkpoint_sha256=hash_dir(ckpt),
+        metrics_path=str(metrics_path), log_path=str(run_dir / "train.log"), heldout_path=str(heldout_path),
+        steps=tc.steps, resumed_from_step=start_step, tokens=tokens_per_step * tc.steps,
+        initial_loss=initial_loss, final_loss=final_loss,
+        tokens_per_s=tokens_per_step * (tc.steps - start_step) / max(wall, 1e-9), wall_s=wall,
+        peak_memory_bytes=peak, device=f"{device_type} x{W} ({mode})",
+        dtype=("bfloat16-autocast" if autocast else "float32") + ("" if tc.param_dtype == "float32" else "/bf16-params"),
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,10 +33,28 @@ def _quiet_prefect_env() -> None:
         os.environ.setdefault(k, v)
 
 
+class _InputErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; for invalid input (an InputError found
+    after preflight, e.g. by the vocab check) the one-line message is the whole story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], InputError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_input_errors() -> None:
+    quiet = _InputErrorsWithoutTraceback()
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(quiet)
+
+
 def _run_flow(cfg) -> int:
     _quiet_prefect_env()
     from flows.distill import distill
 
+    _quiet_input_errors()  # after the import: Prefect has set up its log handlers by now
     result = distill(cfg)
     print(json.dumps(result, indent=2))
     return 0
@@ -43,7 +62,7 @@ def _run_flow(cfg) -> int:
 
 def cmd_run(args) -> int:
     from kd.config import load_config
-    from kd.preflight import format_plan, run_preflight
+    from kd.preflight import format_plan, raise_if_failed, run_preflight
 
     overrides = list(args.set or [])
     if args.evidence_dir:
@@ -53,11 +72,12 @@ def cmd_run(args) -> int:
     if getattr(args, "steps", None):
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(args.config, overrides)
+    # preflight before Prefect starts: a bad input is one line naming it (exit 2), no flow-run traceback
+    report = run_preflight(cfg)
     if args.dry_run:
-        report = run_preflight(cfg)
         print(format_plan(report))
-        return 0 if report.ok else 2
-    return _run_flow(cfg)
+    raise_if_failed(report)
+    return 0 if args.dry_run else _run_flow(cfg)
 
 
 def cmd_smoke(args) -> int:

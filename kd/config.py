@@ -412,9 +412,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:  # name the spot: a stray Latin-1 byte is easy to miss
+            raw = p.read_bytes()
+            line = raw[: err.start].count(b"\n") + 1
+            raise ConfigError(f"config file {p} is not UTF-8 text: line {line}, byte {err.start} "
+                              f"({raw[err.start:err.start + 1]!r}); save it as UTF-8") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
         data = loaded

@@ -1,7 +1,15 @@
-"""Preflight: check config, environment, disk and paths before anything is downloaded or trained.
+"""Preflight: check the inputs, the environment, disk and paths before anything is downloaded or trained.
 
-    report = run_preflight(cfg)      # PreflightReport; report.ok False -> the run must stop
+    report = run_preflight(cfg)      # InputError (exit 2) naming the file/field at fault, or a PreflightReport
+    raise_if_failed(report)          # environment problems (disk, CUDA, unwritable folder) -> ConfigError
     print(format_plan(report))       # what `kdflow run --dry-run` prints
+
+Inputs are checked from headers and metadata only (kd.inspect_*): the run name fits the file
+system; each local model folder's config.json, tokenizer files and safetensors headers are whole
+and agree with each other and with the architecture transformers builds from config.json (on the
+`meta` device: no weights are read); the data files decode and hold enough tokens. The cheap checks
+run first and do not import torch or transformers, so a broken input fails in well under a second.
+Hub models are checked the same way right after they are pulled (`inspect_model_folder`).
 
 Sizes come from the models' config.json when the folder is local (or already cached); for hub
 models not yet downloaded, from the hub's file listing (safetensors bytes / 4 ≈ parameters).
@@ -9,35 +17,45 @@ models not yet downloaded, from the hub's file listing (safetensors bytes / 4 �
 
 from __future__ import annotations
 
-import json
+import os
 import platform
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from kd.config import ModelRef, RunConfig
-from kd.errors import ConfigError
-from kd.manifest import package_version
+from kd.config import ModelRef, RunConfig, default_run_name
+from kd.errors import ConfigError, InputError, ModelError
+from kd.inspect_data import check_data_files, check_enough_tokens, data_files
+from kd.inspect_model import check_architecture, check_tokenizer, config_field, read_model_config
+from kd.inspect_weights import inspect_weights
 from kd.results import PreflightReport
 
 BYTES_PER_PARAM_TRAINED = 16  # fp32 weights + grads + AdamW m and v
 BYTES_PER_PARAM_FROZEN = 4
 
 
-def _config_json(ref: ModelRef) -> dict | None:
-    if ref.kind == "local":
-        p = Path(ref.repo).expanduser() / "config.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+def model_folder(ref: ModelRef) -> Path | None:
+    """The local folder behind `ref` when there is one now (a local folder, generated tiny models)."""
+    if ref.kind == "local" and not getattr(ref, "is_gguf", False):
+        return Path(ref.repo).expanduser()
+    if ref.kind == "tiny":  # same place as kd.tiny.tiny_dir, without importing torch
+        from kd.tiny import tiny_dir
+
+        d = tiny_dir() / ref.repo.removeprefix("tiny:")
+        return d if (d / "config.json").is_file() else None
     return None
+
+
+def _config_json(ref: ModelRef) -> dict | None:
+    d = model_folder(ref)
+    return read_model_config(d) if d is not None and (d / "config.json").is_file() else None
 
 
 def estimate_params(cfg_json: dict) -> int:
     """Decoder-only transformer parameter count from config.json (embeddings counted once if tied)."""
-    h, v = cfg_json["hidden_size"], cfg_json["vocab_size"]
-    layers, inter = cfg_json["num_hidden_layers"], cfg_json.get("intermediate_size", 4 * h)
-    heads = cfg_json["num_attention_heads"]
+    h, v = config_field(cfg_json, "hidden_size"), config_field(cfg_json, "vocab_size")
+    layers, inter = config_field(cfg_json, "num_hidden_layers"), cfg_json.get("intermediate_size") or 4 * h
+    heads = config_field(cfg_json, "num_attention_heads")
     kv = cfg_json.get("num_key_value_heads", heads)
     head_dim = cfg_json.get("head_dim") or h // heads
     attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
@@ -66,10 +84,16 @@ def _writable(path: Path) -> tuple[bool, str]:
 
 def _model_info(ref: ModelRef) -> dict:
     info: dict = {"repo": ref.repo, "revision": ref.revision if ref.kind == "hub" else None, "kind": ref.kind}
+    if getattr(ref, "is_gguf", False) and ref.kind == "local":  # sized from the GGUF header (issue 11)
+        from kd.gguf import gguf_size_info
+
+        info.update(gguf_size_info(Path(ref.repo)))
+        return info
     cj = _config_json(ref)
     if cj is not None:
-        info.update(vocab_size=cj.get("vocab_size"), hidden_size=cj.get("hidden_size"),
-                    params=estimate_params(cj), max_positions=cj.get("max_position_embeddings"))
+        info.update(vocab_size=config_field(cj, "vocab_size"), hidden_size=config_field(cj, "hidden_size"),
+                    params=estimate_params(cj), max_positions=cj.get("max_position_embeddings"),
+                    layers=cj.get("num_hidden_layers"))
     elif ref.kind == "hub":
         from kd.hub import remote_download_bytes
 
@@ -80,8 +104,126 @@ def _model_info(ref: ModelRef) -> dict:
     return info
 
 
+# --------------------------------------------------------------------------- inputs (headers and metadata)
+TEMP_SUFFIX_BYTES = 24  # kdflow's temporary names add at most this to a run name (".tmp-", ".<pid>.tmp")
+NAME_MAX_DEFAULT = 255
+
+
+def _name_max(path: Path) -> int:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return os.pathconf(p, "PC_NAME_MAX")
+            except (OSError, ValueError):
+                break
+    return NAME_MAX_DEFAULT
+
+
+def check_run_name(cfg: RunConfig) -> str:
+    """The run's folder name (given, or the default built from the model names) fits the file system."""
+    name = cfg.name or default_run_name(cfg, "YYYYMMDD-HHMMSS")
+    field = "name" if cfg.name else "name (default, from the model names)"
+    limit = min(_name_max(Path(cfg.evidence_dir).expanduser()), _name_max(Path(cfg.work_dir).expanduser()))
+    size = len(name.encode())
+    if size + TEMP_SUFFIX_BYTES > limit:
+        raise ConfigError(f"{field}: the run name is {size} bytes ({name[:32]}...); run folders and their temporary "
+                          f"names (+{TEMP_SUFFIX_BYTES} bytes) must fit the file system's {limit}-byte file-name "
+                          f"limit (NAME_MAX): use at most {limit - TEMP_SUFFIX_BYTES} bytes")
+    return f"{name} ({size} bytes)"
+
+
+def inspect_model_folder(d: str | Path, role: str, trust_remote_code: bool = False, *, deep: bool = True) -> str:
+    """config.json, tokenizer and weight headers of one model folder; with `deep`, also the architecture
+    (transformers must know it and its weight names/shapes must match the header). ModelError otherwise."""
+    d = Path(d).expanduser()
+    if not d.is_dir():
+        raise ModelError(f"{role} folder {d}: no such folder")
+    raw = read_model_config(d)
+    check_tokenizer(d, role, raw)
+    tensors = inspect_weights(d)
+    if not deep:
+        return f"{d}: config, tokenizer and {len(tensors or ())} tensor headers ok"
+    arch = check_architecture(d, raw, tensors, trust_remote_code)
+    return f"{d}: {arch}, {len(tensors or ())} tensors match config.json"
+
+
+class _Inputs:
+    """Runs checks in order, remembering each outcome; `failed` holds the InputErrors."""
+
+    def __init__(self) -> None:
+        self.checks: list[dict] = []
+        self.failed: list[tuple[str, InputError]] = []
+
+    def run(self, name: str, fn, *args, **kwargs):
+        try:
+            value = fn(*args, **kwargs)
+        except InputError as err:
+            self.failed.append((name, err))
+            self.checks.append({"name": name, "ok": False, "detail": str(err)})
+            return None
+        detail = value if isinstance(value, str) else "ok"
+        self.checks.append({"name": name, "ok": True, "detail": detail})
+        return value
+
+    def raise_failed(self) -> None:
+        if self.failed:
+            first = self.failed[0][1]
+            raise type(first)("preflight: " + "; ".join(f"{name}: {err}" for name, err in self.failed))
+
+
+def check_inputs(cfg: RunConfig) -> list[dict]:
+    """Every input, from headers and metadata; the first InputError class raised with all problems in one line.
+
+    Cheap checks first (no torch/transformers import); the architecture checks only once they pass."""
+    inputs = _Inputs()
+    inputs.run("run-name", check_run_name, cfg)
+    folders: dict[str, Path] = {}
+    for ref, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
+        d = model_folder(ref)
+        if getattr(ref, "is_gguf", False) and ref.kind == "local":
+            inputs.run(f"{role}-gguf", _inspect_gguf, Path(ref.repo).expanduser())
+        elif d is not None and inputs.run(f"{role}-model", inspect_model_folder, d, role, deep=False):
+            folders[role] = d
+    files = inputs.run("data-files", data_files, cfg.data)
+    docs = inputs.run("data-decode", _decode, cfg.data, files) if files else None
+    if docs and "student" in folders:
+        inputs.run("data-tokens", _enough_tokens, cfg, docs, folders["student"] / "tokenizer.json")
+    inputs.raise_failed()
+    for ref, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
+        if role in folders:
+            inputs.run(f"{role}-architecture", _architecture, folders[role], ref.trust_remote_code)
+    inputs.raise_failed()
+    return inputs.checks
+
+
+def _inspect_gguf(path: Path) -> str:
+    from kd.gguf import inspect_gguf  # GGUF headers: kd.gguf (issue 11)
+
+    info = inspect_gguf(path)
+    return f"{path}: GGUF {info.get('architecture')}, header ok"
+
+
+def _decode(data_cfg, files: list[Path]) -> list:
+    docs = check_data_files(data_cfg, files)
+    return docs
+
+
+def _enough_tokens(cfg: RunConfig, docs: list, tokenizer_json: Path) -> str:
+    have = check_enough_tokens(cfg, docs, tokenizer_json)
+    return "counted when the data is prepared" if have is None else f"≥ {have} tokens, enough"
+
+
+def _architecture(d: Path, trust_remote_code: bool) -> str:
+    raw = read_model_config(d)
+    return f"{check_architecture(d, raw, inspect_weights(d), trust_remote_code)} matches the weight headers"
+
+
 def run_preflight(cfg: RunConfig) -> PreflightReport:
-    checks: list[dict] = []
+    """Inputs first (InputError at the first bad one, before torch is imported), then the environment."""
+    checks: list[dict] = check_inputs(cfg)
+    import torch
+
+    from kd.manifest import package_version
 
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"name": name, "ok": bool(ok), "detail": detail})
@@ -98,18 +240,24 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         if cfg.train.device == "cuda":
             check("cuda", cuda, "CUDA available" if cuda else "train.device=cuda but no CUDA device is visible")
         if cfg.train.dtype == "bfloat16":
-            check("bf16", bf16, "bf16 supported" if bf16 else "train.dtype=bfloat16 needs a CUDA device with bf16")
+            on_cpu = not cuda or cfg.train.device == "cpu"  # bf16 autocast runs on CPU too (issue 14)
+            check("bf16", bf16 or on_cpu, "bf16 autocast on CPU" if on_cpu else "bf16 supported" if bf16
+                  else "train.dtype=bfloat16 needs a CUDA device with bf16")
+        if cfg.train.distributed != "none":  # torchrun ranks on this host (issue 14)
+            from kd.distributed.launch import resolve_nproc
+            from kd.errors import ConfigError
 
-    for ref, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
-        if ref.kind == "local":
-            d = Path(ref.repo).expanduser()
-            ok = (d / "config.json").is_file()
-            check(f"{role}-folder", ok, f"{d}: {'has config.json' if ok else 'no config.json (not a model folder)'}")
+            try:
+                check("ranks", True, f"{cfg.train.distributed} on {resolve_nproc(cfg)} rank(s) per node "
+                      f"x {cfg.train.rendezvous.nnodes} node(s)")
+            except ConfigError as err:
+                check("ranks", False, str(err))
 
     teacher, student = _model_info(cfg.teacher), _model_info(cfg.student)
-    if cfg.data.source not in ("smoke",) and not cfg.data.source.startswith("hf-dataset:"):
-        exists = Path(cfg.data.source).expanduser().exists()
-        check("data-source", exists, f"data.source {cfg.data.source!r} {'exists' if exists else 'not found'}")
+    if cfg.student.kind == "pruned":  # built from the teacher's layers (issue 11): sized from the teacher
+        from kd.prune import pruned_size_info
+
+        student.update(pruned_size_info(teacher, cfg.student.init.from_teacher))
     max_pos = student.get("max_positions")
     if max_pos:
         ok = cfg.data.seq_len <= max_pos

@@ -38,7 +38,7 @@ def align_vocab(teacher_dir: str | Path, student_dir: str | Path) -> VocabAlignm
     """Compare the two model folders; VocabAlignment, or VocabError naming what differs."""
     t_dir, s_dir = Path(teacher_dir), Path(student_dir)
     t_rows, s_rows = _rows(t_dir), _rows(s_dir)
-    t_tok, s_tok = _id_to_token(t_dir), _id_to_token(s_dir)
+    t_tok, s_tok = _id_to_token(t_dir, "teacher"), _id_to_token(s_dir, "student")
     for name, rows, tok in (("teacher", t_rows, t_tok), ("student", s_rows, s_tok)):
         if len(tok) > rows:
             raise VocabError(
@@ -124,12 +124,23 @@ def _rows(d: Path) -> int:
     return rows
 
 
-def _id_to_token(d: Path) -> list[str | None]:
-    """Token string of every id (added tokens included); None for ids no token uses."""
+def _id_to_token(d: Path, role: str) -> list[str | None]:
+    """Token string of every id (added tokens included); None for ids no token uses.
+
+    No tokenizer at all is named as such ("teacher tokenizer missing"), never left to look like an
+    empty vocabulary, which the size comparison would misreport as "student-larger"."""
+    from kd.inspect_model import OTHER_TOKENIZER_FILES
+
+    missing = ModelError(f"{role} tokenizer missing: {d / 'tokenizer.json'}")
     if (d / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
-        vocab = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        try:
+            vocab = Tokenizer.from_file(str(d / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        except Exception as err:  # a truncated or mangled file: the Rust parser's message, and which file
+            raise ModelError(f"{d / 'tokenizer.json'}: cannot be read as a tokenizer ({str(err)[:200]})") from None
+    elif not any((d / f).is_file() for f in OTHER_TOKENIZER_FILES):
+        raise missing
     else:  # e.g. sentencepiece-only folders: let transformers build the tokenizer
         from transformers import AutoTokenizer
 
@@ -137,6 +148,8 @@ def _id_to_token(d: Path) -> list[str | None]:
             vocab = AutoTokenizer.from_pretrained(d, trust_remote_code=False).get_vocab()
         except (OSError, ValueError) as err:
             raise ModelError(f"{d}: cannot load its tokenizer: {err}") from err
+    if not vocab:
+        raise missing
     out: list[str | None] = [None] * (max(vocab.values()) + 1 if vocab else 0)
     for token, i in vocab.items():
         out[i] = token
@@ -168,7 +181,7 @@ def _json(path: Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelError(f"{path}: unreadable JSON: {err}") from err
     return data if isinstance(data, dict) else None
 

@@ -23,7 +23,8 @@ def test_missing_local_model_folder_exits_2(capsys, tmp_path):
     code = main(["run", "configs/smoke.yaml", "--dry-run", "--set", f"student.repo={tmp_path}/nope/",
                  "--set", f"work_dir={tmp_path}/runs", "--set", f"evidence_dir={tmp_path}/ev"])
     assert code == 2
-    assert "student-folder" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "student folder" in err and f"{tmp_path}/nope" in err and err.count("\n") == 1
 
 
 def test_dry_run_prints_plan_and_does_nothing(capsys, tmp_path, tiny_pair):

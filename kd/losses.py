@@ -398,3 +398,257 @@ def iter_logit_chunks(
         out = torch.empty(hc.shape[0], ve, dtype=acc, device=hidden.device)
         _logits_into(out, hc, w, b)
         yield s, out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse (offline) teacher: stored top-k log-probs plus a tail bucket.
+# --------------------------------------------------------------------------------------------------
+
+# What the sparse loss computes, recorded in every teacher-cache manifest (kd/teacher_cache) and run manifest.
+SPARSE_EXACTNESS = {
+    "objective": "alpha*CE(student, label) + (1-alpha)*T^2*D(P, Q) over k+1 buckets: the teacher's top-k ids "
+    "one by one, every other valid id pooled in one tail bucket (P_tail stored, Q_tail = student mass off the top-k)",
+    "cross_entropy": "exact (student only)",
+    "k_equals_vocab": "exact for every divergence and any T: there is no tail, D is the full divergence",
+    "forward_kl": "k < vocab: a lower bound of KL(p||q) (data-processing inequality); equal when the student's "
+    "tail is proportional to the teacher's. Its gradient is exact on the top-k ids and matches the tail's total",
+    "reverse_kl": "k < vocab: a lower bound of KL(q||p), same bucket argument; approximate on tail ids",
+    "jsd": "k < vocab: a lower bound of JSD_beta (bucketed); approximate on tail ids",
+    "temperature": "the cache holds log softmax(teacher_logits / T_cache) over the valid vocab; training at "
+    "T == T_cache is as above; T != T_cache is exact only when k == vocab (rescaled) and refused otherwise",
+    "quantisation": "lossy encodings add their own error, measured in bench/results/teacher_cache-*.json",
+}
+
+
+@torch.no_grad()
+def sparse_teacher_targets(
+    logits: torch.Tensor, k: int, temperature: float, valid_vocab: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher logits (n, V) -> (ids (n, k') int64, log-probs (n, k'), log tail mass (n,)) at T, fp32 or fp64.
+
+    k' = min(k, valid_vocab); log-probs are log softmax(logits[:, :valid_vocab] / T) of the top-k' ids, in
+    descending order; the tail is log of the probability on every other valid id (-inf when k' covers
+    the vocab), computed by a logsumexp over those ids (no 1 - sum cancellation).
+    """
+    ve = logits.shape[1] if valid_vocab is None else int(valid_vocab)
+    lp = F.log_softmax(logits[:, :ve].to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    kk = min(int(k), ve)
+    vals, ids = lp.topk(kk, dim=-1)
+    if kk == ve:
+        return ids, vals, torch.full((lp.shape[0],), float("-inf"), dtype=lp.dtype, device=lp.device)
+    lp.scatter_(1, ids, float("-inf"))
+    return ids, vals, torch.logsumexp(lp, dim=-1)
+
+
+def _sparse_rows_to_grad_(z, tid, tlp, ttail, y, alpha, temp, t_cache, divergence, beta, has_tail):
+    """In place: student logits z (b, V) fp32 -> dl/dz for l = alpha*CE + (1-alpha)*T^2*D over k+1 buckets.
+    tid (b, k) teacher ids, tlp (b, k) their log-probs at t_cache, ttail (b,) log tail mass. Returns (sum CE, sum D).
+
+    With Q_c / P_c the student / teacher bucket masses and c(j) the bucket of id j, every divergence has
+    dD/du_j = q_j * h_{c(j)} (u = z/T, q = softmax(u)):
+      forward_kl  h_c = 1 - P_c/Q_c   (so q_j - p_j on the top-k ids)
+      reverse_kl  h_c = log Q_c - log P_c - D
+      jsd         h_c = (1 - beta) (a_c - sum_c Q_c a_c),  a_c = log Q_c - log M_c,  M = beta P + (1 - beta) Q
+    """
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    # the teacher's buckets: rescaled to T (exact only with no tail, checked by the caller), then
+    # normalised over the k+1 buckets so that quantised codes still give a distribution
+    lp = tlp.to(z.dtype) if temp == t_cache else tlp.to(z.dtype) * (t_cache / temp)
+    lpt = ttail.to(z.dtype)[:, None] if has_tail else None
+    lz = torch.logsumexp(torch.cat([lp, lpt], 1) if has_tail else lp, dim=1, keepdim=True)
+    lp = lp - lz
+    # CE at T = 1, as in the dense loss
+    m1 = z.amax(1, keepdim=True)
+    lq = z - m1
+    e = lq.exp()
+    s1 = e.sum(1, keepdim=True)
+    ce = (m1 + s1.log() - z.gather(1, y[:, None])).squeeze(1)
+    torch.mul(e, alpha / s1, out=z)
+    z.scatter_add_(1, y[:, None], torch.full_like(s1, -alpha))
+    if temp != 1.0:
+        lq.mul_(1.0 / temp)
+        torch.exp(lq, out=e)
+        s1 = e.sum(1, keepdim=True)
+    q = e.div_(s1)
+    lq.sub_(s1.log())
+    lq_k = lq.gather(1, tid)
+    q_k = lq_k.exp()
+    c = (1.0 - alpha) * temp
+    if has_tail:
+        q.scatter_(1, tid, 0.0)  # q now holds the tail ids only: their sum has no 1 - sum cancellation
+        q_t = q.sum(1, keepdim=True).clamp_min_(torch.finfo(z.dtype).tiny)
+        lq_t, lp_t = q_t.log(), lpt - lz
+        p_t = lp_t.exp()
+    p_k = lp.exp()
+    if divergence == "forward_kl":
+        d = (p_k * (lp - lq_k)).sum(1)
+        g_k = q_k - p_k
+        if has_tail:
+            d = d + (p_t * (lp_t - lq_t)).squeeze(1)
+            h_t = 1.0 - p_t / q_t
+    elif divergence == "reverse_kl":
+        d = (q_k * (lq_k - lp)).sum(1)
+        if has_tail:
+            d = d + (q_t * (lq_t - lp_t)).squeeze(1)
+            h_t = lq_t - lp_t - d[:, None]
+        g_k = q_k * (lq_k - lp - d[:, None])
+    else:
+        tiny = torch.finfo(z.dtype).tiny
+        lm_k = (beta * p_k + (1.0 - beta) * q_k).clamp_min(tiny).log()
+        a_k = lq_k - lm_k
+        d = beta * (p_k * (lp - lm_k)).sum(1)
+        s = (q_k * a_k).sum(1)
+        if has_tail:
+            lm_t = (beta * p_t + (1.0 - beta) * q_t).clamp_min(tiny).log()
+            a_t = lq_t - lm_t
+            d = d + beta * (p_t * (lp_t - lm_t)).squeeze(1)
+            s = s + (q_t * a_t).squeeze(1)
+            h_t = (1.0 - beta) * (a_t - s[:, None])
+        d = d + (1.0 - beta) * s
+        g_k = (1.0 - beta) * q_k * (a_k - s[:, None])
+    if has_tail:
+        z.addcmul_(q, h_t, value=c)  # tail ids; the top-k ids are 0 in q and get their term next
+    z.scatter_add_(1, tid, g_k.mul_(c))
+    return ce.sum(), d.sum()
+
+
+class _FusedLinearSparseKD(torch.autograd.Function):
+    """(h, w, b, tid, tlp, ttail, idx, labels, cfg) -> (loss, ce, kd); like _FusedLinearKD with a sparse teacher."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, tid, tlp, ttail, idx, labels, cfg):
+        alpha, temp, t_cache, divergence, beta, ve, chunk, has_tail = cfg
+        n_all, m = h.shape[0], idx.numel()
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.promote_types(w.dtype, torch.float32)
+        dev = h.device
+        grad_h = torch.zeros(n_all, h.shape[1], dtype=acc, device=dev) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=dev) if need_w else None
+        grad_b = torch.zeros(b.shape, dtype=acc, device=dev) if need_b else None
+        ce_sum = torch.zeros((), dtype=acc, device=dev)
+        kd_sum = torch.zeros((), dtype=acc, device=dev)
+        if m:
+            dense = m == n_all
+            pick = (lambda x: x) if dense else (lambda x: x.index_select(0, idx))
+            hv, yv = pick(h), pick(labels).long()
+            tidv, tlpv, ttv = pick(tid).long(), pick(tlp), pick(ttail)
+            ws, bs = w[:ve], (b[:ve] if b is not None else None)
+            c = min(chunk, m)
+            zbuf = torch.empty(c, ve, dtype=acc, device=dev)  # the only vocab-sized buffer
+            low = w.dtype != acc
+            rows = max(1, _BLOCK_ELEMS.get(dev.type, _BLOCK_ELEMS_DEFAULT) // ve)
+            for s in range(0, m, c):
+                n = min(c, m - s)
+                z, hc = zbuf[:n], hv[s : s + n]
+                _logits_into(z, hc, ws, bs)
+                for r in range(s, s + n, rows):
+                    r1 = min(r + rows, s + n)
+                    ce_r, kd_r = _sparse_rows_to_grad_(
+                        z[r - s : r1 - s], tidv[r:r1], tlpv[r:r1], ttv[r:r1], yv[r:r1],
+                        alpha, temp, t_cache, divergence, beta, has_tail)
+                    ce_sum += ce_r
+                    kd_sum += kd_r
+                z.mul_(1.0 / m)
+                zc = z.to(w.dtype) if low else z
+                if need_h:
+                    gh = torch.mm(zc, ws)
+                    if dense:
+                        grad_h[s : s + n] = gh
+                    else:
+                        grad_h.index_copy_(0, idx[s : s + n], gh.to(acc))
+                if need_w:
+                    grad_w[:ve].add_(torch.mm(zc.t(), hc.to(w.dtype)).to(acc))
+                if need_b:
+                    grad_b[:ve].add_(z.sum(0))
+            del zbuf
+        denom = max(m, 1)
+        ce_mean, kd_mean = ce_sum / denom, kd_sum / denom
+        loss = alpha * ce_mean + (1.0 - alpha) * temp**2 * kd_mean
+        ctx.grads = (
+            None if grad_h is None else grad_h.to(h.dtype),
+            None if grad_w is None else grad_w.to(w.dtype),
+            None if grad_b is None else grad_b.to(b.dtype),
+        )
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return loss, ce_mean, kd_mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grads, ctx.grads = ctx.grads, None
+        if grad_loss is not None and bool(grad_loss.ne(1)):
+            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        return (*grads, None, None, None, None, None, None)
+
+
+def fused_linear_sparse_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_log_tail: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    cache_temperature: float,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    valid_vocab: int | None = None,
+    chunk_size: int = 256,
+    student_bias: torch.Tensor | None = None,
+) -> KDLossOutput:
+    """KD loss against a stored sparse teacher (offline mode); the student side is chunked and fused-linear.
+
+    student_hidden (N, H) [or (..., H)]; student_weight (V, H); teacher_ids (N, k) int, ids < valid_vocab, no
+    repeats within a row; teacher_logprobs (N, k) log softmax(teacher_logits / cache_temperature) at those ids;
+    teacher_log_tail (N,) log of the teacher mass on every other valid id (-inf when k == valid_vocab);
+    labels (N,). Same masking, ignore_index, valid_vocab and label rules as `fused_linear_kd_loss`.
+
+    The divergence runs over k+1 buckets (top-k ids + tail); what that makes exact or approximate is
+    `SPARSE_EXACTNESS`. With k == valid_vocab and T == cache_temperature it equals `fused_linear_kd_loss`
+    (value and gradients). The teacher buckets are renormalised, so quantised log-probs still form a
+    distribution. Raises kd.errors.ConfigError for T != cache_temperature with a tail (its mass at another T
+    is unknown). Peak extra memory ~ chunk_size * V * 4 bytes + one fp32 (V, H) gradient: no teacher logits.
+    """
+    from kd.errors import ConfigError
+
+    _check_args(alpha, temperature, divergence, beta)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    y = labels.reshape(-1)
+    n = h.shape[0]
+    if teacher_ids.ndim != 2 or teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[0] != n \
+            or teacher_log_tail.shape != (n,) or y.shape[0] != n:
+        raise ValueError(
+            f"expected hidden (N, H), teacher ids/log-probs (N, k), tail (N,), labels (N,); got {tuple(h.shape)}, "
+            f"{tuple(teacher_ids.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(teacher_log_tail.shape)}, "
+            f"{tuple(y.shape)}")
+    if student_weight.shape[1] != h.shape[1]:
+        raise ValueError(f"hidden size {h.shape[1]} differs from the output matrix {tuple(student_weight.shape)}")
+    v = student_weight.shape[0]
+    ve = _effective_vocab(v, v, valid_vocab)
+    k = teacher_ids.shape[1]
+    if not 0 < k <= ve:
+        raise ValueError(f"teacher top-k must be in 1..{ve} (valid_vocab), got {k}")
+    if teacher_ids.numel() and (int(teacher_ids.min()) < 0 or int(teacher_ids.max()) >= ve):
+        raise ValueError(f"teacher ids must be in 0..{ve - 1}, got {int(teacher_ids.min())}..{int(teacher_ids.max())}")
+    has_tail = k < ve
+    if has_tail and float(temperature) != float(cache_temperature):
+        raise ConfigError(
+            f"kd.temperature: {temperature:g} differs from the teacher cache's temperature {cache_temperature:g}; "
+            f"with top-k {k} < vocab {ve} the tail mass at another temperature is unknown: rebuild the cache")
+    idx = _check_labels(y, ignore_index, ve, v)
+    cfg = (float(alpha), float(temperature), float(cache_temperature), divergence, float(beta), ve,
+           int(chunk_size), has_tail)
+    w, b = student_weight, student_bias
+    if not torch.is_grad_enabled():
+        h, w, b = h.detach(), w.detach(), None if b is None else b.detach()
+    loss, ce, kd = _FusedLinearSparseKD.apply(
+        h, w, b, teacher_ids.detach(), teacher_logprobs.detach(), teacher_log_tail.detach(), idx, y, cfg)
+    return KDLossOutput(loss=loss, ce=ce, kd=kd, tokens=int(idx.numel()))

@@ -20,9 +20,11 @@ class CausalLMBackend(Protocol):
         """Load a causal LM from a local folder (safetensors only)."""
 
     def hidden_states(
-        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states `(B, T, H)`, i.e. the input of the output layer."""
+        """Final hidden states `(B, T, H)`, i.e. the input of the output layer. Position ids that restart
+        mark packed documents: attention must then stay within each document."""
 
     def output_head(self, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Output matrix `(V, H)` and optional bias `(V,)`: logits = hidden @ W.T + b."""

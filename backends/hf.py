@@ -27,8 +27,12 @@ class HFBackend:
             raise ModelError(f"{d}: cannot load as a causal LM: {err}") from err
         return model.to(device)
 
-    def hidden_states(self, model, input_ids, attention_mask=None):
-        return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def hidden_states(self, model, input_ids, attention_mask=None, position_ids=None):
+        # position ids that restart per packed document (and no attention_mask) give block-diagonal
+        # causal attention in transformers >= 4.54 (masking_utils.find_packed_sequence_indices), but
+        # only without a KV cache: use_cache=True silently falls back to one causal mask over the block
+        return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=False).last_hidden_state
 
     def output_head(self, model):
         head = model.get_output_embeddings()

@@ -1,4 +1,4 @@
-"""The distillation DAG: preflight -> pull -> vocab check -> train -> eval -> evidence.
+"""The distillation DAG: preflight -> pull -> vocab check -> prepare data -> train -> eval -> evidence.
 
     kdflow run configs/smoke.yaml            # or: kdflow smoke
     python -c "from flows.distill import distill; from kd.config import load_config; \
@@ -21,6 +21,7 @@ from kd.errors import GateFailure
 from tasks.evaluate import evaluate
 from tasks.evidence import write_evidence_task
 from tasks.preflight import preflight
+from tasks.prepare import prepare_data_task
 from tasks.pull import pull_models
 from tasks.train import train_student_task
 from tasks.vocab import check_vocab
@@ -42,23 +43,25 @@ def distill(config: RunConfig) -> dict:
                 retry_delay_seconds=config.orchestration.retry_delay_s)
 
     report = preflight(config)
-    teacher = student = alignment = training = evaluation = None
+    teacher = student = alignment = prepared = training = evaluation = None
     failure = None
     try:
         teacher, student = pull_models.with_options(**opts)(config)
         alignment = check_vocab.with_options(refresh_cache=refresh or None)(config, teacher, student)
+        prepared = prepare_data_task.with_options(**opts)(config, student)
         if config.orchestration.train_deployment:  # e.g. kd-train/gpu: runs on the gpu work pool's worker
-            training = train_via_deployment(config, teacher, student, alignment, run_name)
+            training = train_via_deployment(config, teacher, student, alignment, run_name, prepared)
         else:
-            training = train_student_task.with_options(**opts)(config, teacher, student, alignment, run_name)
+            training = train_student_task.with_options(**opts)(config, teacher, student, alignment, run_name,
+                                                               prepared)
         evaluation = evaluate.with_options(refresh_cache=refresh or None)(config, teacher, student, alignment,
-                                                                          training)
+                                                                          training, prepared)
     except Exception as err:  # recorded in the evidence, then re-raised: a failed run stays failed
         failure = err
     manifest = write_evidence_task(
         config, run_name, start, report, teacher, student, alignment, training, evaluation,
         failure=None if failure is None else f"{type(failure).__name__}: {failure}",
-        flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url,
+        flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url, prepared=prepared,
     )
     if failure is not None:
         raise failure

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.config import EvalConfig
+from kd.data.prepared import IGNORE
 from kd.errors import DataError, VocabError
 from kd.results import EvalReport, Falsifier, ModelEval, VocabAlignment
 
@@ -52,7 +53,7 @@ class _Acc:
     counts: torch.Tensor | None = field(default=None, repr=False)
 
     def result(self) -> ModelEval:
-        n = self.n
+        n = self.n or float("nan")  # nothing scored: NaN metrics, which the FINITE gate fails
         loss = self.loss / n
         # exp overflows a double above ~709.78 nats; such a model is broken anyway (and fails FINITE).
         ppl = math.exp(loss) if loss < 709.0 else (float("inf") if loss == loss else float("nan"))
@@ -64,7 +65,7 @@ class _Acc:
             top1_agreement=self.agree / n if self.compare else None,
             entropy=self.entropy / n,
             top_token_share=share,
-            tokens=n,
+            tokens=self.n,
         )
 
 
@@ -100,19 +101,15 @@ def _evaluate(
     from backends import get_backend
 
     be = get_backend(backend)
-    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
-        raise DataError(f"held-out blocks must be a non-empty (B, T≥2) tensor, got shape {tuple(blocks.shape)}")
+    shape = tuple(blocks.shape)
+    if len(shape) != 2 or shape[0] == 0 or shape[1] < 2:
+        raise DataError(f"held-out blocks must be a non-empty (B, T≥2) tensor, got shape {shape}")
     if not 0 < valid_vocab <= rows_kept:
         raise VocabError(f"valid_vocab={valid_vocab} must be in 1..rows_kept={rows_kept}")
     if batch_size <= 0 or chunk_size <= 0:
         raise ValueError(f"batch_size and chunk_size must be > 0, got {batch_size}, {chunk_size}")
     if any(compare) and teacher is None:
         raise ValueError("KL/agreement need a teacher")
-    outside = blocks[(blocks < 0) | (blocks >= valid_vocab)]
-    if outside.numel():
-        raise DataError(
-            f"held-out blocks contain token id {int(outside[0])}, outside the aligned vocab 0..{valid_vocab - 1}"
-        )
 
     for m in [*models, teacher]:
         if m is not None:
@@ -121,18 +118,19 @@ def _evaluate(
     t_head = _head(teacher, be, valid_vocab, "teacher") if teacher is not None else None
     accs = [_Acc(compare=c, counts=torch.zeros(valid_vocab, dtype=torch.long, device=device)) for c in compare]
 
-    for bi, start in enumerate(range(0, blocks.shape[0], batch_size)):
+    for bi, start in enumerate(range(0, shape[0], batch_size)):
         if max_batches is not None and bi >= max_batches:
             break
-        x = blocks[start : start + batch_size].to(device)
-        inp, tgt = x[:, :-1], x[:, 1:].reshape(-1)  # position t predicts token t+1
+        inp, pos, tgt = _eval_batch(blocks, start, batch_size, valid_vocab, device)
+        keep = (tgt != IGNORE).nonzero().squeeze(1)  # exactly the tokens training puts a loss on
+        tgt = tgt.index_select(0, keep)
         cache: dict[int, torch.Tensor] = {}
 
         def hidden(m):
             # The same module (teacher evaluated as itself) is run once per batch.
             if id(m) not in cache:
-                h = be.hidden_states(m, inp)
-                cache[id(m)] = h.reshape(-1, h.shape[-1])
+                h = be.hidden_states(m, inp, position_ids=pos)
+                cache[id(m)] = h.reshape(-1, h.shape[-1]).index_select(0, keep)
             return cache[id(m)]
 
         hs = [hidden(m) for m in models]
@@ -156,6 +154,23 @@ def _evaluate(
                     acc.agree += int((arg == t_arg).sum())
                 acc.n += y.shape[0]
     return [a.result() for a in accs]
+
+
+def _eval_batch(blocks, start: int, batch_size: int, valid_vocab: int, device):
+    """(inputs (B, T-1), position ids or None, labels (N,) with -100 = not scored) for blocks[start:...].
+    `blocks`: a (B, T) id tensor (every next token scored) or a prepared `Split` (its loss mask)."""
+    if isinstance(blocks, torch.Tensor):
+        x = blocks[start : start + batch_size]
+        inp, pos, tgt = x[:, :-1], None, x[:, 1:].reshape(-1)  # position t predicts token t+1
+    else:
+        b = blocks.batch(range(start, min(start + batch_size, len(blocks))))
+        x, inp, pos, tgt = b.ids, b.ids[:, :-1], b.position_ids[:, :-1], b.labels.reshape(-1)
+    outside = x[(x < 0) | (x >= valid_vocab)]
+    if outside.numel():
+        raise DataError(
+            f"held-out blocks contain token id {int(outside[0])}, outside the aligned vocab 0..{valid_vocab - 1}"
+        )
+    return inp.to(device), None if pos is None else pos.to(device), tgt.to(device)
 
 
 def evaluate_model(

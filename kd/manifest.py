@@ -40,7 +40,7 @@ from kd.errors import InputError
 from kd.hashing import digest_of, hash_tree, sha256_file
 from kd.plots import plot_loss_curve
 from kd.redact import recordable_env, redact, scrub, secret_values
-from kd.results import EvalReport, Falsifier, ModelSnapshot, PreflightReport, TrainResult, VocabAlignment
+from kd.results import EvalReport, Falsifier, ModelSnapshot, PreparedData, PreflightReport, TrainResult, VocabAlignment
 
 SCHEMA_VERSION = "1.0"  # bump the minor for additive changes; verify accepts any 1.x
 MANIFEST = "manifest.json"
@@ -109,6 +109,8 @@ class Manifest(_M):
     preflight: PreflightReport | None = None
     models: Models = Field(default_factory=Models)
     vocab: VocabAlignment | None = None
+    data: PreparedData | None = Field(None, description="The prepared data: counts (skipped, truncated, dropped), "
+                                      "histogram, samples, content hash")
     training: TrainResult | None = None
     checkpoint: CheckpointInfo | None = None
     eval: EvalReport | None = None
@@ -277,6 +279,7 @@ def write_evidence(
     extra_files: dict[str, Path] | None = None,
     copy_checkpoint: bool = True,
     env: dict[str, str] | None = None,
+    data: PreparedData | None = None,
 ) -> Manifest:
     """Write the whole evidence folder and return its manifest (status pass only if every falsifier passes).
 
@@ -354,7 +357,7 @@ def write_evidence(
         config=redact(cfg_dict),
         environment=environment_info(device, env),
         code=CodeInfo(git_commit=gi["commit"], dirty=gi["dirty"]),
-        preflight=preflight, models=models, vocab=vocab, training=training, checkpoint=ckpt,
+        preflight=preflight, models=models, vocab=vocab, data=data, training=training, checkpoint=ckpt,
         eval=eval_report, falsifiers=all_f,
         files=hash_files(run_dir, exclude=(MANIFEST,)),
         notes=notes,

@@ -77,6 +77,45 @@ class VocabAlignment(_Result):
     special_tokens: dict[str, int | None] = Field(default_factory=dict)
 
 
+class PreparedData(_Result):
+    """A prepared (tokenised, packed, split by document) data set on disk; see kd/data/prepared.py."""
+
+    path: str = Field(description="Absolute path of the prepared set's folder (content-addressed)")
+    fingerprint: str = Field(description="Content address: source content, tokenizer, data config, code")
+    content_hash: str = Field(description="sha256 over the prepared files: the data part of later cache keys")
+    format: Literal["text", "chat", "prompt_completion"]
+    seq_len: int
+    source_files: list[str]
+    tokenizer_sha256: str
+    counts: dict[str, int] = Field(
+        description="records, documents, tokens, target_tokens, blank_lines, skipped, truncated, dropped, "
+        "split (overlong documents cut into pieces), per-split blocks/documents/tokens"
+    )
+    skipped: dict[str, int] = Field(default_factory=dict, description="Skipped bad records by reason")
+    length_histogram: dict[str, int] = Field(default_factory=dict, description="Document tokens: `lo-hi` -> count")
+    samples: list[str] = Field(default_factory=list, description="Decoded samples; ⟦masked⟧ text carries no loss")
+    wall_s: float = Field(0.0, description="Seconds the preparation took (0 when an existing set was reused)")
+    tokens_per_s: float = 0.0
+    reused: bool = Field(False, description="An identical prepared set already existed and was reused")
+
+
+class Provenance(_Result):
+    """Which run produced a result: a cached result keeps naming the run that computed it."""
+
+    run_name: str | None = None
+    flow_run_id: str | None = None
+    task_run_id: str | None = None
+
+
+class StepLineage(_Result):
+    """Where one step's result in the manifest came from (issue 9.11)."""
+
+    cached: bool = Field(description="Reused from Prefect's cache instead of computed by this run")
+    produced_by_run: str | None = Field(None, description="Run that computed the result (this run unless cached)")
+    flow_run_id: str | None = Field(None, description="Prefect flow run that computed the result")
+    rerun_reason: str | None = Field(None, description="Why a cache hit was discarded and the step run again")
+
+
 class TrainResult(_Result):
     """What training produced."""
 
@@ -85,7 +124,8 @@ class TrainResult(_Result):
     checkpoint_sha256: str = Field(description="sha256 over the checkpoint's files")
     metrics_path: str
     log_path: str
-    heldout_path: str = Field(description="The held-out blocks (safetensors `heldout`), packed once for eval")
+    heldout_path: str = Field(description="The prepared set (folder) whose held-out split eval reads "
+                              "(older runs: a safetensors file of held-out blocks)")
     steps: int
     resumed_from_step: int = Field(0, description="Step the last attempt started from (0: from scratch)")
     tokens: int

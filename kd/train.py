@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from backends import get_backend
 from kd.config import RunConfig
-from kd.data import PackedData, train_batch
+from kd.data import Batch, PackedData, train_batch
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
 from kd.losses import fused_linear_kd_loss
@@ -155,19 +155,21 @@ class _Objective:
         self.alignment, self.autocast, self.device = alignment, autocast, device
         self.backend = get_backend("hf")
 
-    def __call__(self, ids: torch.Tensor):
+    def __call__(self, batch: Batch | torch.Tensor):
         kd = self.cfg.kd
-        ids = ids.to(self.device)
+        if not isinstance(batch, Batch):  # bare (B, L) ids: every next token is a label
+            batch = Batch(batch, batch[:, 1:], None)
+        ids, pos = batch.ids.to(self.device), None if batch.position_ids is None else batch.position_ids.to(self.device)
         with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):
-            s_hidden = self.backend.hidden_states(self.student, ids)[:, :-1]
+            s_hidden = self.backend.hidden_states(self.student, ids, position_ids=pos)[:, :-1]
             with torch.no_grad():  # not inference_mode: its tensors cannot be saved for backward
-                t_hidden = self.backend.hidden_states(self.teacher, ids)[:, :-1]
+                t_hidden = self.backend.hidden_states(self.teacher, ids, position_ids=pos)[:, :-1]
         s_w, s_b = self.backend.output_head(self.student)
         t_w, t_b = self.backend.output_head(self.teacher)
         return fused_linear_kd_loss(
             s_hidden.reshape(-1, s_hidden.shape[-1]), s_w,
             t_hidden.reshape(-1, t_hidden.shape[-1]), t_w[: self.alignment.rows_kept].detach(),
-            ids[:, 1:].reshape(-1),
+            batch.labels.to(self.device).reshape(-1),  # -100: masked (prompt, padding) for CE and KD alike
             alpha=kd.alpha, temperature=kd.temperature, divergence=kd.divergence, beta=kd.jsd_beta,
             valid_vocab=self.alignment.valid_vocab, chunk_size=kd.chunk_size,
             student_bias=s_b, teacher_bias=None if t_b is None else t_b[: self.alignment.rows_kept].detach(),
@@ -227,9 +229,8 @@ def train_student(
             initial_loss = float(objective(probe).loss)
         log.info("start: device=%s autocast_bf16=%s initial_loss=%.6f", device, autocast, initial_loss)
 
-    # eval reads the held-out blocks from here rather than tokenising the whole corpus again
-    heldout_path = run_dir / HELDOUT_FILE
-    save_file({"heldout": packed.heldout}, heldout_path)
+    # eval reads the held-out split of the same prepared set: nothing is tokenised twice
+    heldout_path = Path(packed.root).resolve()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tokens_per_step = tc.batch_size * tc.grad_accum * (packed.train.shape[1] - 1)

@@ -15,10 +15,10 @@ from prefect.artifacts import create_table_artifact
 
 from backends import get_backend
 from kd.config import RunConfig
-from kd.data import data_fingerprint
+from kd.data import data_fingerprint, open_prepared
 from kd.errors import ModelError
 from kd.evaluate import evaluate_run
-from kd.results import EvalReport, ModelSnapshot, TrainResult, VocabAlignment
+from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.train import resolve_device
 from tasks.policy import content_key, retry_transient
 
@@ -27,13 +27,21 @@ def _eval_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
     return content_key("eval", parameters["training"].checkpoint_sha256, parameters["teacher"].content_hash,
                        parameters["student"].content_hash, parameters["alignment"].model_dump(),
-                       cfg.eval.model_dump(), cfg.data.model_dump(), data_fingerprint(cfg.data), cfg.kd.chunk_size)
+                       cfg.eval.model_dump(), cfg.data.model_dump(exclude={"num_proc"}), _data_key(parameters),
+                       cfg.kd.chunk_size)
+
+
+def _data_key(parameters):
+    prepared = parameters.get("prepared")
+    if prepared is not None:
+        return [prepared.content_hash, Path(prepared.path, "manifest.json").is_file()]
+    return data_fingerprint(parameters["config"].data)
 
 
 @task(name="evaluate", cache_key_fn=_eval_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
 def evaluate(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment,
-    training: TrainResult,
+    training: TrainResult, prepared: PreparedData | None = None,
 ) -> EvalReport:
     for what, path in (("checkpoint", training.checkpoint_dir), ("held-out data", training.heldout_path)):
         if not Path(path).exists():
@@ -42,7 +50,9 @@ def evaluate(
     device, dtype, _ = resolve_device(config)
     backend = get_backend("hf")
     load = lambda d, ref: backend.load(d, device=device, dtype=dtype, trust_remote_code=ref.trust_remote_code)  # noqa: E731
-    heldout = load_file(training.heldout_path)["heldout"]
+    # the held-out split of the prepared set training read (a folder), or an older run's safetensors blocks
+    heldout = (open_prepared(training.heldout_path).heldout if Path(training.heldout_path).is_dir()
+               else load_file(training.heldout_path)["heldout"])
     report = evaluate_run(
         load(teacher.local_dir, config.teacher), load(student.local_dir, config.student),
         load(training.checkpoint_dir, config.student), heldout, alignment, config.eval,

@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 
 from kd.config import RunConfig
 from kd.manifest import Manifest, write_evidence
-from kd.results import EvalReport, Falsifier, ModelSnapshot, PreflightReport, TrainResult, VocabAlignment
+from kd.results import (EvalReport, Falsifier, ModelSnapshot, PreflightReport, PreparedData, TrainResult,
+                        VocabAlignment)
 
 
 @task(name="write_evidence", cache_policy=NO_CACHE, retries=1)
@@ -19,7 +20,7 @@ def write_evidence_task(
     config: RunConfig, run_name: str, start: datetime, preflight: PreflightReport | None,
     teacher: ModelSnapshot | None, student: ModelSnapshot | None, alignment: VocabAlignment | None,
     training: TrainResult | None, evaluation: EvalReport | None, failure: str | None = None,
-    flow_run_id: str | None = None, flow_run_url: str | None = None,
+    flow_run_id: str | None = None, flow_run_url: str | None = None, prepared: PreparedData | None = None,
 ) -> Manifest:
     falsifiers = []
     if failure is not None:
@@ -30,7 +31,7 @@ def write_evidence_task(
     manifest = write_evidence(
         run_dir, config=config.model_copy(update={"name": run_name}), preflight=preflight, models=models,
         vocab=alignment, training=training, eval_report=evaluation, falsifiers=falsifiers,
-        flow_run_id=flow_run_id, flow_run_url=flow_run_url, start=start, end=datetime.now(timezone.utc),
+        flow_run_id=flow_run_id, flow_run_url=flow_run_url, start=start, end=datetime.now(timezone.utc), data=prepared,
     )
     rows = "\n".join(f"| {f.id} | {f.claim} | {f.observed} | **{f.verdict}** |" for f in manifest.falsifiers)
     create_markdown_artifact(

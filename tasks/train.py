@@ -13,9 +13,9 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from kd.config import RunConfig
-from kd.data import data_fingerprint, model_max_positions, pack_dataset
+from kd.data import data_fingerprint, model_max_positions, open_prepared, pack_dataset
 from kd.hashing import code_version
-from kd.results import ModelSnapshot, TrainResult, VocabAlignment
+from kd.results import ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.train import train_student
 from tasks.policy import content_key, retry_transient
 from tasks.slots import gpu_slot
@@ -25,18 +25,25 @@ def _train_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
     t, s = parameters["teacher"], parameters["student"]
     train_cfg = cfg.train.model_dump(exclude={"resume_from", "log_every"})
+    prepared = parameters.get("prepared")
+    # the prepared files' sha256 (and whether they are still there), else the raw sources' content
+    data = ([prepared.content_hash, Path(prepared.path, "manifest.json").is_file()] if prepared is not None
+            else data_fingerprint(cfg.data))
     return content_key("train", t.content_hash, s.content_hash, parameters["alignment"].model_dump(),
-                       data_fingerprint(cfg.data), cfg.data.model_dump(), cfg.kd.model_dump(), train_cfg,
+                       data, cfg.data.model_dump(exclude={"num_proc"}), cfg.kd.model_dump(), train_cfg,
                        code_version())
 
 
 @task(name="train_student", cache_key_fn=_train_key, persist_result=True, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def train_student_task(
-    config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str
+    config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str,
+    prepared: PreparedData | None = None,
 ) -> TrainResult:
-    packed = pack_dataset(config.data, student.local_dir, max_positions=model_max_positions(student.local_dir),
-                          min_train_blocks=config.train.batch_size)
+    # the prepare_data step's memory-mapped set; prepared here only when called without one
+    packed = (open_prepared(prepared.path) if prepared is not None else
+              pack_dataset(config.data, student.local_dir, max_positions=model_max_positions(student.local_dir),
+                           min_train_blocks=config.train.batch_size))
     progress_id = create_progress_artifact(progress=0.0, key="train-progress",
                                            description=f"Training {config.train.steps} steps")
     every = max(1, config.train.steps // 50)

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -14,10 +16,10 @@ def test_smoke_pack_is_deterministic(tiny_pair):
     _, student = tiny_pair
     a = pack_dataset(DataConfig(), student, max_positions=256, min_train_blocks=8)
     b = pack_dataset(DataConfig(), student, max_positions=256, min_train_blocks=8)
-    assert a.content_hash == b.content_hash and torch.equal(a.heldout, b.heldout)
-    assert a.train.shape[1] == 64 and a.heldout.shape[0] == round((a.train.shape[0] + a.heldout.shape[0]) * 0.1)
-    train_rows = {tuple(r.tolist()) for r in a.train}
-    assert not any(tuple(r.tolist()) in train_rows for r in a.heldout)  # held-out really held out
+    assert a.content_hash == b.content_hash and np.array_equal(a.heldout.tokens, b.heldout.tokens)
+    n_docs = len(a.train.docs()) + len(a.heldout.docs())
+    assert a.train.shape[1] == 64 and len(a.heldout.docs()) == round(n_docs * 0.1)  # documents held out
+    assert not set(a.train.docs()[:, 3]) & set(a.heldout.docs()[:, 3])  # held-out really held out
 
 
 def test_jsonl_and_txt_folder(tmp_path, tiny_pair):
@@ -26,20 +28,26 @@ def test_jsonl_and_txt_folder(tmp_path, tiny_pair):
     (tmp_path / "b.txt").write_text("\n".join(f"one plus two is three {i}." for i in range(300)))
     packed = pack_dataset(DataConfig(source=str(tmp_path), text_field="body", seq_len=32), student,
                           max_positions=256)
-    assert packed.source_files == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]
-    assert packed.train.numel() > 0
+    assert packed.source_files == [str((tmp_path / "a.jsonl").resolve()), str((tmp_path / "b.txt").resolve())]
+    assert len(packed.train) > 0 and packed.manifest["counts"]["documents"] == 600
 
 
 def test_jsonl_missing_field_names_it(tmp_path, tiny_pair):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
-    with pytest.raises(DataError, match=r"a\.jsonl:1: record has no field 'text'"):
+    with pytest.raises(DataError, match=r"a\.jsonl:1: text: record has no field 'text'"):
+        pack_dataset(DataConfig(source=str(tmp_path / "a.jsonl"), format="text"), tiny_pair[1], max_positions=256)
+    with pytest.raises(DataError, match=r"a\.jsonl:1: cannot tell the format .*its fields: \['content'\]"):
         pack_dataset(DataConfig(source=str(tmp_path / "a.jsonl")), tiny_pair[1], max_positions=256)
 
 
 def test_too_small_says_found_and_needed(tmp_path, tiny_pair):
     (tmp_path / "tiny.txt").write_text("the cat.\n")
-    with pytest.raises(DataError, match=r"found \d+ tokens, need at least \d+"):
+    with pytest.raises(DataError, match=r"1 usable document\(s\); need at least 2"):
         pack_dataset(DataConfig(source=str(tmp_path / "tiny.txt")), tiny_pair[1], max_positions=256)
+    (tmp_path / "tiny.txt").write_text("the cat.\nthe dog.\nthe bird.\n")
+    with pytest.raises(DataError, match=r"found \d+ tokens in 3 documents, .* 1 training blocks .*; need at least 8"):
+        pack_dataset(DataConfig(source=str(tmp_path / "tiny.txt")), tiny_pair[1], max_positions=256,
+                     min_train_blocks=8)
 
 
 def test_seq_len_beyond_context_is_an_error(tiny_pair):
@@ -77,6 +85,6 @@ def test_parquet_source(tmp_path, tiny_pair):
     packed = pack_dataset(DataConfig(source=str(tmp_path / "corpus.parquet"), seq_len=32), tiny_pair[1],
                           max_positions=256)
     assert packed.train.shape[1] == 32 and packed.tokens_read > 400 * 5
-    with pytest.raises(DataError, match="no column 'body'"):
+    with pytest.raises(DataError, match="corpus.parquet:1: cannot tell the format"):
         pack_dataset(DataConfig(source=str(tmp_path / "corpus.parquet"), text_field="body"), tiny_pair[1],
                      max_positions=256)

@@ -10,7 +10,7 @@ from kd.manifest import verify_run_dir
 from tests.conftest import smoke_overrides
 from tests.prefect_helpers import artifacts, task_states
 
-STEPS = ["preflight", "pull_models", "check_vocab", "train_student", "evaluate", "write_evidence"]
+STEPS = ["preflight", "pull_models", "check_vocab", "prepare_data", "train_student", "evaluate", "write_evidence"]
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from tests.prefect_helpers import (
 
 pytestmark = pytest.mark.slow
 
-CACHED_STEPS = ("pull_models", "check_vocab", "train_student", "evaluate")
+CACHED_STEPS = ("pull_models", "check_vocab", "prepare_data", "train_student", "evaluate")
 NEVER_CACHED = ("preflight", "write_evidence")
 ARTIFACT_KEYS = {"preflight-plan", "pull-files", "vocab-alignment", "train-progress", "train-metrics",
                  "eval-comparison", "evidence-summary", "evidence-folder"}

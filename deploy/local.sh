@@ -14,6 +14,10 @@
 #                                        process that reads a result (parent flow, workers) needs the same
 #   PREFECT_SERVER_DATABASE_CONNECTION_URL  PostgreSQL instead of SQLite (postgresql+asyncpg://...)
 #   KDFLOW_GPU_SLOTS                     global concurrency limit taken by training (gpu-0), 1 slot
+#   KDFLOW_ALERT_WEBHOOK_URL             Slack/Teams incoming webhook: a failed or crashed nightly-smoke
+#                                        run posts there (flows/alerts.py); unset: existing block or no alerts
+#   KDFLOW_UP_WORKERS                    1 (default): start the workers; 0: server and deployments only
+#   KDFLOW_UP_WAIT_S                     seconds to wait for the scheduler's first nightly run (60)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,12 +48,14 @@ spawn() {
 }
 
 wait_healthy() {
-  for _ in $(seq 1 180); do
-    if "$BIN/python" -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('$PREFECT_API_URL/health', timeout=2).read().strip()==b'true' else 1)" 2>/dev/null; then
+  for _ in $(seq 1 360); do
+    if command -v curl >/dev/null; then
+      [[ "$(curl -s --max-time 2 "$PREFECT_API_URL/health" 2>/dev/null)" == true ]] && return 0
+    elif "$BIN/python" -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('$PREFECT_API_URL/health', timeout=2).read().strip()==b'true' else 1)" 2>/dev/null; then
       return 0
     fi
     alive server || { echo "server exited; see $UP/server.log" >&2; tail -20 "$UP/server.log" >&2; return 1; }
-    sleep 1
+    sleep 0.5
   done
   echo "server not healthy after 180 s; see $UP/server.log" >&2
   return 1
@@ -78,23 +84,25 @@ up() {
   spawn server "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" --analytics-off
   wait_healthy
   echo "pools, concurrency, deployments:"
-  "$BIN/prefect" work-pool inspect cpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create cpu --type process >/dev/null
-  "$BIN/prefect" work-pool inspect gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create gpu --type process >/dev/null
-  "$BIN/prefect" work-pool set-concurrency-limit gpu 1 >/dev/null
-  "$BIN/prefect" gcl inspect "$SLOTS" >/dev/null 2>&1 || "$BIN/prefect" gcl create "$SLOTS" --limit 1 >/dev/null
-  echo "  pools cpu, gpu (concurrency limit 1); global concurrency limit $SLOTS (1 slot)"
+  # `cpu` and `gpu` process pools, gpu concurrency limit 1, global concurrency limit $SLOTS (1 slot)
+  "$BIN/python" -m flows.up pools --slots "$SLOTS"
   "$BIN/prefect" --no-prompt deploy --all >"$UP/deploy.log" 2>&1 || { cat "$UP/deploy.log" >&2; exit 1; }
   grep -o "Deployment '[^']*'" "$UP/deploy.log" | sed 's/^/  /'
-  echo "workers:"
-  spawn worker-cpu "$BIN/prefect" worker start --pool cpu --type process --install-policy never --name kdflow-cpu
-  spawn worker-gpu "$BIN/prefect" worker start --pool gpu --type process --install-policy never --name kdflow-gpu --limit 1
+  # the nightly's alert automation (flows/alerts.py), then the health check (flows/health.py): fails loudly
+  # (exit 1, the traceback on stderr) if the server logged a traceback or never scheduled the nightly
+  "$BIN/python" -m flows.up check --server-log "$UP/server.log" --wait "${KDFLOW_UP_WAIT_S:-60}"
+  if [[ "${KDFLOW_UP_WORKERS:-1}" != 0 ]]; then
+    echo "workers:"
+    spawn worker-cpu "$BIN/prefect" worker start --pool cpu --type process --install-policy never --name kdflow-cpu
+    spawn worker-gpu "$BIN/prefect" worker start --pool gpu --type process --install-policy never --name kdflow-gpu --limit 1
+  fi
   cat >"$UP/env" <<EOF
 export PREFECT_API_URL=$PREFECT_API_URL
 export PREFECT_RESULTS_LOCAL_STORAGE_PATH=$PREFECT_RESULTS_LOCAL_STORAGE_PATH
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 EOF
   echo
-  echo "UI: http://127.0.0.1:$PORT   (Deployments > distill/manual > Run > Custom run)"
+  echo "UI: http://127.0.0.1:$PORT   (Deployments > distill/<preset> or distill/manual > Run > Custom run)"
   echo "CLI runs against this server:  source $UP/env"
   echo "  kdflow run configs/smoke.yaml --set orchestration.train_deployment=kd-train/gpu"
   echo "  prefect deployment run distill/nightly-smoke"

@@ -28,6 +28,7 @@ def _flow(entrypoint: str):
 
 def test_deployments_pools_and_entrypoints():
     expected = {"manual": ("distill", "cpu"), "nightly-smoke": ("distill", "cpu"), "gpu": ("kd-train", "gpu")}
+    expected.update({p.stem: ("distill", "cpu") for p in (REPO / "configs").glob("*.yaml")})  # one per preset
     assert set(DEPLOYMENTS) == set(expected)
     for name, (flow_name, pool) in expected.items():
         d = DEPLOYMENTS[name]
@@ -107,9 +108,21 @@ def test_make_up_and_down_call_the_local_stack_script():
     script = REPO / "deploy" / "local.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for needle in ("--install-policy never", "set-concurrency-limit gpu 1", "--analytics-off", "deploy --all",
-                   "gcl create"):
-        assert needle in text, needle
+    for needle in ("--install-policy never", "--analytics-off", "deploy --all", "flows.up pools", "flows.up check"):
+        assert needle in text, needle  # what flows.up does on a real server: tests/test_prefect_server.py
+
+
+def test_every_preset_is_a_deployment_with_the_presets_values():
+    """distill/<preset> for each configs/*.yaml, its parameters equal to the YAML (the generated block of
+    prefect.yaml is current: `python -m flows.presets --write` regenerates it)."""
+    from flows.presets import main as presets_check
+
+    assert presets_check([]) == 0, "prefect.yaml is stale: run `python -m flows.presets --write`"
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        d = DEPLOYMENTS[path.stem]
+        assert d["entrypoint"] == "flows/distill.py:distill" and d["enforce_parameter_schema"] is True
+        params = RunConfig.model_validate(d["parameters"]["config"])
+        assert params == load_config(path), path.name
 
 
 def _snapshots():

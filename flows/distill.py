@@ -11,13 +11,16 @@ evidence is written whatever happens next, so a failed run leaves a `fail` manif
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.train import train_via_deployment
-from kd.config import RunConfig, default_run_name
+from kd.config import ModelRef, RunConfig, default_run_name, short_model_name
 from kd.errors import GateFailure
+from kd.manifest import claim_run_name
+from kd.verdicts import failure_reasons
 from tasks.evaluate import evaluate
 from tasks.evidence import write_evidence_task
 from tasks.preflight import preflight
@@ -33,11 +36,29 @@ def _flow_run_name() -> str:
     return cfg.name or default_run_name(cfg, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
 
 
-@flow(name="distill", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
+def _name_refused_run(flow, run, state) -> None:
+    """on_failure hook: a run refused before it started (its parameters failed validation, so Prefect
+    never called `_flow_run_name`) keeps a random name; give it the name every other run gets."""
+    from prefect.client.orchestration import get_client
+
+    raw = run.parameters.get("config")
+    raw = raw.model_dump() if isinstance(raw, RunConfig) else raw if isinstance(raw, dict) else {}
+    when = (run.start_time or run.expected_start_time or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    repo = lambda role: ModelRef.model_construct(repo=str((raw.get(role) or {}).get("repo") or role))  # noqa: E731
+    name = raw.get("name") or f"distill-{short_model_name(repo('student'))}-from-{short_model_name(repo('teacher'))}-{when}"
+    if run.name != name and not run.name.startswith("distill-"):
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run.id, name=name)
+
+
+@flow(name="distill", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True,
+      on_failure=[_name_refused_run])
 def distill(config: RunConfig) -> dict:
     """Distil `config.teacher` into `config.student`; returns the manifest summary, raises if the run fails."""
     start = datetime.now(timezone.utc)
     run_name = flow_run.name or config.name or default_run_name(config, start.strftime("%Y%m%d-%H%M%S"))
+    # a run folder is never reused: an explicit `name` that exists is refused (exit 2) before any work
+    run_name = claim_run_name(config, run_name, suffix=str(flow_run.id or "")[:8] or start.strftime("%f"))
     refresh = config.orchestration.refresh_cache
     opts = dict(refresh_cache=refresh or None, retries=config.orchestration.retries,
                 retry_delay_seconds=config.orchestration.retry_delay_s)
@@ -65,8 +86,8 @@ def distill(config: RunConfig) -> dict:
     )
     if failure is not None:
         raise failure
-    if manifest.run.status != "pass":
-        failed = [f"{f.id} ({f.observed})" for f in manifest.falsifiers if f.verdict != "pass"]
-        raise GateFailure(f"run {run_name} failed its gates: {'; '.join(failed)}")
-    return {"run": run_name, "status": manifest.run.status, "evidence": f"{config.evidence_dir}/{run_name}",
+    if manifest.run.status != "pass":  # every reason: failed falsifiers and what was missing (notes)
+        raise GateFailure(f"run {run_name} failed its gates: {'; '.join(failure_reasons(manifest.falsifiers, manifest.notes))}")
+    evidence = Path(config.evidence_dir).expanduser().resolve() / run_name
+    return {"run": run_name, "status": manifest.run.status, "evidence": str(evidence),
             "falsifiers": {f.id: f.verdict for f in manifest.falsifiers}}

@@ -69,9 +69,13 @@ def cmd_run(args) -> int:
         overrides.append(f"evidence_dir={args.evidence_dir}")
     if args.no_cache:
         overrides.append("orchestration.refresh_cache=true")
-    if getattr(args, "steps", None):
+    if getattr(args, "steps", None) is not None:  # --steps 0 is an error (train.steps > 0), not ignored
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(args.config, overrides)
+    if cfg.name and not args.dry_run:  # a run folder is never reused: refused before any work (exit 2)
+        from kd.manifest import ensure_new_run
+
+        ensure_new_run(cfg.evidence_dir, cfg.work_dir, cfg.name)
     # preflight before Prefect starts: a bad input is one line naming it (exit 2), no flow-run traceback
     report = run_preflight(cfg)
     if args.dry_run:
@@ -99,18 +103,53 @@ def cmd_evidence(args) -> int:
     if args.action == "schema":
         print(json.dumps(manifest.manifest_json_schema(), indent=2))
         return 0
+    if args.action == "keygen":
+        from kd.signing import fingerprint, generate_keypair, load_public_key
+
+        private, public = generate_keypair(Path(args.key), Path(args.pubkey) if args.pubkey else None)
+        print(f"private key: {private} (keep it secret)\npublic key:  {public} "
+              f"(fingerprint {fingerprint(load_public_key(public))[:16]}…)")
+        return 0
+    if args.action in ("verify", "show", "sign"):
+        run_dir = Path(args.run_dir)
+        if not (run_dir / manifest.MANIFEST).is_file():  # verify, show and sign agree: exit 2, one line
+            raise manifest.EvidenceError(f"{run_dir}: run folder not found" if not run_dir.is_dir() else
+                                         f"{run_dir}: no {manifest.MANIFEST} (not an evidence folder, or the run "
+                                         "crashed before writing it)")
     if args.action == "verify":
-        problems = manifest.verify_run_dir(Path(args.run_dir))
+        from kd.signing import check_signature
+
+        problems = manifest.verify_run_dir(run_dir) + check_signature(run_dir, _key_path(args.pubkey))
         for p in problems:
             print(f"FAIL {p}", file=sys.stderr)
         if not problems:
-            print(f"ok: {args.run_dir} verifies (schema and every sha256)")
+            signed = " and the signature of " + args.pubkey if args.pubkey else ""
+            print(f"ok: {run_dir} verifies (schema, every sha256, every verdict recomputed{signed})")
         return 1 if problems else 0
-    if args.action == "show":
-        print(manifest.show_run(Path(args.run_dir)))
+    if args.action == "sign":
+        from kd.signing import sign_run
+
+        problems = manifest.verify_run_dir(run_dir)
+        if problems:  # a signature attests intact evidence; it is never put on a folder that fails
+            for p in problems:
+                print(f"FAIL {p}", file=sys.stderr)
+            print(f"kdflow: not signed: {run_dir} does not verify", file=sys.stderr)
+            return 1
+        print(f"signed: {sign_run(run_dir, _key_path(args.key))}")
         return 0
+    if args.action == "show":
+        try:
+            print(manifest.show_run(run_dir))
+        except manifest.EvidenceInvalid as err:
+            print(f"FAIL {err}", file=sys.stderr)
+            return 1
+        return 1 if manifest.verify_run_dir(run_dir) else 0
     print(manifest.diff_runs(Path(args.a), Path(args.b)))
     return 0
+
+
+def _key_path(path: str | None) -> Path | None:
+    return Path(path) if path else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evidence", help="inspect evidence folders")
     evsub = ev.add_subparsers(dest="action", required=True)
-    for name, text in (("verify", "check the schema and every sha256"), ("show", "print a readable summary")):
+    for name, text in (("verify", "check the schema, every sha256 and every verdict (recomputed)"),
+                       ("show", "print a readable summary")):
         sp = evsub.add_parser(name, help=text)
         sp.add_argument("run_dir")
+        if name == "verify":
+            sp.add_argument("--pubkey", metavar="PUB.pem", help="also require a valid Ed25519 signature by this key")
+    sg = evsub.add_parser("sign", help="sign a verified run's manifest (Ed25519, writes manifest.sig)")
+    sg.add_argument("run_dir")
+    sg.add_argument("--key", required=True, metavar="KEY.pem", help="Ed25519 private key (PEM)")
+    kg = evsub.add_parser("keygen", help="write a new Ed25519 key pair for `evidence sign`")
+    kg.add_argument("key", metavar="KEY.pem", help="private key path (the public key goes next to it: KEY.pub.pem)")
+    kg.add_argument("--pubkey", metavar="PUB.pem", help="public key path")
     d = evsub.add_parser("diff", help="config and metric differences between two runs")
     d.add_argument("a")
     d.add_argument("b")
@@ -157,16 +205,18 @@ def exit_code(err: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kd.redact import shorten
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except InputError as err:
-        print(f"kdflow: error: {err}", file=sys.stderr)
+        print(f"kdflow: error: {shorten(str(err), 1500)}", file=sys.stderr)  # never a whole config/manifest
         return exit_code(err)
     except KeyboardInterrupt:
         return 130
     except Exception as err:  # a failed run: name it, keep the traceback out of the one-line message
-        print(f"kdflow: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"kdflow: run failed: {type(err).__name__}: {shorten(str(err), 1500)}", file=sys.stderr)
         return 1
 
 

@@ -65,8 +65,9 @@ class ModelRef(_Part):
     model_config = ConfigDict(regex_engine="python-re")  # the `repo` pattern needs a look-ahead
 
     repo: str = Field(
-        description="Hub repo id (`Qwen/Qwen2.5-0.5B`), a local folder path, or `tiny:teacher` / "
-        "`tiny:student` for the deterministic tiny models kdflow generates itself.",
+        description="Hub repo id (`Qwen/Qwen2.5-0.5B`), a local folder path, a local `.gguf` file, "
+        "`pkg:DIST/FILE` (a model file inside an installed Python package), `tiny:teacher` / "
+        "`tiny:student` for the deterministic tiny models kdflow generates itself, or `from-teacher` (with init).",
         min_length=1,
         pattern=r"^(?!tiny:)|^tiny:(teacher|student)$",
     )
@@ -105,6 +106,20 @@ class ModelRef(_Part):
     def is_gguf(self) -> bool:
         """A GGUF source: a local `.gguf` file, or a hub repo with `gguf_file`."""
         return self.init is None and (self.gguf_file is not None or self.repo.lower().endswith(".gguf"))
+
+    @field_validator("repo")
+    @classmethod
+    def _packaged_file(cls, v: str) -> str:
+        """`pkg:DIST/FILE` (a model file shipped in a Python wheel) -> its absolute path on this machine."""
+        if not v.startswith("pkg:"):
+            return v
+        from kd.errors import ModelError
+        from kd.gguf import packaged_file
+
+        try:
+            return str(packaged_file(v))
+        except ModelError as err:
+            raise ValueError(str(err)) from None
 
     @model_validator(mode="after")
     def _init_means_from_teacher(self) -> "ModelRef":
@@ -199,6 +214,31 @@ class KDConfig(_Part):
         ge=0,
         le=1,
         description="Largest mean teacher probability allowed on teacher-only (padding) vocab rows that are cut.",
+    )
+    # offline teacher (issue 13): kd/teacher_cache, tasks/teacher_cache.py
+    teacher_mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online: the teacher runs at every training step. offline: the cache_teacher_logits step runs "
+        "it once over the prepared tokens and stores its top-k log-probs; training reads them and never loads "
+        "the teacher. Changing alpha, lr, steps or seed reuses the cache.",
+    )
+    top_k: int = Field(
+        64, gt=0, le=1_000_000,
+        description="Offline mode: teacher ids stored per token, plus one tail bucket for the rest (k at least the "
+        "vocab size stores everything and makes the loss exact).",
+    )
+    cache_encoding: Literal["packed", "float32"] = Field(
+        "packed",
+        description="Offline mode: packed = Elias-Fano id set + quantised log-probs (~2.1 bytes per id); "
+        "float32 = uncompressed reference.",
+    )
+    cache_logprob_bits: int = Field(
+        6, ge=2, le=16, description="Offline mode, packed encoding: bits per stored log-prob (gap to the top-1)."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Offline mode: the store of teacher caches, one content-addressed folder each (share it between "
+        "machines to share caches). None: $KDFLOW_HOME/teacher-cache.",
     )
 
 
@@ -305,11 +345,22 @@ class OrchestrationConfig(_Part):
         description="Run training as this deployment (e.g. `kd-train/gpu` on the gpu work pool) via "
         "run_deployment. None: train in-process.",
     )
+    cache_deployment: str | None = Field(
+        None,
+        description="Offline mode: build the teacher cache as this deployment (e.g. `kd-teacher-cache/gpu` on a "
+        "big-GPU pool) via run_deployment. None: in-process.",
+    )
     refresh_cache: bool = Field(False, description="Ignore cached task results and run every step again.")
     retries: int = Field(2, ge=0, description="Retries of a task after a transient error.")
     retry_delay_s: float = Field(5.0, ge=0, description="Seconds between retries.")
     gpu_slots: str = Field(
         "gpu-0", description="Global concurrency limit name taken while training, one slot per GPU."
+    )
+    evidence_signing_key_block: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding an Ed25519 private key (PEM). When the block "
+        "exists, the evidence manifest is signed (manifest.sig); check with `kdflow evidence verify RUN "
+        "--pubkey PUB.pem`. None: not signed.",
     )
 
 

@@ -3,14 +3,16 @@
     print(show_run(Path("evidence/run-1")))
     print(diff_runs(Path("evidence/run-1"), Path("evidence/run-2")))
 
-Both read manifest.json through kd.manifest.load_manifest (EvidenceError when it is missing or invalid).
+Both read manifest.json through kd.manifest.load_manifest (EvidenceError when it is missing,
+EvidenceInvalid when it does not validate). `show` never prints a PASS that verification refutes:
+the status line and each falsifier are shown as the recorded numbers give them (kd/verdicts.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kd.manifest import Manifest, load_manifest, verify_run_dir
+from kd.manifest import Manifest, load_manifest, recomputed_verdicts, verify_run_dir
 
 
 def _g(x) -> str:
@@ -30,8 +32,12 @@ def show_run(run_dir: Path) -> str:
     """A readable summary of one run folder (status, models, training, eval table, falsifiers, integrity)."""
     m = load_manifest(run_dir)
     r, t = m.run, m.training
+    problems = verify_run_dir(run_dir)
+    recomputed = recomputed_verdicts(m)
+    status = r.status.upper() if not problems else (
+        f"FAIL (the manifest claims {r.status}, but it does not verify: {len(problems)} problem(s) below)")
     out = [
-        f"run {r.name}: {r.status.upper()}   {r.start.isoformat()} → {r.end.isoformat()}",
+        f"run {r.name}: {status}   {r.start.isoformat()} → {r.end.isoformat()}",
         f"  flow run: {r.flow_run_id or '-'} {r.flow_run_url or ''}".rstrip(),
         f"  code {m.code.git_commit[:12]}{' (dirty)' if m.code.dirty else ''}, torch {m.environment.torch}, "
         f"device {m.environment.device}",
@@ -54,9 +60,14 @@ def show_run(run_dir: Path) -> str:
         out.append(f"  {'eval':<15}" + "".join(f"{label:>11}" for label in cols.values()))
         out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>11}" for c in cols) for name, row in rows.items()]
     out.append("  falsifiers:")
-    out += [f"    [{f.verdict.upper():4}] {f.id}: {f.claim} — {f.observed}" for f in m.falsifiers]
+    for f in m.falsifiers:
+        verdict = recomputed.get(f.id, f.verdict)
+        forged = f" (the manifest claims {f.verdict})" if verdict != f.verdict else ""
+        out.append(f"    [{verdict.upper():4}] {f.id}: {f.claim} — {f.observed}{forged}")
+    for step, lin in m.lineage.items():
+        if lin.cached:
+            out.append(f"  {step}: reused from cache, produced by run {lin.produced_by_run or '?'}")
     out += [f"  note: {n}" for n in m.notes]
-    problems = verify_run_dir(run_dir)
     out.append(f"  integrity: {len(m.files)} files, " + ("all sha256 match" if not problems else "PROBLEMS:"))
     out += [f"    {p}" for p in problems]
     return "\n".join(out)

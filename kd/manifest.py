@@ -13,8 +13,11 @@ the student checkpoint under `checkpoint/` (or, when kept elsewhere, its path an
 Contract (issue 2, extended additively): schema_version, run {name, flow_run_id, start, end,
 status}, config, environment, code {git_commit, dirty}, models, vocab, training {steps,
 initial_loss, final_loss, tokens, wall_s, ...}, eval, falsifiers [{id, claim, observed, verdict}],
-files. `status` is `pass` only when every falsifier passes and nothing is missing (`notes` is
-empty); the schema refuses anything else.
+files, lineage (which steps were reused from cache, and from which run). `status` is `pass` only
+when every falsifier passes and nothing is missing (`notes` is empty); the schema refuses anything
+else. Falsifiers come from kd/verdicts.py, and `verify_run_dir` recomputes them from the recorded
+numbers with the same functions: a verdict or status edited to `pass` fails verification.
+`manifest.sig` (kd/signing.py), when present, is the only file not listed in `files`.
 The manifest is written last, through a temp file and os.replace, after any old manifest is
 removed: a crash leaves no manifest, never one that claims success. Secrets are redacted (see
 kd/redact.py). `verify_run_dir` checks integrity, not success: a `fail` run with intact files
@@ -39,20 +42,29 @@ from kd.config import RunConfig, format_validation_error
 from kd.errors import InputError
 from kd.hashing import digest_of, hash_tree, sha256_file
 from kd.plots import plot_loss_curve
-from kd.redact import recordable_env, redact, scrub, secret_values
-from kd.results import EvalReport, Falsifier, ModelSnapshot, PreparedData, PreflightReport, TrainResult, VocabAlignment
+from kd.config import EvalConfig
+from kd.redact import recordable_env, redact, scrub, secret_values, shorten
+from kd.results import (
+    EvalReport, Falsifier, ModelSnapshot, PreparedData, PreflightReport, StepLineage, TrainResult, VocabAlignment,
+)
+from kd.verdicts import (  # noqa: F401  (SMOKE_ID, VOCAB_ID, *_falsifiers: re-exported for callers)
+    SMOKE_ID, VOCAB_ID, failure_reasons, recompute_falsifiers, run_status, training_falsifiers, vocab_falsifiers,
+)
 
-SCHEMA_VERSION = "1.0"  # bump the minor for additive changes; verify accepts any 1.x
+SCHEMA_VERSION = "1.1"  # bump the minor for additive changes; verify accepts any 1.x
 MANIFEST = "manifest.json"
-SMOKE_ID = "F-DISTILL-SMOKE-001"
-VOCAB_ID = "F-DISTILL-VOCAB-001"
+SIG_FILE = "manifest.sig"  # kd/signing.py: a signature over manifest.json, written after it
 # Optimizer/RNG state stays in the work dir: evidence carries the loadable model only (and no pickles).
 _CKPT_SKIP_PREFIXES = ("optimizer", "scheduler", "rng", "trainer_state")
 _CKPT_SKIP_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
 
 class EvidenceError(InputError):
-    """A run folder or manifest cannot be read (exit 2: the path given is wrong)."""
+    """A run folder or its manifest is not there (exit 2: the path given is wrong)."""
+
+
+class EvidenceInvalid(Exception):
+    """manifest.json is there but does not validate (exit 1: the evidence fails, like a bad sha256)."""
 
 
 class _M(BaseModel):
@@ -117,6 +129,9 @@ class Manifest(_M):
     falsifiers: list[Falsifier] = Field(default_factory=list)
     files: dict[str, str] = Field(default_factory=dict, description="relpath -> sha256 of every other file")
     notes: list[str] = Field(default_factory=list, description="What could not be collected, and why")
+    lineage: dict[str, StepLineage] = Field(
+        default_factory=dict, description="Per cached step (pull_models, check_vocab, train_student, evaluate): "
+        "whether its result was reused from cache and which run produced it")
 
     @model_validator(mode="after")
     def _no_fake_pass(self) -> "Manifest":
@@ -194,38 +209,6 @@ def environment_info(device: str, env: dict[str, str] | None = None) -> Environm
     )
 
 
-# ---------------------------------------------------------------- falsifiers built from results
-def training_falsifiers(training: TrainResult) -> list[Falsifier]:
-    """F-DISTILL-SMOKE-001: final training loss < initial (NaN compares false, so it fails)."""
-    ok = training.final_loss < training.initial_loss
-    return [
-        Falsifier(
-            id=SMOKE_ID,
-            claim="final training loss < initial training loss on a non-degenerate batch",
-            observed=f"initial {training.initial_loss:.6g}, final {training.final_loss:.6g} "
-            f"after {training.steps} steps",
-            verdict="pass" if ok else "fail",
-        )
-    ]
-
-
-def vocab_falsifiers(vocab: VocabAlignment, max_dropped_mass: float) -> list[Falsifier]:
-    """F-DISTILL-VOCAB-001 when teacher rows were cut: the teacher's mean probability on them is
-    ≤ kd.max_dropped_mass (the rows really are padding). Nothing when no rows were cut."""
-    if vocab.dropped_mass_mean is None:
-        return []
-    ok = vocab.dropped_mass_mean <= max_dropped_mass
-    return [
-        Falsifier(
-            id=VOCAB_ID,
-            claim=f"teacher mean probability on the {vocab.teacher_rows - vocab.rows_kept} cut rows is "
-            f"≤ kd.max_dropped_mass={max_dropped_mass:g}",
-            observed=f"mean {vocab.dropped_mass_mean:.3g}, max {vocab.dropped_mass_max}",
-            verdict="pass" if ok else "fail",
-        )
-    ]
-
-
 # ---------------------------------------------------------------- writing
 def _copy_scrubbed(src: Path, dst: Path, secrets: set[str]) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +218,42 @@ def _copy_scrubbed(src: Path, dst: Path, secrets: set[str]) -> None:
 def _keep_in_checkpoint(p: Path) -> bool:
     name = p.name.lower()
     return not (name.startswith(_CKPT_SKIP_PREFIXES) or name.endswith(_CKPT_SKIP_SUFFIXES))
+
+
+def ensure_new_run(evidence_dir: str | Path, work_dir: str | Path, name: str) -> None:
+    """ConfigError naming the folder when `name` already has a non-empty evidence or work folder:
+    a run folder is never reused (a rerun would adopt the old run's checkpoint, metrics and log)."""
+    from kd.errors import ConfigError
+
+    for root in (evidence_dir, work_dir):
+        folder = Path(root).expanduser().resolve() / name
+        try:
+            taken = folder.is_dir() and any(folder.iterdir())
+        except OSError:  # e.g. a name too long for the file system: preflight names that
+            taken = False
+        if taken:
+            raise ConfigError(f"name: run folder {folder} already exists (a run folder is never reused): "
+                              "choose another name, or leave `name` unset for a fresh one")
+
+
+def claim_run_name(config: RunConfig, name: str, *, suffix: str) -> str:
+    """`name` when its folders are free; an explicit `config.name` whose folder exists is refused
+    (ConfigError, exit 2); a generated name that collides gets `-suffix` (e.g. the flow-run id)."""
+    from kd.errors import ConfigError
+
+    try:
+        ensure_new_run(config.evidence_dir, config.work_dir, name)
+        return name
+    except ConfigError:
+        if config.name:
+            raise
+    ensure_new_run(config.evidence_dir, config.work_dir, f"{name}-{suffix}")
+    return f"{name}-{suffix}"
+
+
+def ui_url_or_none(url: str | None) -> str | None:
+    """A flow-run UI URL only when there is one: Prefect builds `None/flow-runs/...` without a UI URL."""
+    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:
@@ -259,7 +278,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _safe_rel(rel: str) -> bool:
     p = Path(rel)
-    return bool(rel) and not p.is_absolute() and ".." not in p.parts and p.as_posix() != MANIFEST
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts and p.as_posix() not in (MANIFEST, SIG_FILE)
 
 
 def write_evidence(
@@ -280,11 +299,12 @@ def write_evidence(
     copy_checkpoint: bool = True,
     env: dict[str, str] | None = None,
     data: PreparedData | None = None,
+    lineage: dict[str, StepLineage] | None = None,
 ) -> Manifest:
     """Write the whole evidence folder and return its manifest (status pass only if every falsifier passes).
 
-    Falsifiers are `falsifiers` plus, for ids not already given, `training_falsifiers(training)`,
-    `vocab_falsifiers(vocab, config.kd.max_dropped_mass)` and `eval_report.gates`. Missing inputs
+    Falsifiers are `falsifiers` plus, for ids not already given, kd.verdicts.recompute_falsifiers
+    (training, vocab with config.kd.max_dropped_mass, eval gates with config.eval). Missing inputs
     (no training, a log file gone) are written down in `notes` and make the run `fail`.
     `copy_checkpoint=False` records the checkpoint's path and sha256 instead of copying it.
     `env` defaults to os.environ (used for the recorded environment and the secrets to scrub).
@@ -293,6 +313,7 @@ def write_evidence(
     run_dir.mkdir(parents=True, exist_ok=True)
     # From here until the final os.replace there is no manifest at all: never a stale "pass".
     (run_dir / MANIFEST).unlink(missing_ok=True)
+    (run_dir / SIG_FILE).unlink(missing_ok=True)  # a signature of an older manifest signs nothing here
     for stale in run_dir.glob(f".{MANIFEST}.*.tmp"):
         stale.unlink()
 
@@ -335,24 +356,18 @@ def write_evidence(
         _copy_scrubbed(Path(src), run_dir / rel, secrets)
 
     given = list(falsifiers or [])
-    auto = []
-    if training is not None:
-        auto += training_falsifiers(training)
-    if vocab is not None:
-        auto += vocab_falsifiers(vocab, config.kd.max_dropped_mass)
-    if eval_report is not None:
-        auto += eval_report.gates
+    auto = recompute_falsifiers(training, vocab, eval_report, max_dropped_mass=config.kd.max_dropped_mass,
+                                eval_cfg=config.eval)
     ids = {f.id for f in given}
     all_f = given + [f for f in auto if f.id not in ids]
-    passed = bool(all_f) and all(f.verdict == "pass" for f in all_f) and training is not None \
-        and eval_report is not None and not notes
+    passed = run_status(all_f, training=training, eval_report=eval_report, notes=notes) == "pass"
     if not isinstance(models, Models):
         models = Models(**models)
 
     device = training.device if training else (preflight.device if preflight else "cpu")
     gi = git_info()
     manifest = Manifest(
-        run=RunInfo(name=config.name or run_dir.name, flow_run_id=flow_run_id, flow_run_url=flow_run_url,
+        run=RunInfo(name=config.name or run_dir.name, flow_run_id=flow_run_id, flow_run_url=ui_url_or_none(flow_run_url),
                     start=start, end=end, status="pass" if passed else "fail"),
         config=redact(cfg_dict),
         environment=environment_info(device, env),
@@ -360,7 +375,7 @@ def write_evidence(
         preflight=preflight, models=models, vocab=vocab, data=data, training=training, checkpoint=ckpt,
         eval=eval_report, falsifiers=all_f,
         files=hash_files(run_dir, exclude=(MANIFEST,)),
-        notes=notes,
+        notes=notes, lineage=lineage or {},
     )
     _atomic_write_text(run_dir / MANIFEST, scrub(manifest.model_dump_json(indent=2), secrets) + "\n")
     return manifest
@@ -368,16 +383,20 @@ def write_evidence(
 
 # ---------------------------------------------------------------- reading and verifying
 def load_manifest(run_dir: Path) -> Manifest:
-    """The validated manifest of a run folder; EvidenceError naming the file when it cannot be."""
-    path = Path(run_dir) / MANIFEST
+    """The validated manifest of a run folder. EvidenceError (exit 2) when the folder or its
+    manifest is missing, EvidenceInvalid (exit 1) when the manifest does not validate."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvidenceError(f"{run_dir}: run folder not found")
+    path = run_dir / MANIFEST
     if not path.is_file():
         raise EvidenceError(f"{path}: missing (not an evidence folder, or the run crashed before writing it)")
     try:
         return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
     except ValidationError as err:
-        raise EvidenceError(f"{path}: does not validate: {format_validation_error(err)}") from None
+        raise EvidenceInvalid(f"{path}: does not validate: {shorten(format_validation_error(err), 600)}") from None
     except (UnicodeDecodeError, ValueError) as err:
-        raise EvidenceError(f"{path}: not valid JSON: {err}") from None
+        raise EvidenceInvalid(f"{path}: not valid JSON: {shorten(str(err), 300)}") from None
 
 
 def verify_run_dir(run_dir: Path) -> list[str]:
@@ -388,7 +407,7 @@ def verify_run_dir(run_dir: Path) -> list[str]:
         return [f"{run_dir}: run folder not found"]
     try:
         m = load_manifest(run_dir)
-    except EvidenceError as err:
+    except (EvidenceError, EvidenceInvalid) as err:
         return [str(err).replace(str(run_dir / MANIFEST), MANIFEST)]
     problems = []
     for rel, want in sorted(m.files.items()):
@@ -401,7 +420,8 @@ def verify_run_dir(run_dir: Path) -> list[str]:
         elif (got := sha256_file(p)) != want:
             problems.append(f"{rel}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…)")
     on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
-    problems += [f"{rel}: extra file not listed in {MANIFEST}" for rel in sorted(on_disk - set(m.files) - {MANIFEST})]
+    problems += [f"{rel}: extra file not listed in {MANIFEST}"
+                 for rel in sorted(on_disk - set(m.files) - {MANIFEST, SIG_FILE})]
     if m.checkpoint is not None:
         if m.checkpoint.in_evidence:
             listed = {r[len("checkpoint/"):]: d for r, d in m.files.items() if r.startswith("checkpoint/")}
@@ -409,7 +429,71 @@ def verify_run_dir(run_dir: Path) -> list[str]:
                 problems.append("checkpoint: sha256 does not match the files listed under checkpoint/")
         elif Path(m.checkpoint.path).is_dir() and dir_sha256(Path(m.checkpoint.path)) != m.checkpoint.sha256:
             problems.append(f"checkpoint {m.checkpoint.path}: sha256 mismatch")
+    reported = {p.split(":", 1)[0] for p in problems}  # a missing/changed file is named once, above
+    return problems + recheck_verdicts(m, run_dir, skip_files=reported)
+
+
+def _verdict_settings(m: Manifest) -> tuple[float, EvalConfig]:
+    """kd.max_dropped_mass and the eval config the manifest records (what its verdicts used)."""
+    cfg = m.config or {}
+    return float((cfg.get("kd") or {}).get("max_dropped_mass", 0.01)), EvalConfig.model_validate(cfg.get("eval") or {})
+
+
+def recheck_verdicts(m: Manifest, run_dir: Path, *, skip_files: set[str] = frozenset()) -> list[str]:
+    """Disagreements between the recorded verdicts and the ones the recorded numbers give.
+
+    eval.json must hold the manifest's eval numbers and metrics.jsonl must end at training.steps;
+    then every falsifier is recomputed with kd.verdicts (the functions that wrote it) from
+    training, vocab, eval and the recorded config, and so is the run status."""
+    import json
+
+    problems: list[str] = []
+    eval_file = run_dir / "eval.json"
+    if m.eval is not None and "eval.json" not in skip_files:
+        if not eval_file.is_file():
+            problems.append("eval.json: missing, but the manifest records an eval")
+        else:
+            try:
+                on_disk = EvalReport.model_validate_json(eval_file.read_text(encoding="utf-8"))
+                if on_disk.model_dump_json(exclude={"produced_by"}) != m.eval.model_dump_json(exclude={"produced_by"}):
+                    problems.append("eval.json: its numbers differ from the manifest's eval")
+            except (ValueError, UnicodeDecodeError) as err:
+                problems.append(f"eval.json: unreadable ({shorten(str(err), 200)})")
+    metrics = run_dir / "metrics.jsonl"
+    if m.training is not None and metrics.is_file() and "metrics.jsonl" not in skip_files:
+        try:
+            rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+            last = rows[-1]["step"] if rows else None
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+            last = "unreadable"
+        if last != m.training.steps:
+            problems.append(f"metrics.jsonl: last step {last}, but training.steps is {m.training.steps}")
+    try:
+        max_dropped, eval_cfg = _verdict_settings(m)
+    except (ValidationError, TypeError, ValueError, AttributeError) as err:
+        return problems + [f"config: eval/kd settings unreadable, verdicts cannot be recomputed ({shorten(str(err), 200)})"]
+    recorded = {f.id: f for f in m.falsifiers}
+    for f in recompute_falsifiers(m.training, m.vocab, m.eval, max_dropped_mass=max_dropped, eval_cfg=eval_cfg):
+        got = recorded.get(f.id)
+        if got is None:
+            problems.append(f"{f.id}: missing from the manifest; the recorded numbers say {f.verdict} ({f.observed})")
+        elif got.verdict != f.verdict:
+            problems.append(f"{f.id}: manifest says {got.verdict}, the recorded numbers say {f.verdict} "
+                            f"({shorten(f.observed, 200)})")
+    status = run_status(m.falsifiers, training=m.training, eval_report=m.eval, notes=m.notes)
+    if status != m.run.status:
+        problems.append(f"run.status: manifest says {m.run.status}, its falsifiers and notes say {status}")
     return problems
+
+
+def recomputed_verdicts(m: Manifest) -> dict[str, str]:
+    """{falsifier id: verdict} recomputed from the recorded numbers (for `evidence show`)."""
+    try:
+        max_dropped, eval_cfg = _verdict_settings(m)
+    except (ValidationError, TypeError, ValueError, AttributeError):
+        return {}
+    fs = recompute_falsifiers(m.training, m.vocab, m.eval, max_dropped_mass=max_dropped, eval_cfg=eval_cfg)
+    return {f.id: f.verdict for f in fs}
 
 
 # ---------------------------------------------------------------- reading for humans (kd/evidence_view.py)

@@ -50,6 +50,13 @@ def is_secret_key(name: str) -> bool:
     return bool(_SECRET_KEY.search(str(name)))
 
 
+def shorten(text: str, limit: int = 500) -> str:
+    """`text` cut to `limit` characters with an ellipsis and the original length: error messages
+    name what is wrong, they never dump a whole config or manifest."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[: max(0, limit - 30)]}… [{len(text)} chars, truncated]"
+
+
 def scrub_url_credentials(text: str | bytes) -> str | bytes:
     """`text` with the `user:password@` (or `token@`) part of every URL replaced by `***@`."""
     if isinstance(text, bytes):

@@ -39,17 +39,39 @@ class PreflightReport(_Result):
     plan: dict = Field(default_factory=dict, description="Models, sizes, steps, tokens, where things go")
 
 
+class GGUFSource(_Result):
+    """A GGUF model file (llama.cpp format) and the dtype it was dequantized to (kd/gguf.py)."""
+
+    file: str = Field(description="Local path, or hub `repo@commit:file`")
+    sha256: str
+    file_bytes: int
+    architecture: str
+    quant_types: dict[str, int] = Field(description="GGUF tensor type (Q4_1, Q8_0, F32...) -> tensor count")
+    dtype: str = Field(description="dtype the weights were dequantized to and are run in")
+    params: int
+
+
+class PrunedInit(_Result):
+    """A student made from the teacher's embeddings, chosen decoder layers, final norm and head (kd/prune.py)."""
+
+    teacher_content_hash: str
+    teacher_layers: int
+    layers: list[int] = Field(description="Teacher decoder layers kept, in order")
+
+
 class ModelSnapshot(_Result):
     """A model folder on local disk, with where it came from and a hash of every file."""
 
     role: Literal["teacher", "student"]
     repo: str
     revision: str
-    kind: Literal["hub", "local", "tiny"]
+    kind: Literal["hub", "local", "tiny", "pruned"]
     resolved_commit: str = Field(description="40-hex hub commit, or `local` for folders and tiny models")
     local_dir: str
     files: dict[str, str] = Field(description="relative path -> sha256")
     total_bytes: int
+    gguf: GGUFSource | None = Field(None, description="The GGUF file this folder was converted from, if any")
+    init: PrunedInit | None = Field(None, description="How this student was built from the teacher, if it was")
 
     @property
     def content_hash(self) -> str:
@@ -136,6 +158,7 @@ class TrainResult(_Result):
     peak_memory_bytes: int
     device: str
     dtype: str
+    produced_by: Provenance | None = Field(None, description="The run that trained it (kept when cached)")
 
 
 class ModelEval(_Result):
@@ -163,6 +186,7 @@ class EvalReport(_Result):
     student_after: ModelEval
     vocab_size: int
     gates: list[Falsifier] = Field(default_factory=list)
+    produced_by: Provenance | None = Field(None, description="The run that evaluated (kept when cached)")
 
     @property
     def passed(self) -> bool:

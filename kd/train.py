@@ -42,7 +42,7 @@ from kd.trainer_state import STATE_JSON, is_checkpoint, load_trainer_state, save
 STATE_FILE = STATE_JSON  # the file that marks a finished checkpoint
 HELDOUT_FILE = "heldout.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 StepCallback = Callable[[dict], None]
 
 
@@ -52,10 +52,10 @@ def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype, bool]:
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
     device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
-    if cfg.train.dtype == "bfloat16" and device == "cpu":
-        raise ConfigError("train.dtype: bfloat16 is only supported on CUDA here; use auto or float32 on CPU")
-    autocast = device == "cuda" and cfg.train.dtype in ("auto", "bfloat16")
-    return device, torch.float32, autocast
+    # bf16 autocast runs on CPU too (slower there, but CI exercises the bf16 code paths); auto = CUDA only
+    autocast = cfg.train.dtype == "bfloat16" or (device == "cuda" and cfg.train.dtype == "auto")
+    weights = torch.bfloat16 if cfg.train.param_dtype == "bfloat16" else torch.float32  # train.param_dtype
+    return device, weights, autocast
 
 
 def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
@@ -188,7 +188,7 @@ def train_student(
 ) -> TrainResult:
     """Train the student for `cfg.train.steps` optimizer steps; resume if a checkpoint exists."""
     t0 = time.perf_counter()
-    run_dir, student_dir = Path(run_dir), Path(student_dir)
+    run_dir, student_dir = Path(run_dir).expanduser().resolve(), Path(student_dir)  # results hold absolute paths
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _setup_log(run_dir / "train.log")
     metrics_path = run_dir / "metrics.jsonl"
@@ -203,9 +203,14 @@ def train_student(
     seed_everything(tc.seed)
     trust = cfg.student.trust_remote_code
     student = backend.load(resume or student_dir, device=device, dtype=dtype, trust_remote_code=trust)
-    teacher = backend.load(teacher_dir, device=device, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+    # the frozen teacher is stored in the training dtype (bf16 under bf16 autocast): half the memory,
+    # and no recast of its weights at every forward
+    teacher = backend.load(teacher_dir, device=device, dtype=torch.bfloat16 if autocast else dtype,
+                           trust_remote_code=cfg.teacher.trust_remote_code)
     teacher.eval().requires_grad_(False)
     student.train()
+    if tc.gradient_checkpointing:  # recompute layer activations in backward (issue 14 config)
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     objective = _Objective(cfg, student, teacher, alignment, autocast, device)

@@ -20,7 +20,7 @@ from kd.errors import ModelError
 from kd.evaluate import evaluate_run
 from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.train import resolve_device
-from tasks.policy import content_key, retry_transient
+from tasks.policy import content_key, provenance, retry_transient
 
 
 def _eval_key(context, parameters) -> str:
@@ -66,7 +66,7 @@ def evaluate(
                      "tokens": m.tokens})
     create_table_artifact(key="eval-comparison", table=rows, description=(
         "Held-out metrics; gates: " + ", ".join(f"{g.id}={g.verdict}" for g in report.gates)))
-    return report
+    return report.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run
 
 
 def _cell(x: float | None) -> float | str | None:

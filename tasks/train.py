@@ -17,7 +17,7 @@ from kd.data import data_fingerprint, model_max_positions, open_prepared, pack_d
 from kd.hashing import code_version
 from kd.results import ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.train import train_student
-from tasks.policy import content_key, retry_transient
+from tasks.policy import content_key, fresh_key, provenance, resume_fingerprint, retry_transient, train_outputs_problems
 from tasks.slots import gpu_slot
 
 
@@ -29,9 +29,11 @@ def _train_key(context, parameters) -> str:
     # the prepared files' sha256 (and whether they are still there), else the raw sources' content
     data = ([prepared.content_hash, Path(prepared.path, "manifest.json").is_file()] if prepared is not None
             else data_fingerprint(cfg.data))
-    return content_key("train", t.content_hash, s.content_hash, parameters["alignment"].model_dump(),
-                       data, cfg.data.model_dump(exclude={"num_proc"}), cfg.kd.model_dump(), train_cfg,
-                       code_version())
+    key = content_key("train", t.content_hash, s.content_hash, parameters["alignment"].model_dump(),
+                      data, cfg.data.model_dump(exclude={"num_proc"}), cfg.kd.model_dump(), train_cfg,
+                      code_version(), resume_fingerprint(cfg.train.resume_from))
+    # a hit whose checkpoint/metrics/log are gone or changed (or held relative paths) runs again
+    return fresh_key(context, key, train_outputs_problems, "train_student")
 
 
 @task(name="train_student", cache_key_fn=_train_key, persist_result=True, retries=2, retry_delay_seconds=5,
@@ -52,9 +54,15 @@ def train_student_task(
         if row["step"] % every == 0 or row["step"] == row["total_steps"]:
             update_progress_artifact(progress_id, progress=100.0 * row["step"] / row["total_steps"])
 
+    run_dir = Path(config.work_dir).expanduser().resolve() / run_name  # results hold absolute paths
     with gpu_slot(config.orchestration.gpu_slots):
-        result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
-                               Path(config.work_dir) / run_name, on_step=on_step)
+        if config.train.distributed != "none":  # torchrun, N ranks: kd/distributed (issue 14)
+            result = _train_with_torchrun(config, teacher, student, alignment, packed,
+                                          run_dir, on_step)
+        else:
+            result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
+                                   run_dir, on_step=on_step)
+    result = result.model_copy(update={"produced_by": provenance(run_name)})  # a cache hit keeps naming this run
     create_table_artifact(
         key="train-metrics",
         table=[{"metric": k, "value": str(v)} for k, v in result.model_dump().items()],
@@ -62,3 +70,31 @@ def train_student_task(
     )
     return result
 
+
+def _train_with_torchrun(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot,
+                         alignment: VocabAlignment, packed, run_dir: Path, on_step) -> TrainResult:
+    """Launch torchrun as a child (own process group), stream rank 0 into the run log and progress
+    artifact. A dead or silent rank raises TransientError within train.rank_timeout_s (the job is
+    killed), so the task's retry resumes from the last distributed checkpoint; bad input raises the
+    InputError the worker reported (no retry)."""
+    from prefect.logging import get_run_logger
+
+    from kd.distributed.launch import run_torchrun
+
+    log = get_run_logger()
+
+    def on_event(event: dict) -> None:
+        kind = event.get("kind")
+        if kind == "step":
+            on_step(event)
+            log.info("step %d/%d loss=%.5f ce=%.5f kd=%.5f lr=%.3g grad_norm=%.4g tok/s=%.0f (%d ranks)",
+                     event["step"], event["total_steps"], event["loss"], event["ce"], event["kd"], event["lr"],
+                     event["grad_norm"], event["tokens_per_s"], event["world_size"])
+        elif kind == "error":
+            log.error("rank 0: %s: %s", event.get("class"), event.get("msg"))
+        elif kind == "log":
+            log.info("rank 0: %s", event.get("msg"))
+
+    return run_torchrun(config, teacher.local_dir, student.local_dir, alignment, run_dir,
+                        prepared_dir=getattr(packed, "root", None), on_event=on_event,
+                        on_line=lambda line: log.info("torchrun | %s", line))

@@ -2,7 +2,7 @@
 
     files = data_files(cfg.data)                                  # [] for hf-dataset: sources (not pulled yet)
     docs = check_data_files(cfg.data, files)                      # DataError naming file and line/row
-    check_enough_tokens(cfg, docs, student_tokenizer_json)        # DataError with the real number needed
+    check_enough_tokens(cfg, docs, student_tokenizer_json)        # DataError naming the tokens training needs
 
 Read as the data reader will (kd.data): .txt one document per non-blank line, .jsonl one JSON
 object per line with the text in `data.text_field`, .parquet rows. Every line must be UTF-8, every
@@ -15,6 +15,7 @@ the data reader checks their fields. Big files are checked in full for UTF-8 and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -84,7 +85,7 @@ def _format(data_cfg, first) -> str:
 
 
 def _skip_bad(data_cfg) -> bool:
-    return bool(getattr(data_cfg, "skip_bad_records", False))
+    return getattr(data_cfg, "bad_records", "error") == "skip"  # skipped and counted by the data step
 
 
 def _jsonl_docs(path: Path, data_cfg) -> Iterator[str | None]:
@@ -171,35 +172,41 @@ def check_data_files(data_cfg, files: list[Path]) -> list[str | None]:
     return docs
 
 
-def blocks_needed(heldout_fraction: float, train_blocks: int) -> int:
-    """Fewest packed blocks that leave `train_blocks` for training after the held-out split
-    (kd.data keeps max(1, round(n × heldout_fraction)) blocks aside)."""
-    n = train_blocks + 1
-    while n - max(1, round(n * heldout_fraction)) < train_blocks:
-        n += 1
-    return n
+def tokens_needed(cfg) -> tuple[int, int, str]:
+    """(floor, target, why): training needs train.batch_size blocks of data.seq_len tokens from the
+    training documents, and data.heldout_fraction of the documents are held out (kd.data splits by
+    document). `target` is what a corpus should have; `floor` is the least any split could work with
+    (the last training block may be partly padding, one document held out), so a corpus below the
+    floor is certainly too small and one above it is left to the data step to judge exactly."""
+    b, L, f = cfg.train.batch_size, cfg.data.seq_len, cfg.data.heldout_fraction
+    target = math.ceil(b * L / (1 - f))
+    floor = (b - 1) * L + 2
+    why = (f"train.batch_size={b} training blocks of data.seq_len={L} = {b * L} tokens, plus "
+           f"data.heldout_fraction={f:g} of the documents held out")
+    return floor, target, why
 
 
 def check_enough_tokens(cfg, docs: list[str | None], tokenizer_json: Path) -> int | None:
-    """Tokens the corpus gives (each document + EOS, as packed), counted only as far as needed.
-
-    DataError with the number training really needs: train.batch_size training blocks plus the
-    held-out blocks, each data.seq_len tokens."""
+    """Tokens the corpus gives (each document + EOS, as packed), counted only as far as needed;
+    DataError naming the number training really needs when there are certainly too few."""
     if not docs or any(d is None for d in docs):
         return None  # chat/prompt-completion: counted when the data is prepared
     from tokenizers import Tokenizer
 
-    blocks = blocks_needed(cfg.data.heldout_fraction, cfg.train.batch_size)
-    need = blocks * cfg.data.seq_len
-    where = (f"data.source {cfg.data.source!r}", f"{blocks - cfg.train.batch_size} held-out + "
-             f"{cfg.train.batch_size} training blocks (train.batch_size) of data.seq_len={cfg.data.seq_len}")
-    if cfg.data.max_tokens is not None and cfg.data.max_tokens < need:
-        raise DataError(f"data.max_tokens={cfg.data.max_tokens} is below the {need} tokens training needs ({where[1]})")
+    floor, target, why = tokens_needed(cfg)
+    if cfg.data.max_tokens is not None and cfg.data.max_tokens < floor:
+        raise DataError(f"data.max_tokens={cfg.data.max_tokens} is below what training needs: about {target} tokens "
+                        f"({why})")
     tok = Tokenizer.from_file(str(tokenizer_json))
     have, batch = 0, 256
     for i in range(0, len(docs), batch):
         have += sum(len(e.ids) + 1 for e in tok.encode_batch(docs[i:i + batch]))
-        if have >= need:
-            return have
-    raise DataError(f"{where[0]}: {have} tokens (EOS after each document included), need at least {need} "
-                    f"({where[1]})")
+        if have >= target:
+            break
+    if have < floor:
+        raise DataError(f"data.source {cfg.data.source!r}: {have} tokens in {len(docs)} document(s) (EOS after each "
+                        f"included); training needs about {target} ({why})")
+    if len(docs) < 2:
+        raise DataError(f"data.source {cfg.data.source!r}: 1 document; need at least 2 (kdflow holds out whole "
+                        "documents for evaluation)")
+    return have

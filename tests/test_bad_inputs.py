@@ -466,11 +466,17 @@ def test_custom_text_field_is_named(tmp_path):
     refused(lambda: check_data_files(cfg, data_files(cfg)), "x.jsonl:1", "no field 'body'", root=tmp_path)
 
 
-TOKEN_CASES = [  # (id, corpus, overrides, expected names): the number named is what training really needs
-    ("tokens-nine-token-corpus", "hello world\n", [], ("9 tokens", "need at least 576", "train.batch_size", "data.seq_len=64")),
-    ("tokens-seq-len-128", "hello world\n" * 40, ["data.seq_len=128"], ("need at least 1152",)),
-    ("tokens-half-held-out", "hello world\n" * 10, ["train.batch_size=2", "data.heldout_fraction=0.5"], ("need at least 256",)),
-    ("tokens-max-tokens-too-small", "hello world\n" * 400, ["data.max_tokens=100"], ("data.max_tokens=100", "576")),
+# (id, corpus, overrides, expected names). The number named is what training really needs: train.batch_size
+# blocks of data.seq_len from the training documents (8 x 64 = 512) with data.heldout_fraction of the documents
+# held out: 512 / 0.9 = 569 (the vocab check's sample used to say 128).
+TOKEN_CASES = [
+    ("tokens-nine-token-corpus", "hello world\n", [],
+     ("9 tokens", "training needs about 569", "train.batch_size=8", "data.seq_len=64", "data.heldout_fraction=0.1")),
+    ("tokens-seq-len-128", "hello world\n" * 40, ["data.seq_len=128"], ("needs about 1138",)),
+    ("tokens-half-held-out", "hello world\n" * 5, ["train.batch_size=2", "data.heldout_fraction=0.5"],
+     ("needs about 256",)),
+    ("tokens-max-tokens-too-small", "hello world\n" * 400, ["data.max_tokens=100"], ("data.max_tokens=100", "569")),
+    ("tokens-one-document", "hello world " * 1000 + "\n", [], ("1 document", "need at least 2")),
 ]
 
 
@@ -571,7 +577,7 @@ CLI_CASES = [
     ("cli-teacher-tokenizer-missing", _teacher_broken(lambda d: (d / "tokenizer.json").unlink()),
      ("teacher tokenizer missing", "tokenizer.json")),
     ("cli-jsonl-null-text", _data("n.jsonl", J({"text": "hi"}) + "\n" + J({"text": None}) + "\n"), ("data-decode", "n.jsonl:2", "null")),
-    ("cli-nine-token-corpus", _data("nine.txt", "hello world\n"), ("data-tokens", "need at least 576")),
+    ("cli-nine-token-corpus", _data("nine.txt", "hello world\n"), ("data-tokens", "9 tokens", "needs about 569")),
     ("cli-seq-len-beyond-context", _data("big.txt", "hello world again and again\n" * 2000, "data.seq_len=512"),
      ("data.seq_len=512", "max_position_embeddings=256")),
     ("cli-two-problems-one-line", lambda tmp, good: [*_student_broken(lambda d: (d / "tokenizer.json").write_text("["))(
@@ -631,7 +637,7 @@ SUBPROCESS_CASES = [
     ("proc-text-not-utf8", _data("latin.txt", "na\xefve\n".encode("latin-1")), ("latin.txt:1", "not UTF-8")),
     ("proc-corrupt-parquet", _data("bad.parquet", b"PAR1garbagePAR1"), ("bad.parquet", "parquet")),
     ("proc-jsonl-empty-text", _data("e.jsonl", J({"text": ""}) + "\n"), ("e.jsonl:1", "text is empty")),
-    ("proc-nine-token-corpus", _data("nine.txt", "hello world\n"), ("need at least 576", "9 tokens")),
+    ("proc-nine-token-corpus", _data("nine.txt", "hello world\n"), ("needs about 569", "9 tokens")),
     ("proc-data-missing", lambda tmp, good: dry_run_args(tmp, *good, f"data.source={tmp}/gone.jsonl"),
      ("gone.jsonl", "no such file")),
 ]

@@ -27,7 +27,7 @@ from kd.errors import DataError
 from kd.hashing import sha256_file
 from kd.losses import SPARSE_EXACTNESS, iter_logit_chunks, sparse_teacher_targets
 from kd.teacher_cache.encoding import TopKSpec, encode
-from kd.teacher_cache.store import (MANIFEST, bad_shards, check_identity, manifest_sha256, read_manifest,
+from kd.teacher_cache.store import (bad_shards, check_identity, manifest_sha256, read_blocks, read_manifest,
                                     tokens_sha256, write_manifest)
 
 SHARD_BYTES = 64 << 20  # ~64 MiB shards: a lost shard costs little teacher time, few files on disk
@@ -36,7 +36,7 @@ SHARD_BYTES = 64 << 20  # ~64 MiB shards: a lost shard costs little teacher time
 def _plan_splits(splits: dict[str, torch.Tensor], spec: TopKSpec, blocks_per_shard: int | None) -> dict:
     out = {}
     for name, blocks in splits.items():
-        n, t = blocks.shape
+        n, t = tuple(blocks.shape)
         per = blocks_per_shard or max(1, SHARD_BYTES // max(1, spec.bytes_per_token() * (t - 1)))
         shards = [{"file": f"{name}-{i:05d}.safetensors", "first_block": s, "blocks": min(per, n - s)}
                   for i, s in enumerate(range(0, n, per))]
@@ -47,9 +47,13 @@ def _plan_splits(splits: dict[str, torch.Tensor], spec: TopKSpec, blocks_per_sha
 
 @torch.no_grad()
 def teacher_targets(teacher, backend, ids: torch.Tensor, spec: TopKSpec, *, temperature: float, rows_kept: int,
-                    chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One teacher forward over blocks ids (B, T) -> sparse targets for the B*(T-1) next-token positions."""
-    h = backend.hidden_states(teacher, ids)[:, :-1]
+                    chunk_size: int, position_ids: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher forward over blocks ids (B, T) -> sparse targets for the B*(T-1) next-token positions.
+    Same call as online training's teacher forward (position ids restart per packed document)."""
+    dev = next(teacher.parameters()).device
+    h = backend.hidden_states(teacher, ids.to(dev), position_ids=None if position_ids is None
+                              else position_ids.to(dev))[:, :-1]
     h = h.reshape(-1, h.shape[-1])
     w, b = backend.output_head(teacher)
     parts = [sparse_teacher_targets(logits, spec.k, temperature, spec.vocab)
@@ -63,7 +67,7 @@ def build_teacher_cache(
     identity: dict,
     spec: TopKSpec,
     load_teacher: Callable[[], tuple[object, object]],
-    splits: dict[str, torch.Tensor],
+    splits: dict,
     *,
     temperature: float,
     rows_kept: int,
@@ -74,7 +78,7 @@ def build_teacher_cache(
     blocks_per_shard: int | None = None,
     on_shard: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Make `folder` a complete cache of `splits` ({name: (blocks, T) int64}); returns a summary dict:
+    """Make `folder` a complete cache of `splits` ({name: kd.data.Split or (blocks, T) int64 tensor}); returns:
     status (built | resumed | repaired | reused), shards_built, teacher_forwards, tokens, bytes, build rates.
 
     `load_teacher()` -> (model, backend with hidden_states/output_head). `on_shard(info)` runs after each
@@ -118,20 +122,21 @@ def build_teacher_cache(
     for name, shard in todo:
         if teacher is None:
             teacher, backend = load_teacher()
-        blocks = splits[name][shard["first_block"] : shard["first_block"] + shard["blocks"]]
+        first, count = shard["first_block"], shard["blocks"]
         parts = []
-        for s in range(0, blocks.shape[0], batch_size):
-            ids, lp, tail = teacher_targets(teacher, backend, blocks[s : s + batch_size], spec,
-                                            temperature=temperature, rows_kept=rows_kept, chunk_size=chunk_size)
+        for s in range(first, first + count, batch_size):
+            ids, pos = read_blocks(splits[name], s, min(s + batch_size, first + count))
+            tid, lp, tail = teacher_targets(teacher, backend, ids, spec, temperature=temperature,
+                                            rows_kept=rows_kept, chunk_size=chunk_size, position_ids=pos)
             forwards += 1
-            parts.append(encode(ids, lp, tail, spec))
+            parts.append(encode(tid, lp, tail, spec))
         arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         path = folder / shard["file"]
         tmp = folder / f".{shard['file']}.{os.getpid()}.tmp"
-        save_file(arrays, str(tmp), metadata={"split": name, "first_block": str(shard["first_block"])})
+        save_file(arrays, str(tmp), metadata={"kdflow_teacher_cache": f"{name}:{first}"})  # one key: map order is unstable
         os.replace(tmp, path)
         shard.update(bytes=path.stat().st_size, sha256=sha256_file(path))
-        tokens_built += shard["blocks"] * (blocks.shape[1] - 1)
+        tokens_built += count * (plan[name]["seq_len"] - 1)
         write_manifest(folder, m)  # this shard now counts as done: a crash from here resumes after it
         if on_shard is not None:
             on_shard({"split": name, **shard})

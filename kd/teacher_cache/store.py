@@ -57,9 +57,29 @@ def spec_of(manifest: dict) -> TopKSpec:
     return TopKSpec(k=i["k"], vocab=i["vocab"], encoding=i["encoding"], logprob_bits=i["logprob_bits"] or 6)
 
 
-def tokens_sha256(blocks: torch.Tensor) -> str:
-    """sha256 of a split's token blocks (int64, row-major): ties the cache to the exact prepared tokens."""
-    return hashlib.sha256(blocks.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+def read_blocks(split, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Blocks start..stop of a split: a prepared `kd.data.Split` (ids + position ids that restart per
+    document) or a plain (N, T) tensor of ids -> (ids (n, T) int64, position_ids (n, T) int64 or None)."""
+    if isinstance(split, torch.Tensor):
+        return split[start:stop].to(torch.int64), None
+    b = split.batch(np.arange(start, stop))
+    return b.ids, b.position_ids
+
+
+def block_key(ids: np.ndarray, pos: np.ndarray | None) -> bytes:
+    """Identifies one block by content: its tokens and (packed documents) its position ids."""
+    h = hashlib.sha1(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    if pos is not None:
+        h.update(np.ascontiguousarray(pos, dtype=np.int64).tobytes())
+    return h.digest()
+
+
+def tokens_sha256(split) -> str:
+    """Fingerprint of a split's blocks: the prepared set's own file hashes (tokens, targets, positions),
+    or sha256 of a tensor's int64 bytes. Ties the cache to the exact prepared tokens."""
+    if isinstance(split, torch.Tensor):
+        return hashlib.sha256(split.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(json.dumps(split.info["sha256"], sort_keys=True).encode()).hexdigest()
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -133,25 +153,29 @@ class TeacherCacheReader:
         if verify:
             bad = bad_shards(self.folder, m)
             if bad:
-                raise DataError(f"teacher cache shard {self.folder / bad[0]} is missing, truncated or altered "
-                                f"(sha256 differs from {MANIFEST}; {len(bad)} bad shard(s)): run again, the "
-                                "cache_teacher_logits step rebuilds it")
+                names = ", ".join(str(self.folder / b) for b in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+                raise DataError(f"teacher cache shard {names}: missing, truncated or altered (sha256 differs from "
+                                f"{MANIFEST}): run again, the cache_teacher_logits step rebuilds it")
         self.manifest, self.spec = m, spec_of(m)
         self.cache_temperature = float(m["identity"]["cache_temperature"])
         self._handles: dict[str, object] = {}
         self._index: dict[bytes, tuple[str, int]] = {}
 
-    def bind(self, split: str, blocks: torch.Tensor) -> None:
-        """Declare the token blocks a split holds (the trainer's own data). Refuses other data, and
-        lets `targets` find any row of them by content, whatever order batches come in."""
+    def bind(self, split: str, blocks) -> None:
+        """Declare the blocks a split holds (the trainer's own data: a kd.data.Split or an (N, T) tensor).
+        Refuses other data, and lets `targets` find any block by content, whatever order batches come in
+        (shuffled, resumed, sharded by rank)."""
         info = self.manifest["splits"].get(split)
         if info is None:
             raise DataError(f"teacher cache {self.folder} has no {split!r} split")
         if tokens_sha256(blocks) != info["tokens_sha256"] or tuple(blocks.shape) != (info["blocks"], info["seq_len"]):
             raise DataError(f"teacher cache {self.folder}: the {split} tokens differ from the ones it was built on "
                             f"({tuple(blocks.shape)} blocks here, {info['blocks']}x{info['seq_len']} there): not used")
-        for b, row in enumerate(blocks.to(torch.int64).numpy()):
-            self._index.setdefault(hashlib.sha1(row.tobytes()).digest(), (split, b))
+        for s in range(0, info["blocks"], 4096):
+            ids, pos = read_blocks(blocks, s, min(s + 4096, info["blocks"]))
+            for i in range(ids.shape[0]):
+                key = block_key(ids[i].numpy(), None if pos is None else pos[i].numpy())
+                self._index.setdefault(key, (split, s + i))
 
     def _shard_rows(self, split: str, block: int) -> dict[str, np.ndarray]:
         info = self.manifest["splits"][split]
@@ -163,11 +187,14 @@ class TeacherCacheReader:
         r0 = (block - shard["first_block"]) * per
         return {name: f.get_slice(name)[r0 : r0 + per] for name in f.keys()}
 
-    def targets(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """batch (B, T) token blocks (rows of bound splits) -> ids (B*(T-1), k), log-probs, log tail (B*(T-1),)."""
+    def targets(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocks ids (B, T) [+ position ids] of bound splits -> teacher ids (B*(T-1), k), log-probs, log tail."""
         parts = []
-        for row in batch.to(torch.int64).cpu().numpy():
-            where = self._index.get(hashlib.sha1(row.tobytes()).digest())
+        ids = ids.to(torch.int64).cpu().numpy()
+        pos = None if position_ids is None else position_ids.to(torch.int64).cpu().numpy()
+        for i, row in enumerate(ids):
+            where = self._index.get(block_key(row, None if pos is None else pos[i]))
             if where is None:
                 raise DataError(f"teacher cache {self.folder}: a batch block is not in the cache (bind the data first)")
             parts.append(self._shard_rows(*where))

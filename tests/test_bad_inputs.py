@@ -684,13 +684,38 @@ def test_input_error_inside_the_flow_is_one_line_without_traceback(good, tmp_pat
     assert_no_pass_manifest(tmp_path)
 
 
+# --------------------------------------------------------------------------- defence in depth: the steps refuse them too
+LOAD_CASES = [  # preflight is skipped for hub models until they are pulled: loading must refuse these by itself
+    ("load-llama-config-over-qwen2-weights", _swap_model_type("llama", "LlamaForCausalLM"), ("q_proj.bias", "unexpected")),
+    ("load-missing-tensor", _drop_tensor("model.layers.0.mlp.up_proj.weight"), ("model.layers.0.mlp.up_proj.weight", "missing")),
+]
+
+
+@pytest.mark.parametrize("case,corrupt,names", LOAD_CASES, ids=_ids(LOAD_CASES))
+def test_model_load_refuses_weights_that_do_not_fit(case, corrupt, names, good, tmp_path):
+    from backends import get_backend
+
+    student = copy_model(good[1], tmp_path)
+    corrupt(student)
+    refused(lambda: get_backend("hf").load(student), str(student), *names, root=tmp_path)
+
+
+def test_data_step_refuses_a_null_record_too(good, tmp_path):
+    """The data step (kd.data) checks every record itself, whatever preflight sampled."""
+    from kd.data import prepare_data
+
+    p = _write("n.jsonl", J({"text": "hello there"}) + "\n" + J({"text": None}) + "\n")(tmp_path)
+    cfg = load_config(SMOKE, [f"data.source={p}", f"data.prepared_dir={tmp_path / 'prepared'}", "data.num_proc=1"])
+    refused(lambda: prepare_data(cfg.data, good[1]), "n.jsonl:2", "null", root=tmp_path)
+
+
 def test_there_are_at_least_90_bad_inputs():
     """The issue's bar: 90 distinct bad inputs, every one with its own id."""
     ids = [c[0] for group in (SAFETENSORS_CASES, WEIGHT_FOLDER_CASES, CONFIG_CASES, ARCH_CASES, TOKENIZER_CASES,
                               VOCAB_CASES, DATA_CASES, TOKEN_CASES, CONFIG_FILE_CASES, NAME_CASES, CLI_CASES,
-                              SUBPROCESS_CASES) for c in group]
+                              SUBPROCESS_CASES, LOAD_CASES) for c in group]
     ids += ["model-folder-missing", "tok-teacher-missing-preflight", "tok-teacher-missing-vocab-check",
-            "data-jsonl-custom-field-missing", "config-file-missing", "flow-vocab-tokens-differ"]
+            "data-jsonl-custom-field-missing", "config-file-missing", "flow-vocab-tokens-differ", "data-step-null-record"]
     assert len(ids) == len(set(ids))
     assert len(SUBPROCESS_CASES) >= 15
     assert len(ids) >= 90, len(ids)

@@ -97,7 +97,7 @@ def measure(args) -> dict | None:
 
     import torch.distributed as dist
 
-    from kd.distributed.model import KDModule, wrap
+    from kd.distributed.model import KDModule, enable_activation_checkpointing, wrap
     from kd.distributed.runtime import process_group
 
     distributed = "RANK" in os.environ
@@ -112,7 +112,7 @@ def measure(args) -> dict | None:
         teacher = build(t_name, device).eval().requires_grad_(False)
         student = build(s_name, device).train()
         if cuda:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(student)  # long sequences: activations dominate otherwise
         v_s = QWEN[s_name]["vocab_size"]
         alignment = VocabAlignment(verdict="teacher-padded" if QWEN[t_name]["vocab_size"] > v_s else "identical",
                                    teacher_rows=QWEN[t_name]["vocab_size"], student_rows=v_s,
@@ -211,8 +211,9 @@ def main() -> None:
     date = dt.date.today().isoformat()
     if args.compare:
         counts = [int(x) for x in args.compare.split(",")]
-        tmp = Path(__file__).parent / "results" / ".compare"
-        tmp.mkdir(parents=True, exist_ok=True)
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="kdflow-bench-"))
         # CPU: every rank gets the same threads (cores / most ranks), so a rank is the same unit of
         # compute in every run and efficiency measures what distributing costs
         threads = None if args.device.startswith("cuda") else max(1, (os.cpu_count() or 1) // max(counts))

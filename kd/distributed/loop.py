@@ -35,7 +35,7 @@ from backends import get_backend
 from kd.config import RunConfig
 from kd.data import train_batch
 from kd.distributed import checkpoint as ckpt_io
-from kd.distributed.model import KDModule, no_sync, student_of, wrap
+from kd.distributed.model import KDModule, enable_activation_checkpointing, no_sync, student_of, wrap
 from kd.distributed.runtime import DistEnv, all_reduce_sum
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
@@ -128,7 +128,7 @@ def train_distributed(
     teacher.eval().requires_grad_(False)
     student.train()
     if tc.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(student)
     shard_teacher = mode == "fsdp" and tc.teacher_sharding == "shard"
     objective = _Objective(cfg, student, teacher, alignment, autocast, device_type)
     model = wrap(KDModule(objective, student, teacher, shard_teacher=shard_teacher), mode=mode,

@@ -9,6 +9,7 @@ from backends import get_backend
 from kd.config import RunConfig
 from kd.data import sample_blocks
 from kd.errors import VocabError
+from kd.preflight import inspect_model_folder
 from kd.results import ModelSnapshot, VocabAlignment
 from kd.vocab import align_vocab, measure_dropped_mass
 from tasks.policy import content_key
@@ -27,6 +28,9 @@ def _vocab_key(context, parameters) -> str:
 
 @task(name="check_vocab", cache_key_fn=_vocab_key, persist_result=True)
 def check_vocab(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot) -> VocabAlignment:
+    for ref, snap in ((config.teacher, teacher), (config.student, student)):
+        if ref.kind == "hub" and not ref.is_gguf:  # pulled just now; local folders were checked by preflight
+            inspect_model_folder(snap.local_dir, snap.role, ref.trust_remote_code)
     alignment = align_vocab(teacher.local_dir, student.local_dir)
     if alignment.verdict == "teacher-padded":
         backend = get_backend("hf")

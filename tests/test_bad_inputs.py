@@ -709,11 +709,30 @@ def test_data_step_refuses_a_null_record_too(good, tmp_path):
     refused(lambda: prepare_data(cfg.data, good[1]), "n.jsonl:2", "null", root=tmp_path)
 
 
+HUB_CASES = [  # a hub model is checked like a local folder once pulled (first thing check_vocab does)
+    ("hub-wrong-dtype-header", lambda d: _set("dtype", "F16")(d / "model.safetensors"), ("model.safetensors", "dtype F16")),
+    ("hub-config-lacks-hidden-size", _cfg_edit(lambda c: c.pop("hidden_size")), ("config.json", '"hidden_size"')),
+]
+
+
+@pytest.mark.parametrize("case,corrupt,names", HUB_CASES, ids=_ids(HUB_CASES))
+def test_pulled_hub_model_is_checked_before_use(case, corrupt, names, good, hub, tmp_path):
+    from kd.hub import pull_model
+    from tasks.vocab import check_vocab
+
+    student = copy_model(good[1], tmp_path)
+    corrupt(student)
+    hub.add_repo("org/student", student)
+    cfg = load_config(SMOKE, [f"teacher.repo={good[0]}", "student.repo=org/student"])
+    snaps = pull_model(cfg.teacher, "teacher"), pull_model(cfg.student, "student")
+    refused(lambda: check_vocab.fn(cfg, *snaps), *names, root=tmp_path)
+
+
 def test_there_are_at_least_90_bad_inputs():
     """The issue's bar: 90 distinct bad inputs, every one with its own id."""
     ids = [c[0] for group in (SAFETENSORS_CASES, WEIGHT_FOLDER_CASES, CONFIG_CASES, ARCH_CASES, TOKENIZER_CASES,
                               VOCAB_CASES, DATA_CASES, TOKEN_CASES, CONFIG_FILE_CASES, NAME_CASES, CLI_CASES,
-                              SUBPROCESS_CASES, LOAD_CASES) for c in group]
+                              SUBPROCESS_CASES, LOAD_CASES, HUB_CASES) for c in group]
     ids += ["model-folder-missing", "tok-teacher-missing-preflight", "tok-teacher-missing-vocab-check",
             "data-jsonl-custom-field-missing", "config-file-missing", "flow-vocab-tokens-differ", "data-step-null-record"]
     assert len(ids) == len(set(ids))

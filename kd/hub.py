@@ -7,7 +7,8 @@
     folder = pull_dataset("owner/corpus")       # .txt/.jsonl/.parquet files of a hub dataset repo
 
 Sources: a hub repo at a revision, a local folder, or `tiny:teacher` / `tiny:student`
-(kd.tiny.ensure_tiny, under $KDFLOW_HOME/tiny). Hub repos go through
+(kd.tiny.ensure_tiny, under $KDFLOW_HOME/tiny); a GGUF file, local or `gguf_file` in a hub repo
+(converted once to a HF folder by kd.gguf); a student pruned from the teacher (kd.prune). Hub repos go through
 `huggingface_hub.snapshot_download` into the standard HF cache (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT,
 HF_HUB_OFFLINE apply), root-level safetensors, json and tokenizer files only. On top of that:
 - a pickle-only repo is refused from its file listing, before anything is downloaded;
@@ -41,7 +42,7 @@ __all__ = ["pull_model", "pull_dataset", "remote_download_bytes", "resolve_commi
 log = logging.getLogger("kdflow.hub")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken")  # configs, tokenizers (merges/vocab, spm, tiktoken)
+_SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")  # configs, tokenizers, chat templates
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what kd.data reads
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -81,8 +82,23 @@ def pull_model(
     *,
     cache_dir: str | None = None,
     token: str | None = None,
+    teacher: ModelSnapshot | None = None,
+    dtype: str = "float32",
 ) -> ModelSnapshot:
-    """Make `ref` available as a local folder and hash it. See the module docstring for the rules."""
+    """Make `ref` available as a local folder and hash it. See the module docstring for the rules.
+
+    `teacher`: the teacher's snapshot, needed when `ref` is a student built from it (`init`).
+    `dtype`: what a GGUF source is dequantized to ("float32" | "bfloat16").
+    """
+    if ref.kind == "pruned":
+        if teacher is None:
+            raise ModelError(f"{role}: init.from_teacher needs the teacher's snapshot")
+        from kd.prune import ensure_pruned
+
+        folder, init = ensure_pruned(teacher, ref.init.from_teacher)
+        return _snapshot_folder(ref, role, folder, "pruned").model_copy(update={"init": init})
+    if ref.is_gguf:
+        return _pull_gguf(ref, role, cache_dir, _token(token), dtype)
     if ref.kind == "tiny":
         from kd.tiny import ensure_tiny
 
@@ -153,6 +169,34 @@ def resolve_commit(ref: ModelRef, token: str | None = None, *, cache_dir: str | 
                         "resolving the revision")
 
 
+# --------------------------------------------------------------------------- GGUF files
+def _pull_gguf(ref: ModelRef, role: str, cache_dir: str | None, token: str | None, dtype: str) -> ModelSnapshot:
+    """A GGUF file (local, or pulled and verified from the hub), converted once to a HF folder (kd.gguf)."""
+    from kd.gguf import ensure_hf_folder
+
+    if ref.kind == "local":
+        path = Path(ref.repo).expanduser().resolve()
+        folder, record = ensure_hf_folder(path, dtype)
+        commit = "local"
+    else:
+        src = Source(ref.repo, ref.revision)
+        commit, snap_dir, _, _ = _fetch(src, _model_selector(ref), cache_dir, token)
+        folder, record = ensure_hf_folder(Path(snap_dir) / str(ref.gguf_file), dtype,
+                                          source=f"{ref.repo}@{commit}:{ref.gguf_file}")
+    snap = _snapshot_folder(ref, role, folder, "local" if commit == "local" else "hub")
+    return snap.model_copy(update={"resolved_commit": commit, "gguf": record})
+
+
+def _gguf_selector(ref: ModelRef) -> Select:
+    def select(paths: list[str]) -> list[str]:
+        if ref.gguf_file not in paths:
+            found = sorted(p for p in paths if p.lower().endswith(".gguf"))
+            raise ModelError(f"{ref.repo}@{ref.revision}: no file {ref.gguf_file!r} (gguf_file); "
+                             f"GGUF files in the repo: {', '.join(found[:10]) or 'none'}")
+        return [str(ref.gguf_file)]
+    return select
+
+
 # --------------------------------------------------------------------------- local and tiny folders
 def _snapshot_folder(ref: ModelRef, role: str, folder: Path, kind: str) -> ModelSnapshot:
     names = [p.name for p in folder.iterdir() if p.is_file()]
@@ -177,6 +221,8 @@ def _token(token: str | None) -> str | None:
 
 
 def _model_selector(ref: ModelRef) -> Select:
+    if ref.gguf_file is not None:
+        return _gguf_selector(ref)
     return lambda paths: select_files(paths, ref.repo, trust_remote_code=ref.trust_remote_code)
 
 

@@ -24,6 +24,7 @@ from kd.errors import DataError
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 RECORD_CHECK_BYTES = 64 * 2**20  # per file: records parsed and checked up to here
 SMOKE_CORPUS = Path(__file__).parent / "corpus" / "smoke.txt"
+SKIP_HINT = " (data.bad_records=skip skips and counts such records)"
 
 
 def data_files(data_cfg) -> list[Path]:
@@ -106,7 +107,7 @@ def _jsonl_docs(path: Path, data_cfg) -> Iterator[str | None]:
             continue
         problem = _text_problem(rec, field)
         if problem and not _skip_bad(data_cfg):
-            raise DataError(f"{path}:{n}: {problem}")
+            raise DataError(f"{path}:{n}: {problem}{SKIP_HINT}")
         if not problem:
             yield rec[field]
 
@@ -142,7 +143,7 @@ def _parquet_docs(path: Path, data_cfg) -> Iterator[str | None]:
     for row, v in enumerate(column):
         if v is None or not v.strip():
             if not _skip_bad(data_cfg):
-                raise DataError(f"{path}: row {row}: {field} is {'null' if v is None else 'empty'}")
+                raise DataError(f"{path}: row {row}: {field} is {'null' if v is None else 'empty'}{SKIP_HINT}")
             continue
         yield v
 

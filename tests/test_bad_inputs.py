@@ -325,6 +325,22 @@ def test_the_good_models_pass_every_check(good):
         assert "Qwen2ForCausalLM" in inspect_model_folder(d, role)
 
 
+def test_a_checkpoint_transformers_renames_on_load_is_not_refused(good, tmp_path):
+    """transformers 5 fuses Mixtral's per-expert weights when loading: the names in a valid file differ
+    from the module's by design, so preflight must not call them missing/unexpected (the load checks)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=384, num_local_experts=2, max_position_embeddings=64)
+    d = tmp_path / "mixtral"
+    MixtralForCausalLM(cfg).save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(good[1] / f, d / f)
+    assert "names not compared" in inspect_model_folder(d, "student")
+
+
 # --------------------------------------------------------------------------- tokenizers (unit; kd.vocab)
 def _tok_raw(data: bytes, name: str = "tokenizer.json"):
     return lambda d: (d / name).write_bytes(data)
@@ -458,6 +474,13 @@ def test_data_files(case, make, names, tmp_path):
     source = make(tmp_path)
     cfg = DataConfig(source=str(source))
     refused(lambda: check_data_files(cfg, data_files(cfg)), *names, root=tmp_path)
+
+
+def test_bad_records_skip_lets_the_data_step_count_them(tmp_path):
+    p = _write("x.jsonl", J({"text": "a b"}) + "\n" + J({"text": None}) + "\n" + J({"text": "c"}) + "\n")(tmp_path)
+    assert check_data_files(DataConfig(source=str(p), bad_records="skip"), [p]) == ["a b", "c"]
+    with pytest.raises(InputError, match="data.bad_records=skip"):
+        check_data_files(DataConfig(source=str(p)), [p])
 
 
 def test_custom_text_field_is_named(tmp_path):

@@ -130,3 +130,9 @@ def test_long_messages_are_truncated(tmp_path, capsys):
     assert main(["run", "configs/smoke.yaml", "--set", "kd.divergence=" + "y" * 5000]) == 2
     err = capsys.readouterr().err
     assert len(err) < 2000 and "truncated" in err
+
+
+def test_flow_run_url_is_null_without_a_ui_url(tmp_path, inputs):  # noqa: F811
+    """Prefect's flow_run.ui_url is "None/flow-runs/..." when no UI URL is configured: stored as null."""
+    m = write_evidence(tmp_path / "e", **{**inputs, "flow_run_url": "None/flow-runs/flow-run/0b5e"})
+    assert m.run.flow_run_url is None and json.loads((tmp_path / "e" / "manifest.json").read_text())["run"]["flow_run_url"] is None

@@ -224,14 +224,12 @@ def _build(cfg, tokenizer_dir, files: list[Path], fmt: str, fp: str, tmp: Path) 
     lengths = []
     g = 0
     for fi, ((f, kind, tok), keep) in enumerate(zip(toks, used)):
-        for b in range(0, len(keep), 8192):
-            rows = keep[b : b + 8192]
-            t = tok.data.table.take(rows)
-            ids_col = t.column("ids").combine_chunks()
-            tgt_col = t.column("targets").combine_chunks()
+        for rows, t in _read_rows(tok, keep):
+            ids_col, tgt_col = t.column("ids"), t.column("targets")
             offs = ids_col.offsets.to_numpy()
-            ids = ids_col.values.to_numpy()
-            tgt = tgt_col.values.to_numpy()
+            offs = offs - offs[0]
+            ids = ids_col.flatten().to_numpy()
+            tgt = tgt_col.flatten().to_numpy()
             lines = t.column("line").to_numpy()
             lens = np.diff(offs)
             lengths.append(lens.copy())
@@ -279,6 +277,26 @@ def _build(cfg, tokenizer_dir, files: list[Path], fmt: str, fp: str, tmp: Path) 
         p.unlink()
     manifest["samples"] = _samples(tmp, encoder)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def _read_rows(tok, keep: np.ndarray):
+    """(rows, record batch of those rows) for the sorted row numbers `keep`, in order. The Arrow files
+    are read, not memory-mapped: touched pages of a mapping count in the process's RSS, and a
+    100 M-token set would otherwise bring ~1 GB of them along."""
+    import pyarrow as pa
+
+    r0 = 0
+    for cf in tok.cache_files:
+        with pa.OSFile(cf["filename"]) as f:
+            for rb in pa.ipc.open_stream(f):
+                r1 = r0 + rb.num_rows
+                lo, hi = np.searchsorted(keep, [r0, r1])
+                if hi > lo:
+                    rows = keep[lo:hi]
+                    yield rows, rb.take(pa.array(rows - r0))
+                r0 = r1
+                if lo >= len(keep):
+                    return
 
 
 def _stream(w: SplitWriter, ids, tgt, starts, lens, lines, fi: int) -> None:

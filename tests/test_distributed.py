@@ -1,7 +1,7 @@
 """Distributed training (issue 14) on CPU with gloo, world size 2, through real torchrun launches.
 
 One single-process run is the reference (global batch 4). Against it: a DDP run (2 ranks x 2), an
-FSDP2 run through the Prefect task whose rank 1 is SIGKILLed after the step-3 checkpoint (the task
+FSDP2 run (teacher sharded too, activation checkpointing) through the Prefect task whose rank 1 is SIGKILLed after the step-3 checkpoint (the task
 fails fast, the Prefect retry resumes from the DCP checkpoint), and a resume of that step-3 checkpoint
 at world size 1 (DCP reshards 2 -> 1). Losses must agree at every step (1e-4 relative) and final
 weights to 1e-4 (fp32). The consolidated HF folder loads with transformers and generates.
@@ -25,6 +25,8 @@ from kd.config import load_config
 from kd.data import pack_dataset
 from kd.distributed import checkpoint as dckpt
 from kd.distributed.launch import resolve_nproc, run_torchrun, supervise, torchrun_command
+from kd.distributed.loop import train_distributed
+from kd.distributed.runtime import process_group
 from kd.errors import ConfigError, TransientError
 from kd.train import train_student
 from kd.vocab import align_vocab
@@ -32,6 +34,14 @@ from kd.vocab import align_vocab
 STEPS, CKPT_AT = 5, 3
 BASE = [f"train.steps={STEPS}", f"train.checkpoint_every={CKPT_AT}", "train.warmup_steps=1", "train.lr=1e-3",
         "train.device=cpu", "train.dtype=float32", "train.rank_timeout_s=120"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _cfg(*extra: str):
@@ -95,8 +105,9 @@ def fsdp_killed_then_retried(tiny_pair, single, tmp_path_factory, prefect_server
 
     teacher_dir, student_dir = tiny_pair
     tmp = tmp_path_factory.mktemp("fsdp")
+    # the teacher sharded too, and activation checkpointing: both must leave the numbers unchanged
     cfg = _cfg("train.batch_size=2", "train.distributed=fsdp", "train.nproc_per_node=2",
-               f"work_dir={tmp / 'runs'}")
+               "train.teacher_sharding=shard", "train.gradient_checkpointing=true", f"work_dir={tmp / 'runs'}")
     teacher, student = pull_model(ModelRef(repo="tiny:teacher"), "teacher"), pull_model(ModelRef(repo="tiny:student"), "student")
     alignment = align_vocab(teacher_dir, student_dir)
     marker = tmp / "killed.txt"
@@ -153,7 +164,8 @@ def test_fsdp_rank_killed_fails_fast_and_prefect_retry_resumes(fsdp_killed_then_
 
 
 @pytest.mark.slow
-def test_resume_at_world_size_one_from_a_two_rank_checkpoint(fsdp_killed_then_retried, single, tiny_pair, tmp_path):
+def test_resume_at_world_size_one_from_a_two_rank_checkpoint(fsdp_killed_then_retried, single, tiny_pair, tmp_path,
+                                                            monkeypatch):
     _, _, _, _, run_dir, _ = fsdp_killed_then_retried
     ref, packed = single
     teacher, student = tiny_pair
@@ -164,10 +176,14 @@ def test_resume_at_world_size_one_from_a_two_rank_checkpoint(fsdp_killed_then_re
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(step3, resumed / "checkpoints" / step3.name)
     shutil.copy(run_dir / "metrics.jsonl", resumed / "metrics.jsonl")
-    # one rank, same global batch (4 x 1 x 1), and DDP instead of FSDP: DCP reshards either way
+    # one rank, same global batch (4 x 1 x 1), and DDP instead of FSDP: DCP reshards either way.
+    # World size 1 runs in this process (a 1-rank gloo group), which saves a torchrun start.
     cfg = _cfg("train.batch_size=4", "train.distributed=ddp", "train.nproc_per_node=1")
-    result = run_torchrun(cfg, teacher, student, align_vocab(teacher, student), resumed,
-                          prepared_dir=getattr(packed, "root", None), on_event=lambda e: None)
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    with process_group(timeout_s=120, device_pref="cpu") as env:
+        result = train_distributed(cfg, teacher, student, align_vocab(teacher, student), packed, resumed, env)
     assert result.resumed_from_step == CKPT_AT and result.device == "cpu x1 (ddp)"
     _assert_same_run(resumed, Path(ref.run_dir), result.checkpoint_dir, ref.checkpoint_dir, from_step=CKPT_AT)
 
@@ -226,7 +242,7 @@ def test_bf16_autocast_trains_on_cpu(tiny_pair, single, tmp_path):
     teacher, student = tiny_pair
     _, packed = single
     cfg = load_config("configs/smoke.yaml", ["train.steps=3", "train.batch_size=4", "train.device=cpu",
-                                             "train.dtype=bfloat16", "train.lr=2e-3"])
+                                             "train.dtype=bfloat16", "train.lr=2e-3", "train.warmup_steps=1"])
     result = train_student(cfg, teacher, student, align_vocab(teacher, student), packed, tmp_path / "bf16")
     assert result.dtype == "bfloat16-autocast" and result.device == "cpu"
     losses = _losses(tmp_path / "bf16")

@@ -29,6 +29,7 @@ from kd.inspect_data import check_data_files, check_enough_tokens, data_files
 from kd.inspect_model import check_architecture, check_tokenizer, config_field, read_model_config
 from kd.inspect_weights import inspect_weights
 from kd.results import PreflightReport
+from kd.trainer_state import check_resume_dir
 
 BYTES_PER_PARAM_TRAINED = 16  # fp32 weights + grads + AdamW m and v
 BYTES_PER_PARAM_FROZEN = 4
@@ -177,6 +178,8 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
     Cheap checks first (no torch/transformers import); the architecture checks only once they pass."""
     inputs = _Inputs()
     inputs.run("run-name", check_run_name, cfg)
+    if cfg.train.resume_from:  # files only: a planted trainer_state.pt is named, never opened (kd/trainer_state.py)
+        inputs.run("resume-from", check_resume_dir, cfg.train.resume_from)
     folders: dict[str, Path] = {}
     for ref, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
         d = model_folder(ref)

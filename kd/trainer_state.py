@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from kd.errors import ConfigError
 
@@ -39,7 +36,24 @@ def is_checkpoint(folder: Path) -> bool:
     return (Path(folder) / STATE_JSON).is_file() and (Path(folder) / STATE_TENSORS).is_file()
 
 
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+def check_resume_dir(folder: str | Path, *, field: str = "train.resume_from") -> str:
+    """Preflight's look at a resume folder (files only, nothing loaded): a detail line, or
+    ConfigError naming the folder and what is wrong (a pickle there is named and never opened)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{field}: {folder} is not a folder")
+    if not is_checkpoint(folder):
+        legacy = folder / LEGACY_PICKLE
+        why = (f"it has {legacy.name}, a pickle, which kdflow never loads (it could run code); "
+               "resume from a checkpoint written by this kdflow") if legacy.exists() else (
+               f"no {STATE_JSON} + {STATE_TENSORS}")
+        raise ConfigError(f"{field}: {folder} is not a kdflow checkpoint: {why}")
+    return f"{folder}: kdflow checkpoint (trainer state as safetensors + JSON)"
+
+
+def _encode(obj: Any, tensors: dict, path: str) -> Any:
+    import torch
+
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj.detach().cpu().contiguous().clone()
         return {"__tensor__": path}
@@ -64,7 +78,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     raise TypeError(f"trainer state at {path}: cannot store a {type(obj).__name__} without pickle")
 
 
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _decode(obj: Any, tensors: dict) -> Any:
     if isinstance(obj, list):
         return [_decode(v, tensors) for v in obj]
     if not isinstance(obj, dict):
@@ -84,7 +98,9 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_trainer_state(folder: Path, state: dict[str, Any]) -> None:
     """Write `state` (plain values, tensors, numpy arrays, tuples, int-keyed dicts) into `folder`."""
-    tensors: dict[str, torch.Tensor] = {}
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
     plain = _encode(state, tensors, "s")
     save_file(tensors, str(Path(folder) / STATE_TENSORS))
     (Path(folder) / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": plain}, allow_nan=False) + "\n")
@@ -92,13 +108,11 @@ def save_trainer_state(folder: Path, state: dict[str, Any]) -> None:
 
 def load_trainer_state(folder: Path, *, field: str = "train.resume_from") -> dict[str, Any]:
     """The state saved by `save_trainer_state`; ConfigError naming `field` and the file otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     folder = Path(folder)
-    if not is_checkpoint(folder):
-        legacy = folder / LEGACY_PICKLE
-        why = (f"it has {legacy.name}, a pickle, which kdflow never loads (it could run code); "
-               "resume from a checkpoint written by this kdflow") if legacy.exists() else (
-               f"no {STATE_JSON} + {STATE_TENSORS}")
-        raise ConfigError(f"{field}: {folder} is not a kdflow checkpoint: {why}")
+    check_resume_dir(folder, field=field)
     try:
         doc = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
         tensors = load_file(str(folder / STATE_TENSORS))

@@ -101,7 +101,7 @@ class _Payload:
         return (Path.write_text, (self.marker, "pwned"))
 
 
-def test_resume_from_a_pickle_never_runs_it(setup, tmp_path):
+def test_resume_from_a_pickle_never_runs_it(setup, tmp_path, capsys):
     """Issue 9.1: a folder with a trainer_state.pt payload named as resume_from is refused by name; no code runs."""
     cfg, teacher, student, alignment, packed = setup
     evil, marker = tmp_path / "evil-ckpt", tmp_path / "PWNED"
@@ -111,6 +111,14 @@ def test_resume_from_a_pickle_never_runs_it(setup, tmp_path):
     with pytest.raises(ConfigError, match=r"train.resume_from: .*trainer_state.pt.*never loads"):
         train_student(bad, teacher, student, alignment, packed, tmp_path / "run")
     assert not marker.exists()
+    # through the real command: preflight names the file (exit 2) before Prefect starts; nothing is written
+    from kd.cli import main
+
+    assert main(["run", "configs/smoke.yaml", "--set", f"train.resume_from={evil}", "--set",
+                 f"work_dir={tmp_path / 'runs'}", "--set", f"evidence_dir={tmp_path / 'ev'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.resume_from: {evil} is not a kdflow checkpoint" in err and "trainer_state.pt" in err
+    assert not marker.exists() and not (tmp_path / "ev").exists()
     with pytest.raises(Exception):  # the payload is live: loading it the old way would have run it
         torch.load(evil / "trainer_state.pt", weights_only=True)
     assert not marker.exists()

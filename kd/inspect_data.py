@@ -8,8 +8,8 @@ Read as the data reader will (kd.data): .txt one document per non-blank line, .j
 object per line with the text in `data.text_field`, .parquet rows. Every line must be UTF-8, every
 JSON line an object, every text a non-empty string (null, a number or "" trained as the literal
 text "None" before). Chat and prompt/completion records are only checked to be JSON objects here;
-the data reader checks their fields. Big files are checked in full for UTF-8 and up to
-`RECORD_CHECK_BYTES` for records, so preflight stays fast on any corpus.
+the data reader checks their fields. Each file is checked up to `CHECK_BYTES` (and a parquet
+file up to `8 × CHECK_BYTES`), so preflight stays fast on any corpus; the data step reads it all.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Iterator
 from kd.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
-RECORD_CHECK_BYTES = 64 * 2**20  # per file: records parsed and checked up to here
+CHECK_BYTES = 64 * 2**20  # per file: lines decoded and records checked up to here
+TOTAL_CHECK_BYTES = 4 * CHECK_BYTES  # over all files
 SMOKE_CORPUS = Path(__file__).parent / "corpus" / "smoke.txt"
 SKIP_HINT = " (data.bad_records=skip skips and counts such records)"
 
@@ -47,10 +48,20 @@ def data_files(data_cfg) -> list[Path]:
     raise DataError(f"data.source {data_cfg.source!r}: no such file or folder")
 
 
+class Documents(list):
+    """The documents preflight read; `complete` is False when a file was only read in part."""
+
+    complete = True
+
+
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every line; DataError at the first line that is not UTF-8."""
+    """(line number, text) of the lines in the first CHECK_BYTES; DataError at the first that is not UTF-8."""
+    read = 0
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
+            read += len(raw)
+            if read > CHECK_BYTES:
+                raise _Partial()
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -90,10 +101,9 @@ def _skip_bad(data_cfg) -> bool:
 
 
 def _jsonl_docs(path: Path, data_cfg) -> Iterator[str | None]:
-    field, checked, fmt = data_cfg.text_field, 0, None
+    field, fmt = data_cfg.text_field, None
     for n, line in _lines(path):
-        checked += len(line)
-        if checked > RECORD_CHECK_BYTES or not line.strip():
+        if not line.strip():
             continue
         try:
             rec = json.loads(line)
@@ -133,9 +143,8 @@ def _parquet_docs(path: Path, data_cfg) -> Iterator[str | None]:
     ftype = pf.schema_arrow.field(field).type
     if not (pa.types.is_string(ftype) or pa.types.is_large_string(ftype)):
         raise DataError(f"{path}: column {field!r} is {ftype}, not a string")
-    if path.stat().st_size > 8 * RECORD_CHECK_BYTES:
-        yield None  # too big to read here: the data reader checks every row
-        return
+    if path.stat().st_size > 8 * CHECK_BYTES:
+        raise _Partial()  # too big to read here: the data step checks every row
     try:
         column = pf.read(columns=[field]).column(field).to_pylist()
     except Exception as err:
@@ -163,12 +172,28 @@ def iter_documents(data_cfg, path: Path) -> Iterator[str | None]:
         yield None  # .arrow: read and checked by the data reader
 
 
-def check_data_files(data_cfg, files: list[Path]) -> list[str | None]:
-    """Every file decodes and every record is usable; returns the documents (for the token count)."""
-    docs: list[str | None] = []
+class _Partial(Exception):
+    """Raised by a reader that stops at its byte budget: the rest of the file is the data step's."""
+
+
+def check_data_files(data_cfg, files: list[Path]) -> Documents:
+    """Every file decodes and every record read is usable; returns the documents (for the token count)."""
+    docs, budget, kept = Documents(), TOTAL_CHECK_BYTES, 0
     for f in files:
-        docs.extend(iter_documents(data_cfg, f))
-    if files and not docs:
+        if budget <= 0:  # a big folder: the first files stand for the rest here
+            docs.complete = False
+            break
+        budget -= min(f.stat().st_size, CHECK_BYTES)
+        try:
+            for doc in iter_documents(data_cfg, f):
+                kept += len(doc or "")
+                if kept <= CHECK_BYTES:  # enough to count the tokens any run needs
+                    docs.append(doc)
+                else:
+                    docs.complete = False
+        except _Partial:
+            docs.complete = False
+    if files and not docs and docs.complete:
         raise DataError(f"data.source {data_cfg.source!r}: no documents in {', '.join(str(f) for f in files[:3])}")
     return docs
 
@@ -204,10 +229,10 @@ def check_enough_tokens(cfg, docs: list[str | None], tokenizer_json: Path) -> in
         have += sum(len(e.ids) + 1 for e in tok.encode_batch(docs[i:i + batch]))
         if have >= target:
             break
-    if have < floor:
+    if have < floor and getattr(docs, "complete", True):
         raise DataError(f"data.source {cfg.data.source!r}: {have} tokens in {len(docs)} document(s) (EOS after each "
                         f"included); training needs about {target} ({why})")
-    if len(docs) < 2:
+    if len(docs) < 2 and getattr(docs, "complete", True):
         raise DataError(f"data.source {cfg.data.source!r}: 1 document; need at least 2 (kdflow holds out whole "
                         "documents for evaluation)")
     return have

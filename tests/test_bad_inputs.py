@@ -483,6 +483,19 @@ def test_bad_records_skip_lets_the_data_step_count_them(tmp_path):
         check_data_files(DataConfig(source=str(p)), [p])
 
 
+def test_preflight_reads_only_the_head_of_a_big_corpus(monkeypatch, good, tmp_path):
+    """Preflight decodes the first CHECK_BYTES of each file: a big corpus costs it no more than a small
+    one, and what it did not read is never called too small (the data step reads everything)."""
+    import kd.inspect_data
+
+    monkeypatch.setattr(kd.inspect_data, "CHECK_BYTES", 600)
+    p = _write("big.txt", b"hello world\n" * 100 + b"caf\xe9\n")(tmp_path)  # a Latin-1 line past the budget
+    cfg = load_config(SMOKE, [f"data.source={p}"])
+    docs = check_data_files(cfg.data, data_files(cfg.data))
+    assert not docs.complete and 0 < len(docs) < 100
+    assert check_enough_tokens(cfg, docs, good[1] / "tokenizer.json") > 0  # not refused: the rest is unread
+
+
 def test_custom_text_field_is_named(tmp_path):
     p = _write("x.jsonl", J({"text": "a"}) + "\n")(tmp_path)
     cfg = DataConfig(source=str(p), text_field="body")

@@ -12,8 +12,9 @@ last checkpoint. The supervisor
   - fails when no rank-0 event came for `train.rank_timeout_s` (a hung rank: the others block in a
     collective, which also times out after rank_timeout_s inside the job), kills the job and raises;
   - on any exception in the caller's thread (cancellation, KeyboardInterrupt) kills the job and re-raises;
-  - maps the exit status: 0 -> the TrainResult rank 0 wrote; 2 -> the InputError the worker reported
-    (not retried); anything else -> TransientError (retried; torchrun stops the surviving ranks when one dies).
+  - maps the outcome: exit 0 -> the TrainResult rank 0 wrote; an InputError rank 0 reported -> the same
+    error class (not retried; torchrun itself exits 1 whatever its ranks exit with); anything else ->
+    TransientError (retried; torchrun stops the surviving ranks when one dies).
 Killing: SIGTERM to torchrun (it forwards it to its workers), then SIGKILL to torchrun and every
 descendant (torchrun gives each worker its own session, so a process-group kill alone would miss them).
 Workers also ask the kernel to SIGKILL them if torchrun dies (PR_SET_PDEATHSIG), so none outlives it.
@@ -73,7 +74,7 @@ def torchrun_command(cfg: RunConfig, spec_path: Path) -> list[str]:
 
 
 def write_spec(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, alignment: VocabAlignment,
-               run_dir: Path, prepared_dir: str | Path | None = None) -> Path:
+               run_dir: Path, prepared_dir: str | Path | None = None, teacher_cache=None) -> Path:
     """The worker's input (JSON, no pickle): config, model folders, alignment, where to write."""
     launch = run_dir / "launch"
     launch.mkdir(parents=True, exist_ok=True)
@@ -82,7 +83,8 @@ def write_spec(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path,
     spec = {"config": cfg.model_dump(mode="json"), "teacher_dir": str(Path(teacher_dir).resolve()),
             "student_dir": str(Path(student_dir).resolve()), "alignment": alignment.model_dump(mode="json"),
             "run_dir": str(run_dir.resolve()), "result_path": str(result_path.resolve()),
-            "prepared_dir": str(Path(prepared_dir).resolve()) if prepared_dir else None}
+            "prepared_dir": str(Path(prepared_dir).resolve()) if prepared_dir else None,
+            "teacher_cache": None if teacher_cache is None else teacher_cache.model_dump(mode="json")}
     path = launch / "spec.json"
     path.write_text(json.dumps(spec, indent=1) + "\n")
     return path
@@ -177,12 +179,13 @@ def supervise(cmd: list[str], *, timeout_s: float, on_event: Callable[[dict], No
 
 
 def run_torchrun(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, alignment: VocabAlignment,
-                 run_dir: str | Path, *, prepared_dir: str | Path | None = None,
+                 run_dir: str | Path, *, prepared_dir: str | Path | None = None, teacher_cache=None,
                  on_event: Callable[[dict], None], on_line: Callable[[str], None] = lambda line: None) -> TrainResult:
     """Launch the job, wait for it, and return rank 0's TrainResult (or raise, see the module doc).
-    `prepared_dir`: the prepared data set every rank opens (None: each rank packs `cfg.data` itself)."""
+    `prepared_dir`: the prepared data set every rank opens (None: each rank packs `cfg.data` itself).
+    `teacher_cache`: the offline teacher's TeacherCacheResult (kd.teacher_mode=offline)."""
     run_dir = Path(run_dir)
-    spec = write_spec(cfg, teacher_dir, student_dir, alignment, run_dir, prepared_dir)
+    spec = write_spec(cfg, teacher_dir, student_dir, alignment, run_dir, prepared_dir, teacher_cache)
     cmd = torchrun_command(cfg, spec)
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[2])  # the worker imports kd/ and backends/ from here
@@ -194,9 +197,9 @@ def run_torchrun(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Pat
     if code == 0 and result_path.is_file():
         return TrainResult.model_validate_json(result_path.read_text())
     last = errs[-1] if errs else None
-    if code == 2 and last is not None:
-        cls = getattr(errors, last.get("class", ""), None)
-        cls = cls if isinstance(cls, type) and issubclass(cls, errors.InputError) else errors.InputError
+    # torchrun exits 1 whatever its ranks exited with, so the class rank 0 reported decides
+    cls = getattr(errors, last.get("class", ""), None) if last is not None else None
+    if isinstance(cls, type) and issubclass(cls, errors.InputError):
         raise cls(last["msg"])
     why = f"{last['class']}: {last['msg']}" if last else " | ".join(tail[-8:])
     raise TransientError(f"torchrun exited with status {code} ({why}); a retry resumes from the last checkpoint")

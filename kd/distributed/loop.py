@@ -92,9 +92,11 @@ def _grad_norm(total) -> float:
 def train_distributed(
     cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, alignment: VocabAlignment,
     packed, run_dir: str | Path, env: DistEnv, *, emit: Emit | None = None,
-    after_checkpoint: Callable[[int], None] | None = None,
+    after_checkpoint: Callable[[int], None] | None = None, teacher_cache=None,
 ) -> TrainResult | None:
-    """Train on every rank (call from each); rank 0 returns the TrainResult, the others None."""
+    """Train on every rank (call from each); rank 0 returns the TrainResult, the others None.
+    `teacher_cache` (kd.teacher_mode=offline): every rank reads the cached teacher top-k of its own rows
+    of the batch; the teacher is never loaded."""
     t0 = time.perf_counter()
     tc, W = cfg.train, env.world_size
     mode = tc.distributed if tc.distributed != "none" else "ddp"
@@ -124,13 +126,25 @@ def train_distributed(
     backend = get_backend("hf")
     dtype = DTYPES[tc.param_dtype]
     student = backend.load(student_dir, device=env.device, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code)
-    teacher = backend.load(teacher_dir, device=env.device, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
-    teacher.eval().requires_grad_(False)
+    offline = None
+    if getattr(cfg.kd, "teacher_mode", "online") == "offline":  # issue 13's cache, read by rank
+        from kd.train import _open_teacher_cache
+
+        offline = _open_teacher_cache(cfg, teacher_cache, packed)
+    teacher = None if offline is not None else backend.load(
+        teacher_dir, device=env.device, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     student.train()
     if tc.gradient_checkpointing:
         enable_activation_checkpointing(student)
-    shard_teacher = mode == "fsdp" and tc.teacher_sharding == "shard"
-    objective = _Objective(cfg, student, teacher, alignment, autocast, device_type)
+    shard_teacher = mode == "fsdp" and tc.teacher_sharding == "shard" and teacher is not None
+    if offline is None:
+        objective = _Objective(cfg, student, teacher, alignment, autocast, device_type)
+    else:
+        from kd.train import _OfflineObjective
+
+        objective = _OfflineObjective(cfg, student, offline, alignment, autocast, device_type)
     model = wrap(KDModule(objective, student, teacher, shard_teacher=shard_teacher), mode=mode,
                  reduce_dtype=DTYPES[tc.reduce_dtype], device=env.device, shard_teacher=shard_teacher)
     student = student_of(model)
@@ -242,6 +256,7 @@ def train_distributed(
         steps=tc.steps, resumed_from_step=start_step, tokens=tokens_per_step * tc.steps,
         initial_loss=initial_loss, final_loss=final_loss,
         tokens_per_s=tokens_per_step * (tc.steps - start_step) / max(wall, 1e-9), wall_s=wall,
+        **({"teacher_cache": teacher_cache} if offline is not None else {}),
         peak_memory_bytes=peak, device=f"{device_type} x{W} ({mode})",
         dtype=("bfloat16-autocast" if autocast else "float32") + ("" if tc.param_dtype == "float32" else "/bf16-params"),
     )

@@ -30,10 +30,12 @@ Mode = Literal["ddp", "fsdp"]
 class KDModule(nn.Module):
     """forward(ids) -> (loss, ce, kd, tokens) of kd.train's objective, computed inside the module."""
 
-    def __init__(self, objective, student: nn.Module, teacher: nn.Module, *, shard_teacher: bool):
+    def __init__(self, objective, student: nn.Module, teacher: nn.Module | None, *, shard_teacher: bool):
         super().__init__()
         self.student = student
-        if shard_teacher:
+        if teacher is None:  # offline teacher (a logits cache): nothing to hold
+            pass
+        elif shard_teacher:
             self.teacher = teacher
         else:
             self._replicated_teacher = (teacher,)  # a tuple hides it from nn.Module registration

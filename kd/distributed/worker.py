@@ -80,10 +80,15 @@ def main(argv: list[str]) -> int:
     try:
         cfg = RunConfig.model_validate(spec["config"])
         packed = load_data(cfg, spec)
+        cache = None
+        if spec.get("teacher_cache"):
+            from kd.results import TeacherCacheResult
+
+            cache = TeacherCacheResult.model_validate(spec["teacher_cache"])
         with process_group(timeout_s=cfg.train.rank_timeout_s, device_pref=cfg.train.device) as env:
             result = train_distributed(cfg, spec["teacher_dir"], spec["student_dir"],
                                        VocabAlignment.model_validate(spec["alignment"]), packed, spec["run_dir"],
-                                       env, emit=emit, after_checkpoint=_fault_hook(env.rank))
+                                       env, emit=emit, after_checkpoint=_fault_hook(env.rank), teacher_cache=cache)
         if result is not None:
             tmp = Path(spec["result_path"] + ".tmp")
             tmp.write_text(result.model_dump_json(indent=1) + "\n")

@@ -206,18 +206,14 @@ def test_silent_job_is_killed_within_the_timeout(tmp_path):
     """A job that stops reporting (a hung rank) is killed, with its own-session grandchild (as torchrun
     starts ranks), and the task gets a TransientError: nothing hangs, nothing is left behind."""
     pidfile = tmp_path / "grandchild.pid"
-    code = ("import subprocess, sys, time; "
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
-            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); "
-            "print('KDFLOW {\"kind\": \"log\", \"msg\": \"up\"}', flush=True); time.sleep(300)")
+    code = _sleeper_with_grandchild(pidfile, 'KDFLOW {"kind": "log", "msg": "up"}')
     events: list[dict] = []
     t0 = time.monotonic()
     with pytest.raises(TransientError, match="no progress for"):
         supervise([sys.executable, "-c", code], timeout_s=2.0, on_event=events.append, grace_s=2.0)
     assert time.monotonic() - t0 < 15
     assert events == [{"kind": "log", "msg": "up"}]
-    grandchild = int(pidfile.read_text())
-    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert _gone(int(pidfile.read_text()))
 
 
 def test_launch_command_and_rank_count():
@@ -247,3 +243,44 @@ def test_bf16_autocast_trains_on_cpu(tiny_pair, single, tmp_path):
     assert result.dtype == "bfloat16-autocast" and result.device == "cpu"
     losses = _losses(tmp_path / "bf16")
     assert all(torch.isfinite(torch.tensor(losses))) and result.final_loss < result.initial_loss
+
+
+def _sleeper_with_grandchild(pidfile: Path, first_line: str) -> str:
+    """A stand-in for torchrun: starts a grandchild in its own session (as torchrun starts ranks)."""
+    return ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
+            f"open({str(pidfile)!r}, 'w').write(str(p.pid)); print({first_line!r}, flush=True); time.sleep(300)")
+
+
+def _gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_cancellation_kills_the_whole_job(tmp_path):
+    """An exception in the caller's thread (Prefect's cancellation, Ctrl-C) kills torchrun and its ranks."""
+    pidfile = tmp_path / "grandchild.pid"
+    code = _sleeper_with_grandchild(pidfile, 'KDFLOW {"kind": "log", "msg": "up"}')
+
+    def cancel(event):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        supervise([sys.executable, "-c", code], timeout_s=60, on_event=cancel, grace_s=2.0)
+    assert _gone(int(pidfile.read_text()))
+
+
+def test_input_error_of_rank_0_keeps_its_class(tiny_pair, tmp_path, monkeypatch):
+    """torchrun exits 1 whatever its ranks exit with: the error class rank 0 reports decides (no retry)."""
+    import kd.distributed.launch as launch
+    from kd.errors import DataError
+
+    line = 'KDFLOW {"kind": "error", "class": "DataError", "msg": "data.source: bad record at x.jsonl:3"}'
+    monkeypatch.setattr(launch, "torchrun_command",
+                        lambda cfg, spec: [sys.executable, "-c", f"import sys; print({line!r}); sys.exit(1)"])
+    teacher, student = tiny_pair
+    cfg = _cfg("train.distributed=ddp", "train.nproc_per_node=2")
+    with pytest.raises(DataError, match="x.jsonl:3"):
+        run_torchrun(cfg, teacher, student, align_vocab(teacher, student), tmp_path, on_event=lambda e: None)
+    monkeypatch.setattr(launch, "torchrun_command", lambda cfg, spec: [sys.executable, "-c", "import sys; sys.exit(1)"])
+    with pytest.raises(TransientError, match="status 1"):
+        run_torchrun(cfg, teacher, student, align_vocab(teacher, student), tmp_path, on_event=lambda e: None)

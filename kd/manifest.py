@@ -348,6 +348,11 @@ def write_evidence(
                     title=f"{config.name or run_dir.name}: KD training loss")
     if eval_report is not None:
         (run_dir / "eval.json").write_text(scrub(eval_report.model_dump_json(indent=2), secrets))
+        if eval_report.samples:  # teacher / student-before / student-after completions, side by side
+            from kd.samples import write_samples
+
+            for written in write_samples(eval_report.samples, run_dir).values():
+                written.write_text(scrub(written.read_text(encoding="utf-8"), secrets), encoding="utf-8")
     else:
         notes.append("eval: no EvalReport")
     for rel, src in (extra_files or {}).items():
@@ -466,7 +471,8 @@ def recheck_verdicts(m: Manifest, run_dir: Path, *, skip_files: set[str] = froze
             last = rows[-1]["step"] if rows else None
         except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
             last = "unreadable"
-        if last != m.training.steps:
+        trained = m.training.steps > m.training.resumed_from_step  # resumed at the last step: no new rows
+        if (last is not None or trained) and last != m.training.steps:
             problems.append(f"metrics.jsonl: last step {last}, but training.steps is {m.training.steps}")
     try:
         max_dropped, eval_cfg = _verdict_settings(m)

@@ -90,11 +90,11 @@ def check_tokenizer(model_dir: str | Path, role: str, raw_config: dict | None = 
         if role == "student" or not any((d / f).is_file() for f in OTHER_TOKENIZER_FILES):
             raise ModelError(f"{role} tokenizer missing: {path}")
         return None
-    data = read_json_file(path, "tokenizer.json")
+    read_json_file(path, "tokenizer.json")  # names a cut or non-UTF-8 file plainly
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_str(json.dumps(data))
+        tok = Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust parser's error names the bad part of the structure
         raise ModelError(f"{path}: not a tokenizer the tokenizers library can read: {str(err)[:200]}") from None
     vocab = tok.get_vocab(with_added_tokens=True)

@@ -55,8 +55,9 @@ SCHEMA_VERSION = "1.1"  # bump the minor for additive changes; verify accepts an
 MANIFEST = "manifest.json"
 SIG_FILE = "manifest.sig"  # kd/signing.py: a signature over manifest.json, written after it
 # Optimizer/RNG state stays in the work dir: evidence carries the loadable model only (and no pickles).
-_CKPT_SKIP_PREFIXES = ("optimizer", "scheduler", "rng", "trainer_state")
-_CKPT_SKIP_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+_CKPT_SKIP_PREFIXES = ("optimizer", "scheduler", "rng", "trainer_state",
+                       "distributed_state", ".metadata")  # distributed: DCP's pickled index (kd/distributed)
+_CKPT_SKIP_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt", ".distcp")  # .distcp: DCP weight+AdamW shards
 
 
 class EvidenceError(InputError):

@@ -129,14 +129,14 @@ def fsdp_killed_then_retried(tiny_pair, single, tmp_path_factory, prefect_server
         task = train_student_task.with_options(retries=1, retry_delay_seconds=0, refresh_cache=True)
         return task(cfg, teacher, student, alignment, "fsdp-run")
 
-    old = os.environ.get("KDFLOW_FAULT_KILL")
-    os.environ["KDFLOW_FAULT_KILL"] = f"1:{CKPT_AT}:{marker}"
+    old = os.environ.get("KDFLOW_FAULT")
+    os.environ["KDFLOW_FAULT"] = f"kill:1:{CKPT_AT}:{marker}"
     launch.run_torchrun = timed
     try:
         state = train_flow(return_state=True)
     finally:
         launch.run_torchrun = real
-        os.environ.pop("KDFLOW_FAULT_KILL") if old is None else os.environ.update(KDFLOW_FAULT_KILL=old)
+        os.environ.pop("KDFLOW_FAULT") if old is None else os.environ.update(KDFLOW_FAULT=old)
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result(), attempts, marker, tmp / "runs" / "fsdp-run", cfg
 

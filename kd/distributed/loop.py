@@ -148,6 +148,8 @@ def train_distributed(
     model = wrap(KDModule(objective, student, teacher, shard_teacher=shard_teacher), mode=mode,
                  reduce_dtype=DTYPES[tc.reduce_dtype], device=env.device, shard_teacher=shard_teacher)
     student = student_of(model)
+    say("log", {"msg": f"models loaded and wrapped ({mode}, teacher "
+                       f"{'offline cache' if teacher is None else 'sharded' if shard_teacher else 'replicated'})"})
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=tc.lr,
                                   weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

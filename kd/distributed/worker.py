@@ -9,8 +9,8 @@ log and progress artifact; it also writes the TrainResult to `spec["result_path"
 Exit status: 0 done, 2 invalid input (InputError: the launcher raises the same class, no retry),
 1 anything else (the launcher raises TransientError: a retry resumes from the last checkpoint).
 
-KDFLOW_FAULT_KILL=RANK:STEP:MARKER (tests only) makes rank RANK kill itself with SIGKILL right after
-the checkpoint of step STEP, once (MARKER is created first, so the retry runs through).
+KDFLOW_FAULT=kill|hang:RANK:STEP:MARKER (tests only) makes rank RANK SIGKILL itself, or hang, right
+after step STEP (and its checkpoint), once (MARKER is created first, so the retry runs through).
 """
 
 from __future__ import annotations
@@ -44,14 +44,18 @@ def load_data(cfg, spec: dict):
 
 
 def _fault_hook(rank: int):
-    spec = os.environ.get("KDFLOW_FAULT_KILL")
+    spec = os.environ.get("KDFLOW_FAULT")
     if not spec:
         return None
-    want_rank, want_step, marker = spec.split(":", 2)
+    action, want_rank, want_step, marker = spec.split(":", 3)
 
     def hook(done_step: int) -> None:
         if rank == int(want_rank) and done_step == int(want_step) and not Path(marker).exists():
-            Path(marker).write_text(f"rank {rank} killed after step {done_step}\n")
+            Path(marker).write_text(f"rank {rank}: {action} after step {done_step}\n")
+            if action == "hang":
+                import time
+
+                time.sleep(10**9)
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
@@ -78,6 +82,8 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     rank = int(os.environ.get("RANK", "0"))
     try:
+        if rank == 0:  # progress events also keep the launcher's silence timeout from firing while loading
+            emit("log", {"msg": f"worker up (world size {os.environ.get('WORLD_SIZE', '1')})"})
         cfg = RunConfig.model_validate(spec["config"])
         packed = load_data(cfg, spec)
         cache = None

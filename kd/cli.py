@@ -47,7 +47,8 @@ def _quiet_input_errors() -> None:
     quiet = _InputErrorsWithoutTraceback()
     for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
-            handler.addFilter(quiet)
+            if not any(isinstance(f, _InputErrorsWithoutTraceback) for f in handler.filters):
+                handler.addFilter(quiet)
 
 
 def _run_flow(cfg) -> int:

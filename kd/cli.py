@@ -3,6 +3,7 @@
     kdflow smoke [--evidence-dir DIR] [--steps N]      tiny local models, embedded Prefect server
     kdflow run CONFIG [--set K=V ...] [--dry-run] [--no-cache] [--evidence-dir DIR]
     kdflow make-tiny OUT
+    kdflow make-student OUT --from TEACHER (--keep-layers N | --layers 0,3,6)
     kdflow evidence verify|show RUN_DIR | diff A B | schema
 
 Exit codes: 0 success; 2 invalid input (config, model, tokenizer/vocab, data), one message naming
@@ -90,6 +91,32 @@ def cmd_smoke(args) -> int:
     return cmd_run(args)
 
 
+def cmd_make_student(args) -> int:
+    """A depth-pruned student from TEACHER (any model source: folder, .gguf, pkg:, tiny:teacher, hub repo)."""
+    from kd.config import ModelRef
+    from kd.errors import ConfigError
+    from kd.hub import pull_model
+    from kd.prune import make_student
+
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--layers: expected comma-separated layer numbers, got {args.layers!r}") from None
+    try:
+        ref = ModelRef(repo=args.teacher, gguf_file=args.gguf_file, revision=args.revision)
+    except ValueError as err:
+        raise ConfigError(f"--from: {err}") from None
+    teacher = pull_model(ref, "teacher", dtype=args.dtype)
+    try:
+        kept = make_student(teacher.local_dir, Path(args.out), layers=layers, keep_layers=args.keep_layers)
+    except ValueError as err:  # PruneSpec's own checks (e.g. layers not increasing)
+        raise ConfigError(f"--layers/--keep-layers: {err}") from None
+    print(f"student: {Path(args.out).resolve()} ({len(kept)} decoder layers of the teacher's: {kept})")
+    return 0
+
+
 def cmd_make_tiny(args) -> int:
     from kd.tiny import make_tiny
 
@@ -172,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     run.set_defaults(func=cmd_run)
+
+    ms = sub.add_parser("make-student", help="write a layer-pruned copy of a teacher (a HF folder) to OUT")
+    ms.add_argument("out")
+    ms.add_argument("--from", dest="teacher", required=True,
+                    help="teacher: HF folder, .gguf file, pkg:DIST/FILE, tiny:teacher or hub repo id")
+    keep = ms.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-layers", type=int, help="keep N decoder layers, evenly spaced, first and last included")
+    keep.add_argument("--layers", help="keep exactly these decoder layers, e.g. 0,3,6,9")
+    ms.add_argument("--gguf-file", help="GGUF file inside the hub repo given by --from")
+    ms.add_argument("--revision", default="main", help="hub revision of --from")
+    ms.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="dtype a GGUF teacher is dequantized to (and the student is stored in)")
+    ms.set_defaults(func=cmd_make_student)
 
     tiny = sub.add_parser("make-tiny", help="write OUT/teacher and OUT/student tiny models")
     tiny.add_argument("out")

@@ -335,6 +335,17 @@ class EvalConfig(_Part):
         description="Collapse gate: student-after mean entropy ≥ this × log(vocab size) (near uniform) counts "
         "as collapsed.",
     )
+    # --- sample generations (issue 11; kd/samples.py)
+    sample_prompts: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["The capital of France is", "Write one sentence about the sea.",
+                                 "Once upon a time"],
+        max_length=16,
+        description="Fixed prompts completed greedily by teacher, student-before and student-after, side by side "
+        "in the evidence (samples.md) and the UI. Chat-templated when the tokenizer has a chat template.",
+    )
+    sample_max_new_tokens: int = Field(
+        24, ge=0, le=512, description="Tokens generated per prompt and model (0: no samples)."
+    )
 
 
 class OrchestrationConfig(_Part):

@@ -138,6 +138,32 @@ class StepLineage(_Result):
     rerun_reason: str | None = Field(None, description="Why a cache hit was discarded and the step run again")
 
 
+class TeacherCacheResult(_Result):
+    """The offline teacher's cache (kd/teacher_cache): where it is, what it holds, how this run got it."""
+
+    folder: str = Field(description="Absolute path of the content-addressed cache folder")
+    key: str = Field(description="Content address: teacher, tokenizer, prepared data, k, encoding, temperature")
+    manifest_sha256: str = Field(description="sha256 of the cache's manifest.json (lists sha256 of every shard)")
+    stat: str = Field(description="Size + mtime fingerprint of the shards when this result was made")
+    status: Literal["built", "resumed", "repaired", "reused"] = Field(
+        description="built from scratch, resumed after a crash, repaired (bad shards rebuilt), or reused as it was")
+    built_by_run: str = Field(description="The run that started building this cache")
+    top_k: int
+    vocab: int = Field(description="Valid vocab ids the top-k are drawn from")
+    encoding: dict = Field(description="Encoding and its bytes per token (kd/teacher_cache/encoding.py)")
+    cache_temperature: float = Field(description="Stored log-probs are log softmax(teacher logits / this)")
+    exactness: dict[str, str] = Field(description="What the sparse loss computes exactly and what approximately")
+    tokens: int = Field(description="Tokens (next-token positions) stored, train + held-out")
+    shards: int
+    shards_built: int = Field(description="Shards this call computed (0 when reused)")
+    teacher_forwards: int = Field(description="Teacher forward passes this call ran (0 when reused)")
+    bytes: int
+    bytes_per_token: float
+    build_tokens_per_s: float | None = Field(None, description="Teacher tokens/s of the build (the last one that ran)")
+    build_wall_s: float | None = None
+    produced_by: Provenance | None = Field(None, description="The run whose cache step made this result")
+
+
 class TrainResult(_Result):
     """What training produced."""
 
@@ -159,6 +185,9 @@ class TrainResult(_Result):
     device: str
     dtype: str
     produced_by: Provenance | None = Field(None, description="The run that trained it (kept when cached)")
+    teacher_cache: TeacherCacheResult | None = Field(
+        None, description="Offline mode (kd.teacher_mode=offline): the teacher cache the student was trained from; "
+        "the teacher itself was never loaded")
 
 
 class ModelEval(_Result):
@@ -180,6 +209,15 @@ class Falsifier(_Result):
     verdict: Literal["pass", "fail"]
 
 
+class SampleGeneration(_Result):
+    """One fixed prompt and each model's greedy completion of it (kd/samples.py)."""
+
+    prompt: str
+    chat_template: bool = Field(description="The prompt was wrapped in the tokenizer's chat template")
+    max_new_tokens: int
+    completions: dict[str, str] = Field(description="model (teacher, student_before, student_after) -> completion")
+
+
 class EvalReport(_Result):
     teacher: ModelEval
     student_before: ModelEval
@@ -187,6 +225,8 @@ class EvalReport(_Result):
     vocab_size: int
     gates: list[Falsifier] = Field(default_factory=list)
     produced_by: Provenance | None = Field(None, description="The run that evaluated (kept when cached)")
+    samples: list[SampleGeneration] = Field(
+        default_factory=list, description="Greedy completions of eval.sample_prompts by the three models")
 
     @property
     def passed(self) -> bool:

@@ -13,7 +13,7 @@ What huggingface_hub 2.4 and transformers 5 ask of a hub, as served here:
        files), Content-Length / X-Linked-Size, Range support (206) for resumed downloads
   (datasets: /api/datasets/... and /datasets/{repo}/resolve/...)
   misses -> 404 + X-Error-Code RepoNotFound | RevisionNotFound | EntryNotFound; gated -> 401 GatedRepo
-*.safetensors, *.bin, *.pt, *.parquet are treated as LFS files (listed with lfs.oid = sha256). Commits are
+*.safetensors, *.bin, *.pt, *.parquet, *.gguf are treated as LFS files (listed with lfs.oid = sha256). Commits are
 fake but stable: a sha1 over the repo's paths and git blob ids.
 """
 
@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".parquet")
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".parquet", ".gguf")
 
 
 def git_blob_sha1(data: bytes) -> str:

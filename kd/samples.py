@@ -1,0 +1,110 @@
+"""Sample generations: fixed prompts, greedy completions from teacher, student-before and student-after.
+
+    samples = generate_samples({"teacher": t, "student_before": b, "student_after": a}, tokenizer_dir,
+                               cfg.eval.sample_prompts, max_new_tokens=cfg.eval.sample_max_new_tokens,
+                               valid_vocab=alignment.valid_vocab)
+    write_samples(samples, run_dir)          # samples.json + samples.md
+    print(samples_markdown(samples))         # the `sample-generations` artifact
+
+Metrics say how far the student is from the teacher; a few completions side by side say what
+that means. Prompts are chat-templated when the tokenizer has a chat template (an instruct
+model answers a user turn), else used as raw text. Decoding is greedy (deterministic) and every
+model only picks ids below `valid_vocab`, so each completion decodes with the student's tokenizer
+(the teacher's padding rows can never be emitted).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kd.results import SampleGeneration
+
+MODEL_ORDER = ("teacher", "student_before", "student_after")
+JSON_FILE, MD_FILE = "samples.json", "samples.md"
+
+
+def _prompt_ids(tokenizer, prompt: str) -> tuple[torch.Tensor, bool]:
+    """(1, T) input ids and whether the chat template was used."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]), True
+    ids = tokenizer(prompt)["input_ids"]
+    return torch.tensor([ids]), False
+
+
+class _OnlyValidIds:
+    """Logits processor: ids ≥ valid_vocab (padding rows, teacher-only tokens) can never be picked."""
+
+    def __init__(self, valid_vocab: int):
+        self.valid_vocab = valid_vocab
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.valid_vocab:] = float("-inf")
+        return scores
+
+
+@torch.no_grad()
+def generate_samples(models: dict, tokenizer_dir: str | Path, prompts: list[str], *, max_new_tokens: int,
+                     valid_vocab: int, device: str = "cpu") -> list[SampleGeneration]:
+    """Greedy completions of every prompt by every model in `models` ({name: causal LM})."""
+    from transformers import AutoTokenizer, LogitsProcessorList
+
+    if not prompts or max_new_tokens <= 0:
+        return []
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt in prompts:
+        ids, templated = _prompt_ids(tokenizer, prompt)
+        ids = ids.to(device)
+        completions = {}
+        for name in [n for n in MODEL_ORDER if n in models] + [n for n in models if n not in MODEL_ORDER]:
+            model = models[name]
+            was_training = model.training
+            model.eval()
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                num_beams=1, pad_token_id=eos if eos is not None else 0,
+                logits_processor=LogitsProcessorList([_OnlyValidIds(valid_vocab)]),
+                # a model's generation_config may ask for sampling; greedy is what we mean here
+                temperature=None, top_p=None, top_k=None,
+            )
+            model.train(was_training)
+            completions[name] = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        out.append(SampleGeneration(prompt=prompt, chat_template=templated, max_new_tokens=max_new_tokens,
+                                    completions=completions))
+    return out
+
+
+def _cell(text: str) -> str:
+    """One markdown table cell: pipes escaped, newlines shown as ⏎, never empty."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ").strip()
+    return text or "*(empty)*"
+
+
+def samples_markdown(samples: list[SampleGeneration], title: str = "Sample generations") -> str:
+    lines = [f"# {title}", "",
+             "Greedy completions of fixed prompts (`eval.sample_prompts`) by the teacher, the student before "
+             "training and the student after.", ""]
+    for i, s in enumerate(samples, 1):
+        how = "chat-templated user turn" if s.chat_template else "raw text"
+        lines += [f"## Prompt {i} ({how}, ≤ {s.max_new_tokens} new tokens)", "", f"> {_cell(s.prompt)}", "",
+                  "| model | completion |", "|---|---|"]
+        lines += [f"| {name.replace('_', '-')} | {_cell(text)} |" for name, text in s.completions.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_samples(samples: list[SampleGeneration], folder: str | Path) -> dict[str, Path]:
+    """samples.json and samples.md in `folder`; returns {file name: path}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {JSON_FILE: folder / JSON_FILE, MD_FILE: folder / MD_FILE}
+    paths[JSON_FILE].write_text(json.dumps([s.model_dump() for s in samples], indent=2, ensure_ascii=False) + "\n",
+                                encoding="utf-8")
+    paths[MD_FILE].write_text(samples_markdown(samples) + "\n", encoding="utf-8")
+    return paths

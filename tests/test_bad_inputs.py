@@ -676,6 +676,9 @@ SUBPROCESS_CASES = [
     ("proc-nine-token-corpus", _data("nine.txt", "hello world\n"), ("needs about 569", "9 tokens")),
     ("proc-data-missing", lambda tmp, good: dry_run_args(tmp, *good, f"data.source={tmp}/gone.jsonl"),
      ("gone.jsonl", "no such file")),
+    # a real run, not a dry run: refused before Prefect starts (no server, no flow run, no evidence folder)
+    ("proc-run-truncated-safetensors", lambda tmp, good: [a for a in _student_broken(
+        lambda d: _cut(1)(d / "model.safetensors"))(tmp, good) if a != "--dry-run"], ("model.safetensors", "truncated")),
 ]
 
 

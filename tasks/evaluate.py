@@ -6,12 +6,10 @@ the flow then fails the run. Cached on the checkpoint's content and the eval con
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from prefect import task
 from safetensors.torch import load_file
-from prefect.artifacts import create_table_artifact
 
 from backends import get_backend
 from kd.config import RunConfig
@@ -20,6 +18,7 @@ from kd.errors import ModelError
 from kd.evaluate import evaluate_run
 from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.train import resolve_device
+from tasks import artifacts
 from tasks.policy import content_key, provenance, retry_transient
 
 
@@ -58,19 +57,5 @@ def evaluate(
         load(training.checkpoint_dir, config.student), heldout, alignment, config.eval,
         chunk_size=config.kd.chunk_size, device=device,
     )
-    rows = []
-    for name in ("teacher", "student_before", "student_after"):
-        m = getattr(report, name)
-        rows.append({"model": name.replace("_", "-"), "loss": _cell(m.loss), "perplexity": _cell(m.perplexity),
-                     "kl_to_teacher": _cell(m.kl_to_teacher), "top1_agreement": _cell(m.top1_agreement),
-                     "tokens": m.tokens})
-    create_table_artifact(key="eval-comparison", table=rows, description=(
-        "Held-out metrics; gates: " + ", ".join(f"{g.id}={g.verdict}" for g in report.gates)))
+    artifacts.eval_comparison(report)  # 4 significant figures and an `after − before` row
     return report.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run
-
-
-def _cell(x: float | None) -> float | str | None:
-    """Table cells must be JSON: a NaN/inf metric (a failing run) is shown as text, not dropped."""
-    if x is None:
-        return None
-    return round(x, 5) if math.isfinite(x) else str(x)

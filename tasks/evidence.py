@@ -16,11 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact
+from prefect.logging import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from kd.config import RunConfig
 from kd.manifest import Manifest, write_evidence
+from tasks import artifacts
 from kd.results import (EvalReport, Falsifier, ModelSnapshot, PreflightReport, PreparedData, StepLineage,
                         TrainResult, VocabAlignment)
 
@@ -48,14 +50,18 @@ def write_evidence_task(
         lineage=lineage,
     )
     signed = sign_with_secret_block(run_dir, config.orchestration.evidence_signing_key_block)
-    rows = "\n".join(f"| {f.id} | {f.claim} | {f.observed} | **{f.verdict}** |" for f in manifest.falsifiers)
-    create_markdown_artifact(
-        key="evidence-summary",
-        markdown=f"# Run {run_name}: **{manifest.run.status.upper()}**\n\n"
-        f"Evidence folder: `{run_dir}`{signed}\n\n| falsifier | claim | observed | verdict |\n|---|---|---|---|\n"
-        f"{rows}\n",
-        description="Falsifier verdicts of this run",
-    )
+    # the run page: cached steps' artifacts rebuilt (naming their producer), loss curve, verdicts (also logged)
+    artifacts.rebuild_cached(manifest.lineage, teacher=teacher, student=student, alignment=alignment,
+                             training=training, evaluation=evaluation, prepared=prepared, flow_run_id=flow_run_id)
+    trained = manifest.lineage.get("train_student")
+    artifacts.loss_curve(run_dir, training.metrics_path if training else None, run_name,
+                         trained.produced_by_run if trained is not None and trained.cached else None)
+    artifacts.evidence_summary(manifest, run_name, run_dir, signed)
+    log = get_run_logger()
+    for f in manifest.falsifiers:
+        (log.info if f.verdict == "pass" else log.warning)("%s %s: %s (%s)", f.verdict.upper(), f.id, f.claim,
+                                                           f.observed[:300])
+    log.info("run %s: %s; evidence %s", run_name, manifest.run.status.upper(), run_dir)
     create_link_artifact(key="evidence-folder", link=run_dir.resolve().as_uri(), link_text=str(run_dir),
                          description="This run's evidence folder: manifest.json and every file it hashes")
     return manifest

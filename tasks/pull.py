@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from tasks import artifacts
 
 from kd.config import ModelRef, RunConfig
 from kd.hub import pull_model, resolve_commit
@@ -44,10 +44,5 @@ def _pull_key(context, parameters) -> str:
 def pull_models(config: RunConfig) -> tuple[ModelSnapshot, ModelSnapshot]:
     teacher = pull_model(config.teacher, "teacher")
     student = pull_model(config.student, "student")
-    create_table_artifact(
-        key="pull-files",
-        table=[{"role": s.role, "repo": s.repo, "commit": s.resolved_commit, "file": f, "sha256": h}
-               for s in (teacher, student) for f, h in sorted(s.files.items())],
-        description="Every model file with its sha256 and the resolved commit",
-    )
+    artifacts.pull_files(teacher, student)  # sizes in MB/GB
     return teacher, student

@@ -7,10 +7,12 @@ the data's content and the code version. Training holds one slot of the global c
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging import get_run_logger
 
 from kd.config import RunConfig
 from kd.data import data_fingerprint, model_max_positions, open_prepared, pack_dataset
@@ -18,6 +20,7 @@ from kd.hashing import code_version
 from kd.results import ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.train import train_student
 from tasks.policy import content_key, fresh_key, provenance, resume_fingerprint, retry_transient, train_outputs_problems
+from tasks import artifacts
 from tasks.slots import gpu_slot
 
 
@@ -49,10 +52,17 @@ def train_student_task(
     progress_id = create_progress_artifact(progress=0.0, key="train-progress",
                                            description=f"Training {config.train.steps} steps")
     every = max(1, config.train.steps // 50)
+    log, first = get_run_logger(), []  # first: (step before the first one seen, its time), for the ETA
 
     def on_step(row: dict) -> None:
-        if row["step"] % every == 0 or row["step"] == row["total_steps"]:
-            update_progress_artifact(progress_id, progress=100.0 * row["step"] / row["total_steps"])
+        first or first.extend((row["step"] - 1, time.perf_counter() - row.get("step_s", 0.0)))
+        last = row["step"] == row["total_steps"]
+        if (row["step"] % config.train.log_every == 0 or last) and "world_size" not in row:
+            log.info(artifacts.step_line(row))  # the run's Logs tab (torchrun events are logged by their launcher)
+        if row["step"] % every == 0 or last:
+            update_progress_artifact(progress_id, progress=100.0 * row["step"] / row["total_steps"],
+                                     description=artifacts.progress_text(row, time.perf_counter() - first[1],
+                                                                         first[0]))
 
     run_dir = Path(config.work_dir).expanduser().resolve() / run_name  # results hold absolute paths
     with gpu_slot(config.orchestration.gpu_slots):
@@ -63,11 +73,7 @@ def train_student_task(
             result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
                                    run_dir, on_step=on_step)
     result = result.model_copy(update={"produced_by": provenance(run_name)})  # a cache hit keeps naming this run
-    create_table_artifact(
-        key="train-metrics",
-        table=[{"metric": k, "value": str(v)} for k, v in result.model_dump().items()],
-        description="Training summary",
-    )
+    artifacts.train_metrics(result)
     return result
 
 

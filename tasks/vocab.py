@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from tasks import artifacts
 
 from backends import get_backend
 from kd.config import RunConfig
@@ -44,9 +44,5 @@ def check_vocab(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapsho
                 f"that the student's vocab does not have (kd.max_dropped_mass={config.kd.max_dropped_mass:g}): "
                 "those rows carry real signal, the vocabularies do not align"
             )
-    create_table_artifact(
-        key="vocab-alignment",
-        table=[{"field": k, "value": str(v)} for k, v in alignment.model_dump().items()],
-        description=f"Vocabulary alignment: {alignment.verdict}",
-    )
+    artifacts.vocab_alignment(alignment)
     return alignment

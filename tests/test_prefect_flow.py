@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 
 CACHED_STEPS = ("pull_models", "check_vocab", "prepare_data", "train_student", "evaluate")
 NEVER_CACHED = ("preflight", "write_evidence")
-ARTIFACT_KEYS = {"preflight-plan", "pull-files", "vocab-alignment", "train-progress", "train-metrics",
-                 "eval-comparison", "evidence-summary", "evidence-folder"}
+ARTIFACT_KEYS = {"preflight-plan", "pull-files", "vocab-alignment", "prepared-data", "train-progress", "train-metrics",
+                 "eval-comparison", "loss-curve", "evidence-summary", "evidence-folder"}
+STEP_ARTIFACTS = {"pull_models": ("pull-files",), "check_vocab": ("vocab-alignment",), "prepare_data": ("prepared-data",),
+                  "train_student": ("train-progress", "train-metrics"), "evaluate": ("eval-comparison",)}
 CHECKPOINT_EVERY, FAIL_AT_STEP = 3, 5  # the transient failure hits step 5, after the step-3 checkpoint
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -72,10 +74,16 @@ def test_first_run_completes_every_task_and_verifies(first_run):
     assert re.fullmatch(r"distill-tiny-student-from-tiny-teacher-\d{8}-\d{6}", first_run.result["run"])
 
 
-def test_second_run_of_same_config_is_cached(first_run):
-    """Same content, new run: pull/vocab/train/eval are `Cached` on the server; preflight and evidence run."""
-    second = _run(first_run.config.model_copy(update={
+@pytest.fixture(scope="module")
+def cached_run(first_run) -> Run:
+    """The same config again, cache on: pull/vocab/prepare/train/eval are served from the cache."""
+    return _run(first_run.config.model_copy(update={
         "orchestration": first_run.config.orchestration.model_copy(update={"refresh_cache": False})}))
+
+
+def test_second_run_of_same_config_is_cached(first_run, cached_run):
+    """Same content, new run: pull/vocab/train/eval are `Cached` on the server; preflight and evidence run."""
+    second = cached_run
     assert second.flow_run_id != first_run.flow_run_id
     states = task_states(second.flow_run_id)
     assert {k: states[k] for k in CACHED_STEPS} == {k: "Cached" for k in CACHED_STEPS}, states
@@ -181,17 +189,55 @@ def test_every_task_leaves_its_artifacts(first_run):
         assert {f: pulled[(role, f)] for f in files} == files
     vocab = {r["field"]: r["value"] for r in table("vocab-alignment")}
     assert vocab["verdict"] == manifest["vocab"]["verdict"]
-    assert int(vocab["rows_kept"]) == manifest["vocab"]["rows_kept"]
+    assert int(vocab["rows_kept"].replace(",", "")) == manifest["vocab"]["rows_kept"]
     assert float(arts["train-progress"].data) == pytest.approx(100.0)
     metrics = {r["metric"]: r["value"] for r in table("train-metrics")}
-    assert float(metrics["final_loss"]) == pytest.approx(manifest["training"]["final_loss"])
+    assert float(metrics["final_loss"]) == pytest.approx(manifest["training"]["final_loss"], rel=1e-3)  # 4 sig. fig.
     rows = {r["model"]: r for r in table("eval-comparison")}
-    assert set(rows) == {"teacher", "student-before", "student-after"}
-    assert rows["student-after"]["loss"] == pytest.approx(manifest["eval"]["student_after"]["loss"], abs=1e-4)
+    assert set(rows) == {"teacher", "student-before", "student-after", "after − before"}
+    assert rows["student-after"]["loss"] == pytest.approx(manifest["eval"]["student_after"]["loss"], rel=1e-3)
+    delta = rows["after − before"]  # the change distillation made, per metric
+    assert delta["kl_to_teacher"] == pytest.approx(
+        manifest["eval"]["student_after"]["kl_to_teacher"] - manifest["eval"]["student_before"]["kl_to_teacher"],
+        rel=1e-3, abs=1e-4)
     summary = arts["evidence-summary"].data
     assert f"Run {first_run.result['run']}: **PASS**" in summary
     assert all(f["id"] in summary for f in manifest["falsifiers"])
     assert f"]({first_run.evidence.resolve().as_uri()})" in arts["evidence-folder"].data  # stored as a markdown link
+
+
+def test_cached_run_shows_every_artifact_and_names_the_run_it_reused(first_run, cached_run):
+    """A run whose steps were all served from the cache still has the full artifact set (rebuilt from
+    the cached results), each rebuilt one naming the run that produced it; the loss curve too."""
+    arts = artifacts(cached_run.flow_run_id)
+    assert set(arts) == ARTIFACT_KEYS
+    source = first_run.result["run"]
+    states = task_states(cached_run.flow_run_id)
+    assert states["train_student"] == states["evaluate"] == "Cached"
+    rebuilt = [key for step, keys in STEP_ARTIFACTS.items() if states[step] == "Cached" for key in keys]
+    for key in rebuilt:  # each names the run that computed the result it shows
+        assert f"reused from run {source}" in (arts[key].description or ""), (key, arts[key].description)
+    assert float(arts["train-progress"].data) == pytest.approx(100.0)
+    curve = arts["loss-curve"].data
+    assert "data:image/png;base64," in curve and source in curve
+    assert f"| train_student | cached | {source} |" in arts["evidence-summary"].data
+
+
+def test_run_logs_tell_the_story(first_run):
+    """The Logs tab: the preflight plan, a line per train.log_every steps, each verdict."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first_run.flow_run_id])))
+    text = "\n".join(log.message for log in logs)
+    steps = first_run.config.train.steps
+    assert "preflight passed" in text and "kdflow plan" in text
+    assert [f"step {i}/{steps} loss=" in text for i in range(1, steps + 1)] == [True] * steps
+    manifest = json.loads((first_run.evidence / "manifest.json").read_text())
+    for f in manifest["falsifiers"]:
+        assert f"{f['verdict'].upper()} {f['id']}" in text
+    assert f"run {first_run.result['run']}: PASS" in text
 
 
 @pytest.fixture
@@ -236,31 +282,47 @@ def ui_server(prefect_server, tmp_path):
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed: `apt-get install -y chromium`")
-def test_ui_flow_run_page_shows_the_artifacts(first_run, ui_server, tmp_path):
-    """What a person opening the run in the Prefect UI sees: the run name and every artifact key.
+def test_ui_shows_a_cached_runs_artifacts_and_loss_curve(cached_run, ui_server, tmp_path):
+    """What a person opening a CACHED run in the Prefect UI sees: the run name and every artifact on the
+    Artifacts tab, and the loss curve drawn on the loss-curve artifact's page.
 
     The flow-run page of the React UI (/v2) honours ?tab=Artifacts on a cold load (the classic UI resets
-    to Logs). The DOM is checked as text; the screenshot is kept at tmp_path/flow-run.png to look at
-    (and copied to $KDFLOW_SCREENSHOT_DIR when set)."""
-    url = f"{ui_server}/v2/runs/flow-run/{first_run.flow_run_id}?tab=Artifacts"
+    to Logs). The DOM is checked as text; the screenshots are kept in tmp_path (and copied to
+    $KDFLOW_SCREENSHOT_DIR when set: docs/img/ holds the ones in the docs)."""
 
-    def chromium(*mode: str) -> subprocess.CompletedProcess:
-        profile = tmp_path / f"profile-{len(mode[0])}"
-        return subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *mode, url],
+    def chromium(url: str, *mode: str, size: str = "1600,1100") -> subprocess.CompletedProcess:
+        profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
+        flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--window-size")] + [f"--window-size={size}"]
+        return subprocess.run([str(CHROMIUM), *flags, f"--user-data-dir={profile}", *mode, url],
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
-    dom = chromium("--dump-dom")
+    def visible_text(html: str) -> str:
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", html, flags=re.S)))
+
+    run_page = f"{ui_server}/v2/runs/flow-run/{cached_run.flow_run_id}?tab=Artifacts"
+    dom = chromium(run_page, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", dom.stdout, flags=re.S)))
-    assert first_run.result["run"] in text
+    text = visible_text(dom.stdout)
+    assert cached_run.result["run"] in text
     shown = {k for k in ARTIFACT_KEYS if k in text}
     assert shown == ARTIFACT_KEYS, f"missing in the UI: {ARTIFACT_KEYS - shown}"
 
-    png = tmp_path / "flow-run.png"
-    shot = chromium(f"--screenshot={png}")
-    assert shot.returncode == 0, shot.stderr[-2000:]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    curve = artifacts(cached_run.flow_run_id)["loss-curve"]
+    curve_page = f"{ui_server}/v2/artifacts/artifact/{curve.id}"
+    dom = chromium(curve_page, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert re.search(r'<img[^>]+src="data:image/png;base64,', dom.stdout), "the loss curve is not drawn"
+    assert "Loss curve" in visible_text(dom.stdout)
+
+    shots = {"prefect-ui-cached-run-artifacts.png": (run_page, "1600,1100"),
+             "prefect-ui-loss-curve.png": (curve_page, "1600,900")}
+    for name, (url, size) in shots.items():
+        png = tmp_path / name
+        shot = chromium(url, f"--screenshot={png}", size=size)
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     keep = os.environ.get("KDFLOW_SCREENSHOT_DIR")
-    if keep:  # e.g. KDFLOW_SCREENSHOT_DIR=bench/results to keep it as evidence
+    if keep:  # KDFLOW_SCREENSHOT_DIR=docs/img refreshes the pictures in docs/prefect.md
         Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(png, Path(keep) / "prefect-ui-flow-run.png")
+        for name in shots:
+            shutil.copy2(tmp_path / name, Path(keep) / name)

@@ -14,6 +14,7 @@ sides. Counts of skipped, truncated, dropped and split records go into the manif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from kd.results import PreparedData
 PREP_FORMAT = 1  # bump when the on-disk layout changes
 HELDOUT_SPLIT_SEED = 1234  # fixed: the held-out set must not move when the training seed changes
 MAP_BATCH = 1000
+TIMINGS: dict[str, float] = {}  # phase -> seconds of the current build (recorded in the manifest)
 _REASONS = (("no assistant turn", "no_assistant_turn"), ("is null", "null"), ("is empty", "empty"),
             ("not a string", "not_string"), ("is not one of", "unknown_role"), ("not valid JSON", "invalid_json"),
             ("has no field", "missing_field"), ("no token carries the loss", "no_loss_tokens"))
@@ -74,7 +76,9 @@ def _tokenise(path: Path, encoder: RecordEncoder, scratch: Path, num_proc: int):
     import datasets
     import pyarrow as pa
 
+    t0 = time.perf_counter()
     ds, kind = file_dataset(path, scratch / "cache")
+    TIMINGS["read_s"] = TIMINGS.get("read_s", 0.0) + time.perf_counter() - t0
     first_line = 0 if kind == "row" else 1
     cols = ds.column_names
 
@@ -83,21 +87,23 @@ def _tokenise(path: Path, encoder: RecordEncoder, scratch: Path, num_proc: int):
             raws = [dict(zip(cols, vals)) for vals in zip(*(batch[c] for c in cols))]
         else:
             raws = batch["raw"]
-        out = encoder.encode(kind, raws, [i + first_line for i in idx])
-        lens = np.asarray(out["n"], dtype=np.int32)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-        flat = lambda xs, dt: pa.array(np.concatenate(xs) if xs else np.zeros(0, dt))  # noqa: E731
+        ids, targets, lens, bad = encoder.encode_flat(kind, raws)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int32))
         return pa.table({
-            "ids": pa.ListArray.from_arrays(offsets, flat(out["ids"], np.uint32)),
-            "targets": pa.ListArray.from_arrays(offsets, flat(out["targets"], np.uint8)),
-            "n": pa.array(lens), "line": pa.array(np.asarray(out["line"], np.int64)), "bad": pa.array(out["bad"]),
+            "ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
+            "targets": pa.ListArray.from_arrays(offsets, pa.array(targets)),
+            "n": pa.array(lens), "line": pa.array(np.asarray(idx, np.int64) + first_line), "bad": pa.array(bad),
         })
 
     if kind != "row":
         ds = ds.with_format("python")
     procs = num_proc if len(ds) >= 2 * MAP_BATCH and num_proc > 1 else None
+    t0 = time.perf_counter()
     out = ds.map(encode, batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=cols,
-                 num_proc=procs, desc=None, cache_file_name=str(scratch / f"tok-{path.stem}.arrow"))
+                 num_proc=procs, desc=None, cache_file_name=str(scratch / f"tok-{path.stem}.arrow"),
+                 # our own fingerprint: datasets would otherwise hash (and print) the function's bytecode
+                 new_fingerprint=hashlib.sha256(f"{scratch.name}|{path}".encode()).hexdigest()[:32])
+    TIMINGS["tokenise_s"] = TIMINGS.get("tokenise_s", 0.0) + time.perf_counter() - t0
     return out.with_format("arrow"), kind
 
 
@@ -185,6 +191,7 @@ def _result(root: Path, wall: float, reused: bool) -> PreparedData:
 
 def _build(cfg, tokenizer_dir, files: list[Path], fmt: str, fp: str, tmp: Path) -> None:
     t0 = time.perf_counter()
+    TIMINGS.clear()
     L = cfg.seq_len
     eos = eos_id(tokenizer_dir)
     encoder = RecordEncoder.for_config(cfg, tokenizer_dir, fmt, eos)
@@ -220,6 +227,7 @@ def _build(cfg, tokenizer_dir, files: list[Path], fmt: str, fp: str, tmp: Path) 
     held = np.zeros(n_docs, bool)
     held[np.random.default_rng(HELDOUT_SPLIT_SEED).permutation(n_docs)[:n_held]] = True
 
+    t_pack = time.perf_counter()
     writers = {s: SplitWriter(tmp / s, L, eos, mode) for s in SPLITS}
     lengths = []
     g = 0
@@ -252,6 +260,7 @@ def _build(cfg, tokenizer_dir, files: list[Path], fmt: str, fp: str, tmp: Path) 
                         continue
                     w.add_doc(p_ids, p_tgt, fi, int(lines[j]))
     splits = {s: w.finish() for s, w in writers.items()}
+    TIMINGS["pack_write_s"] = time.perf_counter() - t_pack
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     counts.update(
         documents=n_docs, tokens=int(lengths.sum()), skipped=sum(skipped.values()),
@@ -269,7 +278,7 @@ def _build(cfg, tokenizer_dir, files: list[Path], fmt: str, fp: str, tmp: Path) 
         "tokenizer_dir": str(tokenizer_dir), "tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
         "config": cfg.model_dump(mode="json"), "counts": counts, "skipped": skipped,
         "length_histogram": _histogram(lengths), "splits": splits, "wall_s": wall,
-        "tokens_per_s": counts["tokens"] / max(wall, 1e-9), "samples": [],
+        "tokens_per_s": counts["tokens"] / max(wall, 1e-9), "samples": [], "timings": dict(TIMINGS),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     shutil.rmtree(tmp / "cache", ignore_errors=True)

@@ -26,6 +26,7 @@ from tasks.evidence import write_evidence_task
 from tasks.preflight import preflight
 from tasks.prepare import prepare_data_task
 from tasks.pull import pull_models
+from tasks.teacher_cache import cache_step
 from tasks.train import train_student_task
 from tasks.vocab import check_vocab
 
@@ -64,17 +65,19 @@ def distill(config: RunConfig) -> dict:
                 retry_delay_seconds=config.orchestration.retry_delay_s)
 
     report = preflight(config)
-    teacher = student = alignment = prepared = training = evaluation = None
+    teacher = student = alignment = prepared = teacher_cache = training = evaluation = None
     failure = None
     try:
         teacher, student = pull_models.with_options(**opts)(config)
         alignment = check_vocab.with_options(refresh_cache=refresh or None)(config, teacher, student)
         prepared = prepare_data_task.with_options(**opts)(config, student)
+        if config.kd.teacher_mode == "offline":  # the teacher runs once here; training never loads it
+            teacher_cache = cache_step(config, teacher, alignment, prepared, run_name, **opts)
         if config.orchestration.train_deployment:  # e.g. kd-train/gpu: runs on the gpu work pool's worker
-            training = train_via_deployment(config, teacher, student, alignment, run_name, prepared)
+            training = train_via_deployment(config, teacher, student, alignment, run_name, prepared, teacher_cache)
         else:
             training = train_student_task.with_options(**opts)(config, teacher, student, alignment, run_name,
-                                                               prepared)
+                                                               prepared, teacher_cache)
         evaluation = evaluate.with_options(refresh_cache=refresh or None)(config, teacher, student, alignment,
                                                                           training, prepared)
     except Exception as err:  # recorded in the evidence, then re-raised: a failed run stays failed

@@ -21,7 +21,7 @@ from prefect import flow
 
 from kd.config import RunConfig
 from kd.errors import InputError
-from kd.results import ModelSnapshot, PreparedData, TrainResult, VocabAlignment
+from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, TrainResult, VocabAlignment
 from tasks.train import train_student_task
 
 POLL_S = 2.0  # how often the parent asks the server whether the child has finished
@@ -35,18 +35,18 @@ class TrainingDeploymentFailed(RuntimeError):
       validate_parameters=True)
 def kd_train(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str,
-    prepared: PreparedData | None = None,
+    prepared: PreparedData | None = None, teacher_cache: TeacherCacheResult | None = None,
 ) -> TrainResult:
     """Train `config.student` from `config.teacher` (snapshots already pulled, vocab aligned, data prepared)."""
     o = config.orchestration
     train = train_student_task.with_options(refresh_cache=o.refresh_cache or None, retries=o.retries,
                                             retry_delay_seconds=o.retry_delay_s)
-    return train(config, teacher, student, alignment, run_name, prepared)
+    return train(config, teacher, student, alignment, run_name, prepared, teacher_cache)
 
 
 def train_via_deployment(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str,
-    prepared: PreparedData | None = None,
+    prepared: PreparedData | None = None, teacher_cache: TeacherCacheResult | None = None,
 ) -> TrainResult:
     """Run `kd_train` as the deployment `config.orchestration.train_deployment` and wait for it."""
     from prefect.deployments import run_deployment
@@ -55,7 +55,8 @@ def train_via_deployment(
     assert name, "orchestration.train_deployment is not set"
     parameters = {"config": config.model_dump(mode="json"), "teacher": teacher.model_dump(mode="json"),
                   "student": student.model_dump(mode="json"), "alignment": alignment.model_dump(mode="json"),
-                  "run_name": run_name, "prepared": None if prepared is None else prepared.model_dump(mode="json")}
+                  "run_name": run_name, "prepared": None if prepared is None else prepared.model_dump(mode="json"),
+                  "teacher_cache": None if teacher_cache is None else teacher_cache.model_dump(mode="json")}
     child = run_deployment(name, parameters=parameters, timeout=None, poll_interval=POLL_S)
     state = child.state
     where = f"training deployment {name}: flow run {child.name!r} ({child.id})"

@@ -35,8 +35,8 @@ from kd.config import RunConfig
 from kd.data import Batch, PackedData, train_batch
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
-from kd.losses import fused_linear_kd_loss
-from kd.results import TrainResult, VocabAlignment
+from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from kd.results import TeacherCacheResult, TrainResult, VocabAlignment
 from kd.trainer_state import STATE_JSON, is_checkpoint, load_trainer_state, save_trainer_state
 
 STATE_FILE = STATE_JSON  # the file that marks a finished checkpoint
@@ -44,6 +44,17 @@ HELDOUT_FILE = "heldout.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 StepCallback = Callable[[dict], None]
+
+
+def _open_teacher_cache(cfg: RunConfig, teacher_cache, packed):
+    """kd.teacher_mode=offline: the cache's verified reader, bound to the training split; online: None."""
+    if cfg.kd.teacher_mode != "offline":
+        return None
+    if teacher_cache is None:
+        raise ConfigError("kd.teacher_mode: offline needs the cache_teacher_logits step's result (none was given)")
+    from kd.teacher_cache.step import open_for_training
+
+    return open_for_training(cfg, teacher_cache, packed)
 
 
 def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype, bool]:
@@ -176,6 +187,32 @@ class _Objective:
         )
 
 
+class _OfflineObjective:
+    """Student + the teacher's cached top-k (kd.teacher_mode=offline) -> sparse KD loss; no teacher in memory."""
+
+    def __init__(self, cfg: RunConfig, student, reader, alignment: VocabAlignment, autocast: bool, device: str):
+        self.cfg, self.student, self.reader = cfg, student, reader
+        self.alignment, self.autocast, self.device = alignment, autocast, device
+        self.backend = get_backend("hf")
+
+    def __call__(self, batch: Batch | torch.Tensor):
+        kd = self.cfg.kd
+        if not isinstance(batch, Batch):
+            batch = Batch(batch, batch[:, 1:], None)
+        t_ids, t_lp, t_tail = (x.to(self.device) for x in self.reader.targets(batch.ids, batch.position_ids))
+        ids, pos = batch.ids.to(self.device), None if batch.position_ids is None else batch.position_ids.to(self.device)
+        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            s_hidden = self.backend.hidden_states(self.student, ids, position_ids=pos)[:, :-1]
+        s_w, s_b = self.backend.output_head(self.student)
+        return fused_linear_sparse_kd_loss(
+            s_hidden.reshape(-1, s_hidden.shape[-1]), s_w, t_ids, t_lp, t_tail,
+            batch.labels.to(self.device).reshape(-1),
+            alpha=kd.alpha, temperature=kd.temperature, cache_temperature=self.reader.cache_temperature,
+            divergence=kd.divergence, beta=kd.jsd_beta, valid_vocab=self.alignment.valid_vocab,
+            chunk_size=kd.chunk_size, student_bias=s_b,
+        )
+
+
 def train_student(
     cfg: RunConfig,
     teacher_dir: str | Path,
@@ -185,6 +222,7 @@ def train_student(
     run_dir: str | Path,
     *,
     on_step: StepCallback | None = None,
+    teacher_cache: TeacherCacheResult | None = None,
 ) -> TrainResult:
     """Train the student for `cfg.train.steps` optimizer steps; resume if a checkpoint exists."""
     t0 = time.perf_counter()
@@ -205,15 +243,24 @@ def train_student(
     student = backend.load(resume or student_dir, device=device, dtype=dtype, trust_remote_code=trust)
     # the frozen teacher is stored in the training dtype (bf16 under bf16 autocast): half the memory,
     # and no recast of its weights at every forward
-    teacher = backend.load(teacher_dir, device=device, dtype=torch.bfloat16 if autocast else dtype,
-                           trust_remote_code=cfg.teacher.trust_remote_code)
-    teacher.eval().requires_grad_(False)
+    # offline (issue 13): a verified teacher cache bound to this data; the teacher is never loaded
+    offline = _open_teacher_cache(cfg, teacher_cache, packed)
+    teacher = None if offline is not None else backend.load(
+        teacher_dir, device=device, dtype=torch.bfloat16 if autocast else dtype,
+        trust_remote_code=cfg.teacher.trust_remote_code)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     student.train()
     if tc.gradient_checkpointing:  # recompute layer activations in backward (issue 14 config)
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from kd.distributed.model import enable_activation_checkpointing
+
+        enable_activation_checkpointing(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    objective = _Objective(cfg, student, teacher, alignment, autocast, device)
+    objective = (_Objective(cfg, student, teacher, alignment, autocast, device) if offline is None
+                 else _OfflineObjective(cfg, student, offline, alignment, autocast, device))
+    log.info("teacher: %s", "online (loaded, runs every step)" if offline is None else
+             f"offline cache {offline.folder} (top-k {offline.spec.k}, {offline.spec.encoding}); teacher not loaded")
 
     # A fixed probe batch measures initial and final loss on the same tokens (the smoke falsifier).
     probe = train_batch(packed.train, step=0, micro=0, batch_size=tc.batch_size, grad_accum=1, seed=tc.seed)
@@ -299,4 +346,5 @@ def train_student(
         initial_loss=initial_loss, final_loss=final_loss,
         tokens_per_s=tokens_per_step * trained_steps / max(wall, 1e-9), wall_s=wall,
         peak_memory_bytes=int(peak), device=device, dtype="bfloat16-autocast" if autocast else "float32",
+        teacher_cache=teacher_cache if offline is not None else None,
     )

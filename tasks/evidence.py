@@ -42,7 +42,8 @@ def write_evidence_task(
                                     observed=failure[:2000], verdict="fail"))
     run_dir = Path(config.evidence_dir).expanduser().resolve() / run_name
     models = {k: v for k, v in (("teacher", teacher), ("student", student)) if v is not None}
-    lineage = step_lineage(flow_run_id, run_name, {"train_student": training, "evaluate": evaluation})
+    lineage = step_lineage(flow_run_id, run_name, {"train_student": training, "evaluate": evaluation,
+                                                   "cache_teacher_logits": getattr(training, "teacher_cache", None)})
     manifest = write_evidence(
         run_dir, config=config.model_copy(update={"name": run_name}), preflight=preflight, models=models,
         vocab=alignment, training=training, eval_report=evaluation, falsifiers=falsifiers,
@@ -110,12 +111,12 @@ def sign_with_secret_block(run_dir: Path, block_name: str | None) -> str:
     from prefect.blocks.system import Secret
 
     from kd.signing import fingerprint, load_private_key, sign_run
-    from tasks.policy import _warn
+    from tasks.policy import warn_in_run
 
     try:
         pem = Secret.load(block_name).get()
     except ValueError:  # Prefect: "Unable to find block document named ..."
-        _warn(f"evidence not signed: no Prefect Secret block named {block_name!r}")
+        warn_in_run(f"evidence not signed: no Prefect Secret block named {block_name!r}")
         return f" (not signed: no Secret block `{block_name}`)"
     pem = pem if isinstance(pem, str) else str(pem)
     sign_run(run_dir, pem)

@@ -17,7 +17,8 @@ from prefect.logging import get_run_logger
 from kd.config import RunConfig
 from kd.data import data_fingerprint, model_max_positions, open_prepared, pack_dataset
 from kd.hashing import code_version
-from kd.results import ModelSnapshot, PreparedData, TrainResult, VocabAlignment
+from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, TrainResult, VocabAlignment
+from kd.teacher_cache.step import check_cache_is_for
 from kd.train import train_student
 from tasks.policy import content_key, fresh_key, provenance, resume_fingerprint, retry_transient, train_outputs_problems
 from tasks import artifacts
@@ -34,17 +35,25 @@ def _train_key(context, parameters) -> str:
             else data_fingerprint(cfg.data))
     key = content_key("train", t.content_hash, s.content_hash, parameters["alignment"].model_dump(),
                       data, cfg.data.model_dump(exclude={"num_proc"}), cfg.kd.model_dump(), train_cfg,
-                      code_version(), resume_fingerprint(cfg.train.resume_from))
+                      code_version(), resume_fingerprint(cfg.train.resume_from), _cache_part(parameters))
     # a hit whose checkpoint/metrics/log are gone or changed (or held relative paths) runs again
     return fresh_key(context, key, train_outputs_problems, "train_student")
+
+
+def _cache_part(parameters) -> list | None:
+    """Offline mode: the teacher cache trained from (its content address and manifest hash)."""
+    c = parameters.get("teacher_cache")
+    return None if c is None else [c.key, c.manifest_sha256]
 
 
 @task(name="train_student", cache_key_fn=_train_key, persist_result=True, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def train_student_task(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str,
-    prepared: PreparedData | None = None,
+    prepared: PreparedData | None = None, teacher_cache: TeacherCacheResult | None = None,
 ) -> TrainResult:
+    if teacher_cache is not None and prepared is not None:  # never train from another teacher's/data's cache
+        check_cache_is_for(config, teacher_cache, teacher, alignment, prepared)
     # the prepare_data step's memory-mapped set; prepared here only when called without one
     packed = (open_prepared(prepared.path) if prepared is not None else
               pack_dataset(config.data, student.local_dir, max_positions=model_max_positions(student.local_dir),
@@ -68,17 +77,18 @@ def train_student_task(
     with gpu_slot(config.orchestration.gpu_slots):
         if config.train.distributed != "none":  # torchrun, N ranks: kd/distributed (issue 14)
             result = _train_with_torchrun(config, teacher, student, alignment, packed,
-                                          run_dir, on_step)
+                                          run_dir, on_step, teacher_cache)
         else:
             result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
-                                   run_dir, on_step=on_step)
+                                   run_dir, on_step=on_step, teacher_cache=teacher_cache)
     result = result.model_copy(update={"produced_by": provenance(run_name)})  # a cache hit keeps naming this run
     artifacts.train_metrics(result)
     return result
 
 
 def _train_with_torchrun(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot,
-                         alignment: VocabAlignment, packed, run_dir: Path, on_step) -> TrainResult:
+                         alignment: VocabAlignment, packed, run_dir: Path, on_step,
+                         teacher_cache: TeacherCacheResult | None = None) -> TrainResult:
     """Launch torchrun as a child (own process group), stream rank 0 into the run log and progress
     artifact. A dead or silent rank raises TransientError within train.rank_timeout_s (the job is
     killed), so the task's retry resumes from the last distributed checkpoint; bad input raises the
@@ -102,5 +112,5 @@ def _train_with_torchrun(config: RunConfig, teacher: ModelSnapshot, student: Mod
             log.info("rank 0: %s", event.get("msg"))
 
     return run_torchrun(config, teacher.local_dir, student.local_dir, alignment, run_dir,
-                        prepared_dir=getattr(packed, "root", None), on_event=on_event,
+                        prepared_dir=getattr(packed, "root", None), teacher_cache=teacher_cache, on_event=on_event,
                         on_line=lambda line: log.info("torchrun | %s", line))

@@ -11,8 +11,8 @@ Two encodings (`TopKSpec.encoding`):
     into a unary bit vector of k + (V >> l) + 1 bits (the i-th set bit sits at high_i + i). Near the
     information bound log2 C(V, k); the order of the ids is not needed: the loss works on the set.
   * log-probs (in that id order) as `bits`-bit codes of the gap to the top-1, uniform with a per-token
-    step (float16): the gap range / (2^bits - 1). The loss renormalises the k+1 buckets, so the top-1's
-    own log-prob is implied by the stored tail mass and need not be stored.
+    step (float16): the gap range / (2^bits - 1). The top-1's own log-prob is not stored: the top-k
+    hold 1 - P_tail between them, which fixes it on decoding.
   * the log tail mass as float16.
   At V = 49,152 (SmolLM2), k = 128, bits = 6: 269 bytes/token (DistillKit's compressed format: ~300).
 """
@@ -131,7 +131,7 @@ def encode(ids: torch.Tensor, logprobs: torch.Tensor, log_tail: torch.Tensor, sp
 def decode(arrays: dict[str, np.ndarray], spec: TopKSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of stored arrays -> (ids (n, k) int64, log-probs (n, k) float32, log tail (n,) float32).
 
-    Packed log-probs come back relative to the top-1 (top-1 = 0): the loss renormalises the k+1 buckets.
+    Packed log-probs are stored relative to the top-1; they come back absolute, the top-k summing to 1 - P_tail.
     """
     k = spec.k
     if spec.encoding == "float32":
@@ -145,8 +145,11 @@ def decode(arrays: dict[str, np.ndarray], spec: TopKSpec) -> tuple[torch.Tensor,
     high = pos.reshape(n, k) - np.arange(k)
     ids = (high << spec.low_bits) | _unpack(arrays["ids_low"], k, spec.low_bits)
     codes = _unpack(arrays["lp_codes"], k, spec.logprob_bits).astype(np.float32)
-    lp = -codes * arrays["lp_step"].astype(np.float32)[:, None]
-    tail = arrays["log_tail"].astype(np.float32)
+    rel = torch.from_numpy(-codes * arrays["lp_step"].astype(np.float32)[:, None])  # log p - log p_top1
+    tail = torch.from_numpy(arrays["log_tail"].astype(np.float32))
     if k == spec.vocab:
-        tail = np.full_like(tail, -np.inf)
-    return torch.from_numpy(ids), torch.from_numpy(lp), torch.from_numpy(tail)
+        tail = torch.full_like(tail, float("-inf"))
+    # absolute log-probs: the top-k hold 1 - P_tail between them, so log p_top1 follows from the tail
+    top_mass = torch.log1p(-tail.exp().clamp(max=1 - 1e-7))
+    lp = rel - torch.logsumexp(rel, dim=1, keepdim=True) + top_mass[:, None]
+    return torch.from_numpy(ids), lp, tail

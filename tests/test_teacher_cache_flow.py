@@ -1,0 +1,61 @@
+"""Offline teacher through the real distill flow on a real Prefect server: the cache step is a DAG step,
+reused (Cached, read back from the API) by a second run with another alpha and lr, which runs zero
+teacher forwards; training never loads the teacher; the evidence names the cache and who built it."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from kd.config import load_config
+from tests.conftest import smoke_overrides
+from tests.prefect_helpers import task_states
+
+
+@pytest.mark.slow
+def test_second_run_with_other_alpha_and_lr_reuses_the_cache_without_teacher_forwards(
+        prefect_server, tiny_pair, tmp_path, monkeypatch):
+    from backends.hf import HFBackend
+    from flows.distill import distill
+
+    teacher_dir = str(tiny_pair[0])
+    loads: list[str] = []  # module that loaded the teacher, one entry per load
+    real_load = HFBackend.load
+
+    def spying_load(self, model_dir, **kw):
+        if str(model_dir) == teacher_dir:
+            loads.append(sys._getframe(1).f_globals["__name__"])
+        return real_load(self, model_dir, **kw)
+
+    monkeypatch.setattr(HFBackend, "load", spying_load)
+    base = smoke_overrides(tmp_path, steps=6) + [
+        # T = 1: at the smoke preset's T = 4 the tiny teacher is nearly flat over its 360 ids and a top-32 cache
+        # keeps too little of it for 6 steps to pass the KL gate (bench/results/teacher_cache-*.json measures k vs T)
+        "kd.teacher_mode=offline", "kd.top_k=32", "kd.temperature=1.0", f"kd.cache_dir={tmp_path / 'teacher-cache'}",
+        f"data.prepared_dir={tmp_path / 'prepared'}", "data.max_tokens=8000", "eval.max_batches=2"]
+    runs = []
+    for extra in (["kd.alpha=0.3", "train.lr=1e-3"], ["kd.alpha=0.5", "train.lr=5e-4"]):
+        loads.clear()
+        state = distill(load_config("configs/smoke.yaml", base + extra), return_state=True)
+        assert state.is_completed(), state
+        result = state.result()
+        states = task_states(state.state_details.flow_run_id)
+        manifest = json.loads((tmp_path / "evidence" / result["run"] / "manifest.json").read_text())
+        runs.append((result, states, manifest, list(loads)))
+
+    (r1, s1, m1, l1), (r2, s2, m2, l2) = runs
+    assert s1["cache_teacher_logits"] == "Completed" and s1["train_student"] == "Completed"
+    assert s2["cache_teacher_logits"] == "Cached" and s2["train_student"] == "Completed"
+    assert "kd.train" not in l1 + l2  # offline training never loads the teacher
+    assert "kd.teacher_cache.step" in l1 and "kd.teacher_cache.step" not in l2  # run 2: zero teacher forwards
+    c1, c2 = m1["training"]["teacher_cache"], m2["training"]["teacher_cache"]
+    assert c1["status"] == "built" and c1["teacher_forwards"] > 0
+    assert c2["status"] == "reused" and c2["teacher_forwards"] == 0 and c2["shards_built"] == 0
+    assert c1["folder"] == c2["folder"] and c1["manifest_sha256"] == c2["manifest_sha256"]
+    assert c2["built_by_run"] == r1["run"]
+    assert m2["lineage"]["cache_teacher_logits"]["cached"] is True
+    assert m2["lineage"]["cache_teacher_logits"]["produced_by_run"] == r1["run"]
+    assert m1["training"]["final_loss"] < m1["training"]["initial_loss"]
+    assert m2["config"]["kd"]["alpha"] == 0.5 and r2["status"] == "pass"

@@ -27,6 +27,16 @@ class _Part(BaseModel):
     # validators, so the JSON schema (the Prefect form, the server's parameter check) enforces them too.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_list_is_default(cls, data: Any) -> Any:
+        """Prefect's parameter check lets `null` through for any array (a cleared list in the UI form):
+        take it as the field's default instead of failing the run on the worker."""
+        if isinstance(data, dict):
+            lists = [n for n, f in cls.model_fields.items() if getattr(f.annotation, "__origin__", None) is list]
+            data = {k: v for k, v in data.items() if not (v is None and k in lists)}
+        return data
+
 
 FROM_TEACHER = "from-teacher"
 

@@ -42,7 +42,6 @@ from kd.config import RunConfig, format_validation_error
 from kd.errors import InputError
 from kd.hashing import digest_of, hash_tree, sha256_file
 from kd.plots import plot_loss_curve
-from kd.config import EvalConfig
 from kd.redact import recordable_env, redact, scrub, secret_values, shorten
 from kd.results import (
     EvalReport, Falsifier, ModelSnapshot, PreparedData, PreflightReport, StepLineage, TrainResult, VocabAlignment,
@@ -406,101 +405,17 @@ def load_manifest(run_dir: Path) -> Manifest:
 
 
 def verify_run_dir(run_dir: Path) -> list[str]:
-    """Problems with a run folder, each naming the file: the manifest must validate, every listed
-    file must exist with its sha256, and no unlisted file may be present. [] means intact."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return [f"{run_dir}: run folder not found"]
-    try:
-        m = load_manifest(run_dir)
-    except (EvidenceError, EvidenceInvalid) as err:
-        return [str(err).replace(str(run_dir / MANIFEST), MANIFEST)]
-    problems = []
-    for rel, want in sorted(m.files.items()):
-        if not _safe_rel(rel):
-            problems.append(f"{rel}: path escapes the run folder")
-            continue
-        p = run_dir / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif (got := sha256_file(p)) != want:
-            problems.append(f"{rel}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…)")
-    on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
-    problems += [f"{rel}: extra file not listed in {MANIFEST}"
-                 for rel in sorted(on_disk - set(m.files) - {MANIFEST, SIG_FILE})]
-    if m.checkpoint is not None:
-        if m.checkpoint.in_evidence:
-            listed = {r[len("checkpoint/"):]: d for r, d in m.files.items() if r.startswith("checkpoint/")}
-            if digest_of(listed) != m.checkpoint.sha256:
-                problems.append("checkpoint: sha256 does not match the files listed under checkpoint/")
-        elif Path(m.checkpoint.path).is_dir() and dir_sha256(Path(m.checkpoint.path)) != m.checkpoint.sha256:
-            problems.append(f"checkpoint {m.checkpoint.path}: sha256 mismatch")
-    reported = {p.split(":", 1)[0] for p in problems}  # a missing/changed file is named once, above
-    return problems + recheck_verdicts(m, run_dir, skip_files=reported)
+    """Problems with a run folder, each naming the file ([] when intact): see kd/verify.py."""
+    from kd.verify import verify_run_dir as _verify
 
-
-def _verdict_settings(m: Manifest) -> tuple[float, EvalConfig]:
-    """kd.max_dropped_mass and the eval config the manifest records (what its verdicts used)."""
-    cfg = m.config or {}
-    return float((cfg.get("kd") or {}).get("max_dropped_mass", 0.01)), EvalConfig.model_validate(cfg.get("eval") or {})
-
-
-def recheck_verdicts(m: Manifest, run_dir: Path, *, skip_files: set[str] = frozenset()) -> list[str]:
-    """Disagreements between the recorded verdicts and the ones the recorded numbers give.
-
-    eval.json must hold the manifest's eval numbers and metrics.jsonl must end at training.steps;
-    then every falsifier is recomputed with kd.verdicts (the functions that wrote it) from
-    training, vocab, eval and the recorded config, and so is the run status."""
-    import json
-
-    problems: list[str] = []
-    eval_file = run_dir / "eval.json"
-    if m.eval is not None and "eval.json" not in skip_files:
-        if not eval_file.is_file():
-            problems.append("eval.json: missing, but the manifest records an eval")
-        else:
-            try:
-                on_disk = EvalReport.model_validate_json(eval_file.read_text(encoding="utf-8"))
-                if on_disk.model_dump_json(exclude={"produced_by"}) != m.eval.model_dump_json(exclude={"produced_by"}):
-                    problems.append("eval.json: its numbers differ from the manifest's eval")
-            except (ValueError, UnicodeDecodeError) as err:
-                problems.append(f"eval.json: unreadable ({shorten(str(err), 200)})")
-    metrics = run_dir / "metrics.jsonl"
-    if m.training is not None and metrics.is_file() and "metrics.jsonl" not in skip_files:
-        try:
-            rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-            last = rows[-1]["step"] if rows else None
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
-            last = "unreadable"
-        trained = m.training.steps > m.training.resumed_from_step  # resumed at the last step: no new rows
-        if (last is not None or trained) and last != m.training.steps:
-            problems.append(f"metrics.jsonl: last step {last}, but training.steps is {m.training.steps}")
-    try:
-        max_dropped, eval_cfg = _verdict_settings(m)
-    except (ValidationError, TypeError, ValueError, AttributeError) as err:
-        return problems + [f"config: eval/kd settings unreadable, verdicts cannot be recomputed ({shorten(str(err), 200)})"]
-    recorded = {f.id: f for f in m.falsifiers}
-    for f in recompute_falsifiers(m.training, m.vocab, m.eval, max_dropped_mass=max_dropped, eval_cfg=eval_cfg):
-        got = recorded.get(f.id)
-        if got is None:
-            problems.append(f"{f.id}: missing from the manifest; the recorded numbers say {f.verdict} ({f.observed})")
-        elif got.verdict != f.verdict:
-            problems.append(f"{f.id}: manifest says {got.verdict}, the recorded numbers say {f.verdict} "
-                            f"({shorten(f.observed, 200)})")
-    status = run_status(m.falsifiers, training=m.training, eval_report=m.eval, notes=m.notes)
-    if status != m.run.status:
-        problems.append(f"run.status: manifest says {m.run.status}, its falsifiers and notes say {status}")
-    return problems
+    return _verify(run_dir)
 
 
 def recomputed_verdicts(m: Manifest) -> dict[str, str]:
-    """{falsifier id: verdict} recomputed from the recorded numbers (for `evidence show`)."""
-    try:
-        max_dropped, eval_cfg = _verdict_settings(m)
-    except (ValidationError, TypeError, ValueError, AttributeError):
-        return {}
-    fs = recompute_falsifiers(m.training, m.vocab, m.eval, max_dropped_mass=max_dropped, eval_cfg=eval_cfg)
-    return {f.id: f.verdict for f in fs}
+    """{falsifier id: verdict} recomputed from the recorded numbers: see kd/verify.py."""
+    from kd.verify import recomputed_verdicts as _recomputed
+
+    return _recomputed(m)
 
 
 # ---------------------------------------------------------------- reading for humans (kd/evidence_view.py)

@@ -58,7 +58,7 @@ def fresh_key(context, key: str, stale: Callable[[Any], list[str]], step: str) -
         run = getattr(context, "task_run", None)
         if run is not None and run.flow_run_id is not None:
             STALE_REASONS[(str(run.flow_run_id), step)] = reason
-        _warn(f"{step}: the cached result under {key} is stale ({reason}): running the step again")
+        warn_in_run(f"{step}: the cached result under {key} is stale ({reason}): running the step again")
         key = f"{key.split('~', 1)[0]}~{hashlib.sha256((key + reason).encode()).hexdigest()[:12]}"
     return key
 
@@ -92,7 +92,7 @@ def provenance(run_name: str | None = None):
     return Provenance(run_name=run_name or flow_run.name, flow_run_id=_id(flow_run.id), task_run_id=_id(task_run.id))
 
 
-def _warn(message: str) -> None:
+def warn_in_run(message: str) -> None:
     """To the task run's log (the UI shows it) when there is one, else to the kdflow logger."""
     try:
         from prefect import get_run_logger

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from safetensors.torch import load_file
+from tasks import artifacts
 
 from backends import get_backend
 from kd.config import RunConfig
@@ -17,8 +19,8 @@ from kd.data import data_fingerprint, open_prepared
 from kd.errors import ModelError
 from kd.evaluate import evaluate_run
 from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
+from kd.samples import generate_samples, samples_markdown
 from kd.train import resolve_device
-from tasks import artifacts
 from tasks.policy import content_key, provenance, retry_transient
 
 
@@ -52,10 +54,20 @@ def evaluate(
     # the held-out split of the prepared set training read (a folder), or an older run's safetensors blocks
     heldout = (open_prepared(training.heldout_path).heldout if Path(training.heldout_path).is_dir()
                else load_file(training.heldout_path)["heldout"])
+    models = {"teacher": load(teacher.local_dir, config.teacher),
+              "student_before": load(student.local_dir, config.student),
+              "student_after": load(training.checkpoint_dir, config.student)}
     report = evaluate_run(
-        load(teacher.local_dir, config.teacher), load(student.local_dir, config.student),
-        load(training.checkpoint_dir, config.student), heldout, alignment, config.eval,
+        models["teacher"], models["student_before"], models["student_after"], heldout, alignment, config.eval,
         chunk_size=config.kd.chunk_size, device=device,
     )
+    # what the numbers mean, readable: greedy completions of fixed prompts by the three models (kd/samples.py)
+    samples = generate_samples(models, student.local_dir, config.eval.sample_prompts,
+                               max_new_tokens=config.eval.sample_max_new_tokens,
+                               valid_vocab=alignment.valid_vocab, device=device)
+    report = report.model_copy(update={"samples": samples})
+    if samples:
+        create_markdown_artifact(key="sample-generations", markdown=samples_markdown(samples),
+                                 description="Greedy completions: teacher, student-before, student-after")
     artifacts.eval_comparison(report)  # 4 significant figures and an `after − before` row
     return report.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run

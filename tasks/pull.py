@@ -8,16 +8,26 @@ from prefect import task
 from tasks import artifacts
 
 from kd.config import ModelRef, RunConfig
+from kd.gguf import gguf_dtype
 from kd.hub import pull_model, resolve_commit
 from kd.results import ModelSnapshot
 from tasks.policy import content_key, retry_transient
 
 
-def source_fingerprint(ref: ModelRef) -> str:
+def source_fingerprint(ref: ModelRef, dtype: str = "float32") -> str:
     """What identifies a source's content without downloading it, and where it lives: the tiny
     models' folder, a local folder's listing (names, sizes, mtimes), or the hub commit the revision
     resolves to now (the cached one when offline). Whether the files are still on disk is part of
-    the key, so a cache hit never hands eval a snapshot folder that has since been deleted."""
+    the key, so a cache hit never hands eval a snapshot folder that has since been deleted.
+    GGUF sources: the file's sha256 and whether its converted folder (at `dtype`) exists; pruned
+    students: the pruned folders present (the teacher's fingerprint is in the key beside it)."""
+    if ref.kind == "pruned":
+        from kd.gguf import kdflow_home
+
+        made = sorted(p.parent.name for p in (kdflow_home() / "pruned").glob("*/kdflow-pruned.json"))
+        return f"pruned:{ref.init.model_dump_json()}:{made}"
+    if ref.is_gguf:
+        return _gguf_fingerprint(ref, dtype)
     if ref.kind == "tiny":
         from kd.tiny import tiny_dir
 
@@ -34,15 +44,33 @@ def source_fingerprint(ref: ModelRef) -> str:
     return f"{ref.repo}@{commit}:{isinstance(cached, str)}"
 
 
+def _gguf_fingerprint(ref: ModelRef, dtype: str) -> str:
+    from kd.gguf import converted_dir
+    from kd.hashing import sha256_memo
+
+    if ref.kind == "local":
+        path, where = Path(ref.repo).expanduser().resolve(), ref.repo
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        commit = resolve_commit(ref)
+        cached = try_to_load_from_cache(ref.repo, str(ref.gguf_file), revision=commit)
+        path, where = Path(cached) if isinstance(cached, str) else None, f"{ref.repo}@{commit}:{ref.gguf_file}"
+    sha = sha256_memo(path) if path is not None and path.is_file() else None
+    return f"gguf:{where}:{sha}:{dtype}:{sha is not None and converted_dir(sha, dtype).is_dir()}"
+
+
 def _pull_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
-    return content_key("pull", source_fingerprint(cfg.teacher), source_fingerprint(cfg.student))
+    dtype = gguf_dtype(cfg.train.dtype, cfg.train.device)
+    return content_key("pull", source_fingerprint(cfg.teacher, dtype), source_fingerprint(cfg.student, dtype))
 
 
 @task(name="pull_models", cache_key_fn=_pull_key, persist_result=True, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def pull_models(config: RunConfig) -> tuple[ModelSnapshot, ModelSnapshot]:
-    teacher = pull_model(config.teacher, "teacher")
-    student = pull_model(config.student, "student")
-    artifacts.pull_files(teacher, student)  # sizes in MB/GB
+    dtype = gguf_dtype(config.train.dtype, config.train.device)  # GGUF weights are dequantized to this
+    teacher = pull_model(config.teacher, "teacher", dtype=dtype)
+    student = pull_model(config.student, "student", teacher=teacher, dtype=dtype)
+    artifacts.pull_files(teacher, student)  # sizes in MB/GB, GGUF sources too
     return teacher, student

@@ -29,7 +29,7 @@ DTYPE_BITS = {
     "I64": 64, "U64": 64,
 }
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
-INDEX_SUFFIX = ".safetensors.index.json"
+WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"  # transformers' file names
 SHOW = 5  # names listed in one message
 
 
@@ -119,23 +119,33 @@ def read_index(path: Path) -> dict[str, str]:
 
 
 def inspect_safetensors(model_dir: Path) -> dict[str, TensorInfo]:
-    """Every tensor of the folder's .safetensors files; index.json (when present) must match them."""
-    files = sorted(model_dir.glob("*.safetensors"))
+    """Every tensor of the weight files transformers loads: the shards `model.safetensors.index.json`
+    names (which must match them), else `model.safetensors`. Other .safetensors files in the folder
+    (e.g. Mistral's consolidated.safetensors) are not loaded, so not inspected."""
+    index_path = model_dir / INDEX_NAME
+    wmap = read_index(index_path) if index_path.is_file() else None
+    if wmap is not None:
+        files = [model_dir / s for s in sorted(set(wmap.values()))]
+        missing_files = [f.name for f in files if not f.is_file()]
+        if missing_files:
+            raise ModelError(f"{index_path}: shard files missing: {_names(missing_files)}")
+    elif (model_dir / WEIGHTS_NAME).is_file():
+        files = [model_dir / WEIGHTS_NAME]
+    else:
+        found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        raise ModelError(f"{model_dir}: no {WEIGHTS_NAME} or {INDEX_NAME} (what transformers loads); "
+                         f".safetensors files there: {', '.join(found[:SHOW]) or 'none'}")
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         for name, info in read_safetensors_header(f).items():
             if name in tensors:
                 raise ModelError(f"{model_dir}: tensor {name!r} is in both {tensors[name].file} and {f.name}")
             tensors[name] = info
-    for index_path in sorted(model_dir.glob(f"*{INDEX_SUFFIX}")):
-        wmap = read_index(index_path)
-        missing_files = sorted({s for s in wmap.values() if not (model_dir / s).is_file()})
-        if missing_files:
-            raise ModelError(f"{index_path}: shard files missing: {_names(missing_files)}")
+    if wmap is not None:
         not_in_shard = [n for n, s in wmap.items() if n not in tensors or tensors[n].file != s]
         if not_in_shard:
             raise ModelError(f"{index_path}: tensors listed but not in the shard named: {_names(not_in_shard)}")
-        unlisted = [n for n, t in tensors.items() if n not in wmap and t.file in set(wmap.values())]
+        unlisted = [n for n in tensors if n not in wmap]
         if unlisted:
             raise ModelError(f"{index_path}: shards hold tensors the weight_map does not list: {_names(unlisted)}")
     return tensors

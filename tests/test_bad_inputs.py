@@ -199,6 +199,8 @@ def _only_pickle(d: Path) -> None:
 
 WEIGHT_FOLDER_CASES = [
     ("weights-none", lambda d: (d / "model.safetensors").unlink(), ("no weight files",)),
+    ("weights-only-other-safetensors", lambda d: (d / "model.safetensors").rename(d / "consolidated.safetensors"),
+     ("no model.safetensors", "consolidated.safetensors")),
     ("weights-pickle-only", _only_pickle, ("pytorch_model.bin", "pickle")),
     ("index-not-json", _index(raw='{"weight_map": {'), (INDEX, "not valid JSON")),
     ("index-no-weight-map", _index(raw='{"metadata": {}}'), (INDEX, "weight_map")),
@@ -208,7 +210,8 @@ WEIGHT_FOLDER_CASES = [
     ("index-tensor-not-in-shard", _index(lambda m: m.__setitem__("model.ghost.weight", "model.safetensors")),
      (INDEX, "model.ghost.weight")),
     ("index-unlisted-tensor", _index(lambda m: m.pop("model.norm.weight")), (INDEX, "model.norm.weight")),
-    ("weights-duplicate-tensor", lambda d: shutil.copy(d / "model.safetensors", d / "model-copy.safetensors"),
+    ("weights-duplicate-tensor", lambda d: (shutil.copy(d / "model.safetensors", d / "model-copy.safetensors"),
+                                            _index(lambda m: m.__setitem__("model.norm.weight", "model-copy.safetensors"))(d)),
      ("in both", "model-copy.safetensors")),
 ]
 
@@ -323,6 +326,13 @@ def test_architecture_against_weight_headers(case, corrupt, names, good, tmp_pat
 def test_the_good_models_pass_every_check(good):
     for d, role in ((good[0], "teacher"), (good[1], "student")):
         assert "Qwen2ForCausalLM" in inspect_model_folder(d, role)
+
+
+def test_safetensors_files_transformers_does_not_load_are_not_inspected(good, tmp_path):
+    """Mistral repos ship consolidated.safetensors beside model.safetensors; only the latter is loaded."""
+    student = copy_model(good[1], tmp_path)
+    (student / "consolidated.safetensors").write_bytes(b"not the weights transformers loads")
+    assert "Qwen2ForCausalLM" in inspect_model_folder(student, "student")
 
 
 def test_a_checkpoint_transformers_renames_on_load_is_not_refused(good, tmp_path):

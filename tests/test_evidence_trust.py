@@ -136,3 +136,19 @@ def test_flow_run_url_is_null_without_a_ui_url(tmp_path, inputs):  # noqa: F811
     """Prefect's flow_run.ui_url is "None/flow-runs/..." when no UI URL is configured: stored as null."""
     m = write_evidence(tmp_path / "e", **{**inputs, "flow_run_url": "None/flow-runs/flow-run/0b5e"})
     assert m.run.flow_run_url is None and json.loads((tmp_path / "e" / "manifest.json").read_text())["run"]["flow_run_url"] is None
+
+
+def test_run_folders_are_never_reused(tmp_path):
+    """The flow's rule (deployments too): an explicit name that exists is refused, a generated one gets a suffix."""
+    from kd.config import RunConfig
+    from kd.errors import ConfigError
+    from kd.manifest import claim_run_name
+
+    base = {"teacher": {"repo": "tiny:teacher"}, "student": {"repo": "tiny:student"},
+            "evidence_dir": str(tmp_path / "ev"), "work_dir": str(tmp_path / "runs")}
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    assert claim_run_name(RunConfig.model_validate({**base, "name": "r1"}), "r1", suffix="abc") == "r1"  # empty: free
+    (tmp_path / "runs" / "r1" / "metrics.jsonl").write_text("{}\n")  # an earlier run's work folder
+    with pytest.raises(ConfigError, match=r"name: run folder .*runs/r1 already exists"):
+        claim_run_name(RunConfig.model_validate({**base, "name": "r1"}), "r1", suffix="abc")
+    assert claim_run_name(RunConfig.model_validate(base), "r1", suffix="abc") == "r1-abc"

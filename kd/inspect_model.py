@@ -19,13 +19,15 @@ from pathlib import Path
 from kd.errors import ModelError
 from kd.inspect_weights import SHOW, TensorInfo
 
-# fields every decoder config needs, with the names other architectures give them (gpt2: n_embd, ...)
-REQUIRED_FIELDS = {
+# size fields and the names other architectures give them (gpt2: n_embd, ...)
+FIELD_ALIASES = {
     "hidden_size": ("hidden_size", "n_embd", "d_model"),
     "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers"),
     "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
     "vocab_size": ("vocab_size",),
 }
+# every causal LM has these (attention heads: not state-space models such as Mamba)
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size")
 # files transformers can build a tokenizer from when tokenizer.json is absent (sentencepiece, BPE pairs)
 OTHER_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "sentencepiece.bpe.model")
 
@@ -51,7 +53,7 @@ def read_json_file(path: Path, what: str) -> dict:
 def config_field(raw: dict, field: str):
     """A required field by its name or an architecture's alias, at the top or in `text_config`."""
     for scope in (raw, raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}):
-        for name in REQUIRED_FIELDS.get(field, (field,)):
+        for name in FIELD_ALIASES.get(field, (field,)):
             if name in scope:
                 return scope[name]
     return None
@@ -66,11 +68,11 @@ def read_model_config(model_dir: str | Path) -> dict:
     mt = raw.get("model_type")
     if not isinstance(mt, str) or not mt:
         raise ModelError(f"{path}: no \"model_type\" (which architecture is this?)")
-    for field in REQUIRED_FIELDS:
+    for field in FIELD_ALIASES:
         v = config_field(raw, field)
-        if v is None:
-            raise ModelError(f"{path}: lacks \"{field}\" (needed by every {mt} decoder)")
-        if type(v) is not int or v <= 0:
+        if v is None and field in REQUIRED_FIELDS:
+            raise ModelError(f"{path}: lacks \"{field}\" (every {mt} causal LM needs it)")
+        if v is not None and (type(v) is not int or v <= 0):
             raise ModelError(f"{path}: \"{field}\" must be a positive integer, got {v!r}")
     return raw
 

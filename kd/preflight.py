@@ -57,9 +57,12 @@ def estimate_params(cfg_json: dict) -> int:
     h, v = config_field(cfg_json, "hidden_size"), config_field(cfg_json, "vocab_size")
     layers, inter = config_field(cfg_json, "num_hidden_layers"), cfg_json.get("intermediate_size") or 4 * h
     heads = config_field(cfg_json, "num_attention_heads")
-    kv = cfg_json.get("num_key_value_heads", heads)
-    head_dim = cfg_json.get("head_dim") or h // heads
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    if heads:
+        kv = cfg_json.get("num_key_value_heads") or heads
+        head_dim = cfg_json.get("head_dim") or h // heads
+        attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    else:  # no attention heads (a state-space model): about as many mixing weights as q, k, v, o
+        attn = 4 * h * h
     mlp = 3 * h * inter
     emb = v * h * (1 if cfg_json.get("tie_word_embeddings", False) else 2)
     return layers * (attn + mlp + 2 * h) + emb + h

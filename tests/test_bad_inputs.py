@@ -247,7 +247,7 @@ CONFIG_CASES = [
     ("config-missing", lambda d: (d / "config.json").unlink(), ("config.json", "missing")),
     ("config-no-hidden-size", _cfg_edit(lambda c: c.pop("hidden_size")), ("config.json", '"hidden_size"')),
     ("config-no-layers", _cfg_edit(lambda c: c.pop("num_hidden_layers")), ("config.json", '"num_hidden_layers"')),
-    ("config-no-heads", _cfg_edit(lambda c: c.pop("num_attention_heads")), ("config.json", '"num_attention_heads"')),
+    ("config-heads-zero", _cfg_edit(lambda c: c.update(num_attention_heads=0)), ("config.json", '"num_attention_heads"')),
     ("config-no-vocab-size", _cfg_edit(lambda c: c.pop("vocab_size")), ("config.json", '"vocab_size"')),
     ("config-hidden-size-string", _cfg_edit(lambda c: c.update(hidden_size="64")), ("config.json", '"hidden_size"', "positive integer")),
     ("config-hidden-size-zero", _cfg_edit(lambda c: c.update(hidden_size=0)), ("config.json", '"hidden_size"', "got 0")),
@@ -265,6 +265,15 @@ def test_model_config(case, corrupt, names, good, tmp_path):
     student = copy_model(good[1], tmp_path)
     corrupt(student)
     refused(lambda: read_model_config(student), *names, root=tmp_path)
+
+
+def test_a_causal_lm_without_attention_heads_is_not_refused(tmp_path):
+    """Mamba has no attention heads: config.json is read, and the plan still sizes it."""
+    from kd.preflight import estimate_params
+
+    (tmp_path / "config.json").write_text(J({"model_type": "mamba", "hidden_size": 768, "num_hidden_layers": 24,
+                                             "vocab_size": 50280, "tie_word_embeddings": True}))
+    assert estimate_params(read_model_config(tmp_path)) > 0
 
 
 def test_model_folder_that_does_not_exist(tmp_path):
@@ -311,6 +320,8 @@ ARCH_CASES = [
     ("arch-vocab-size-larger", _cfg_edit(lambda c: c.update(vocab_size=512)), ("shape mismatch", "[384, 64]", "[512, 64]")),
     ("arch-untied-head-missing", _cfg_edit(lambda c: c.update(tie_word_embeddings=False)), ("missing", "lm_head.weight")),
     ("arch-intermediate-size-changed", _cfg_edit(lambda c: c.update(intermediate_size=256)), ("shape mismatch", "mlp.")),
+    # no heads in config.json: transformers silently uses Qwen2's default (32), which the weights contradict
+    ("arch-heads-missing-in-config", _cfg_edit(lambda c: c.pop("num_attention_heads")), ("shape mismatch", "k_proj")),
     ("arch-heads-do-not-divide", _cfg_edit(lambda c: c.update(num_attention_heads=3, num_key_value_heads=3)),
      ("q_proj",)),
 ]

@@ -66,4 +66,4 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_model_ref_kinds(tmp_path):
     cfg = load_config(None, ["teacher.repo=Qwen/Qwen2.5-7B", f"student.repo={tmp_path}"])
     assert cfg.teacher.kind == "hub" and cfg.student.kind == "local"
-    assert load_config(PRESETS[-1]).teacher.kind == "tiny"
+    assert load_config(PRESETS[0].parent / "smoke.yaml").teacher.kind == "tiny"

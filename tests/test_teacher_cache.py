@@ -151,3 +151,27 @@ def test_crashed_build_resumes_at_the_first_missing_shard(setup, tmp_path):
             assert x == y, (x, y)  # the same bytes, shard by shard
 
 
+
+
+@pytest.mark.parametrize("vocab, k", [(49152, 128), (49152, 64), (151936, 128), (360, 360), (360, 7)])
+def test_packed_encoding_round_trip_and_size(vocab, k):
+    """Same id set, log-probs within half a quantisation step, tail kept, and bytes/token as the formula says."""
+    import numpy as np
+
+    from kd.losses import sparse_teacher_targets
+    from kd.teacher_cache import decode, encode
+
+    g = torch.Generator().manual_seed(vocab + k)
+    ids, lp, tail = sparse_teacher_targets(torch.randn(40, vocab, generator=g) * 3, k, 1.0)
+    spec = TopKSpec(k, vocab, "packed", 6)
+    arrays = encode(ids, lp, tail, spec)
+    assert sum(a.nbytes for a in arrays.values()) == 40 * spec.bytes_per_token()
+    i2, lp2, tail2 = decode(arrays, spec)
+    order1, order2 = ids.sort(1), i2.sort(1)
+    assert torch.equal(order1.values, order2.values)
+    a, b = lp.gather(1, order1.indices), lp2.gather(1, order2.indices)
+    step = torch.from_numpy(arrays["lp_step"].astype(np.float32))[:, None]
+    assert bool(((a - b).abs() <= step + 2e-3).all())  # half a step each side, plus the float16 tail
+    if k < vocab:
+        assert torch.allclose(tail, tail2, atol=2e-3)
+    assert spec.bytes_per_token() < (300 if k == 128 and vocab <= 151936 else 10**6)

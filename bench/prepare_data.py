@@ -74,16 +74,16 @@ def make_corpus(path: Path, tokens: int, tok_dir: Path, seed: int) -> dict:
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     tokens_per_word = len(tok.encode(sample).ids) / 200_000
     n_words = int(tokens / tokens_per_word)
+    vocab_list = vocab.tolist()
     t0 = time.perf_counter()
     written = docs = 0
     with open(path, "w", encoding="utf-8") as f:
         while written < n_words:
             batch = int(min(4096, max(1, (n_words - written) / 300)))
             lens = np.clip(rng.lognormal(5.5, 1.0, batch).astype(int), 8, 8000)  # median ~250 words
-            idx = rng.choice(len(vocab), int(lens.sum()), p=p)
-            flat = vocab[idx]
-            cuts = np.cumsum(lens)[:-1]
-            f.write("\n".join(" ".join(d) + "." for d in np.split(flat, cuts)) + "\n")
+            ws = list(map(vocab_list.__getitem__, rng.choice(len(vocab), int(lens.sum()), p=p).tolist()))
+            starts = np.concatenate([[0], np.cumsum(lens)]).tolist()
+            f.write("\n".join(" ".join(ws[i:j]) + "." for i, j in zip(starts[:-1], starts[1:])) + "\n")
             written += int(lens.sum())
             docs += len(lens)
     info = {"path": str(path), "bytes": path.stat().st_size, "documents": docs, "words": written,
@@ -232,12 +232,18 @@ def main() -> None:
 
     base = encode_batch_rate(Path(big["path"]), tok_dir, a.baseline_tokens)
     print(f"encode_batch: {base['tokens_per_s']:,.0f} tokens/s")
+    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"prepare_data-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
+    partial.write_text(json.dumps({"tokenizer": which, "corpus": big, "baseline_before": base}, indent=2))
     prep = run_child(CHILD_PREPARE, big["path"], prepared, a.seq_len, a.num_proc, tok_dir, sample_tree=True)
     tokens = prep["counts"]["tokens"]
     prep["tokens_per_s"] = tokens / prep["wall_s"]
     base_after = encode_batch_rate(Path(big["path"]), tok_dir, a.baseline_tokens)  # load may drift: bracket it
     baseline = (base["tokens_per_s"] + base_after["tokens_per_s"]) / 2
     print(f"prepare: {prep['tokens_per_s']:,.0f} tokens/s ({prep['tokens_per_s'] / baseline:.0%} of encode_batch)")
+    partial.write_text(json.dumps({"tokenizer": which, "corpus": big, "baseline_before": base,
+                                   "baseline_after": base_after, "prepare": prep}, indent=2))
     reopen = run_child(CHILD_REOPEN, prep["path"])
     small_prep = run_child(CHILD_PREPARE, small["path"], prepared, a.seq_len, a.num_proc, tok_dir)
     models = tiny_models(work / "models", tok_dir, a.seq_len)
@@ -266,9 +272,8 @@ def main() -> None:
             "train_rss_within_100MB": abs(train_big["maxrss_mb"] - train_small["maxrss_mb"]) <= 100,
         },
     }
-    out = Path(a.out) if a.out else REPO / "bench" / "results" / f"prepare_data-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     print(json.dumps({k: result[k] for k in ("prepare_vs_encode_batch", "checks")}, indent=2))
     print(f"peak RSS: prepare process {prep['self_peak_rss_mb']:.0f} MB, largest worker "
           f"{prep['worker_peak_rss_mb']:.0f} MB, process tree PSS {prep['tree_peak_pss_mb']:.0f} MB; reopen "

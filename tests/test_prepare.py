@@ -239,3 +239,24 @@ def test_training_and_eval_read_the_prepared_set_without_tokenising(tmp_path, ti
                        rows_kept=al.rows_kept, valid_vocab=al.valid_vocab, batch_size=4)
     assert m.tokens == r.counts["heldout_target_tokens"]  # eval scores exactly the tokens training would
     assert train_batch(ps.train, step=0, micro=0, batch_size=2, grad_accum=1, seed=0).labels.shape == (2, 127)
+
+
+@pytest.mark.slow
+def test_bad_chat_data_through_the_cli_exits_2_and_leaves_fail_evidence(tmp_path, prefect_server, tiny_pair, capsys,
+                                                                        chat_student):
+    """The real `kdflow run`: the prepare_data task fails on a bad record, the CLI exits 2 with one line
+    naming file, line and field, and the evidence says fail."""
+    from kd.cli import main
+
+    recs = _conversations(30)
+    recs[7]["messages"][0]["role"] = "human"
+    src = _jsonl(tmp_path / "chat.jsonl", recs)
+    code = main(["run", "configs/smoke.yaml", "--evidence-dir", str(tmp_path / "ev"), "--set", f"data.source={src}",
+                 "--set", f"work_dir={tmp_path / 'runs'}", "--set", f"data.prepared_dir={tmp_path / 'prep'}",
+                 "--set", f"student.repo={chat_student}", "--set", f"teacher.repo={chat_student}",
+                 "--set", "data.seq_len=128", "--set", "train.steps=2", "--set", "train.warmup_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "chat.jsonl:8: messages[0].role: 'human' is not one of system, user, assistant, tool" in err
+    manifest = json.loads(next((tmp_path / "ev").glob("*/manifest.json")).read_text())
+    assert manifest["run"]["status"] == "fail" and manifest["data"] is None

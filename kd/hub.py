@@ -43,7 +43,7 @@ log = logging.getLogger("kdflow.hub")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SIDE_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja")  # configs, tokenizers, chat templates
-DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")  # what kd.data reads
+DATA_SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")  # what kd.data reads (kd.data.sources.DATA_SUFFIXES)
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 Select = Callable[[list[str]], list[str]]

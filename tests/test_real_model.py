@@ -166,12 +166,12 @@ def test_make_student_keeping_every_layer_reproduces_the_teacher_exactly(tmp_pat
 
 
 def test_make_student_from_the_gguf(tmp_path, smollm2_dir, capsys):
-    assert main(["make-student", str(tmp_path / "s"), "--from", PKG, "--keep-layers", "10"]) == 0
-    assert str(TEN_OF_THIRTY) in capsys.readouterr().out
+    assert main(["make-student", str(tmp_path / "s"), "--from", PKG, "--keep-layers", "2"]) == 0
+    assert "[0, 29]" in capsys.readouterr().out  # the first and the last of 30
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
-    assert model.config.num_hidden_layers == 10 and model.config.tie_word_embeddings
+    assert model.config.num_hidden_layers == 2 and model.config.tie_word_embeddings
     assert AutoTokenizer.from_pretrained(tmp_path / "s").chat_template  # the teacher's tokenizer, template too
 
 

@@ -329,8 +329,9 @@ def format_plan(report: PreflightReport) -> str:
     for role in ("teacher", "student"):
         m = p[role]
         rev = f"@{m['revision']}" if m.get("revision") else ""
+        extra = "".join(f", {k} {m[k]}" for k in ("quant_types", "layers") if m.get(k))  # GGUF / pruned (issue 11)
         lines.append(f"  {role:8} {m['repo']}{rev} ({m['kind']}, params ~{_size(m.get('params'))}, "
-                     f"vocab {m.get('vocab_size', '?')})")
+                     f"vocab {m.get('vocab_size', '?')}{extra})")
     lines += [
         f"  data     {p['data']['source']} (seq_len {p['data']['seq_len']})",
         f"  steps    {p['steps']} x {p['tokens_per_step']} tokens",

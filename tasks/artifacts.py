@@ -176,7 +176,7 @@ def loss_curve(run_dir: Path, metrics_path: str | Path | None, run_name: str, re
     """The evidence folder's loss_curve.png on the run page, with a sparkline and the numbers."""
     losses = read_losses(metrics_path) if metrics_path else []
     png = Path(run_dir) / "loss_curve.png"
-    parts = [f"# Loss curve: {run_name}{reused(reused_from)}\n"]
+    parts = [f"# Loss curve\n\nRun `{run_name}`{reused(reused_from)}\n"]
     if losses:
         parts.append(f"`{sparkline(losses)}`  loss {sig(losses[0])} → {sig(losses[-1])} over {len(losses)} "
                      f"logged steps\n")

@@ -175,7 +175,7 @@ def test_validation_error_in_training_is_not_retried(first_run, monkeypatch, tmp
 
 def test_every_task_leaves_its_artifacts(first_run):
     arts = artifacts(first_run.flow_run_id)
-    assert set(arts) == ARTIFACT_KEYS
+    assert set(arts) >= ARTIFACT_KEYS  # (+ sample-generations when eval generates samples)
     manifest = json.loads((first_run.evidence / "manifest.json").read_text())
 
     def table(key):
@@ -210,7 +210,8 @@ def test_cached_run_shows_every_artifact_and_names_the_run_it_reused(first_run, 
     """A run whose steps were all served from the cache still has the full artifact set (rebuilt from
     the cached results), each rebuilt one naming the run that produced it; the loss curve too."""
     arts = artifacts(cached_run.flow_run_id)
-    assert set(arts) == ARTIFACT_KEYS
+    assert set(arts) >= ARTIFACT_KEYS
+    assert set(arts) == set(artifacts(first_run.flow_run_id))  # the same set as the run that computed them
     source = first_run.result["run"]
     states = task_states(cached_run.flow_run_id)
     assert states["train_student"] == states["evaluate"] == "Cached"
@@ -314,7 +315,7 @@ def test_ui_shows_a_cached_runs_artifacts_and_loss_curve(cached_run, ui_server, 
     assert re.search(r'<img[^>]+src="data:image/png;base64,', dom.stdout), "the loss curve is not drawn"
     assert "Loss curve" in visible_text(dom.stdout)
 
-    shots = {"prefect-ui-cached-run-artifacts.png": (run_page, "1600,1100"),
+    shots = {"prefect-ui-cached-run-artifacts.png": (run_page, "1600,1500"),
              "prefect-ui-loss-curve.png": (curve_page, "1600,900")}
     for name, (url, size) in shots.items():
         png = tmp_path / name

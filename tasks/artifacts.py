@@ -192,7 +192,7 @@ def loss_curve(run_dir: Path, metrics_path: str | Path | None, run_name: str, re
 def evidence_summary(manifest, run_name: str, run_dir: Path, signed: str = "") -> None:
     """Verdicts first and short (fits a 1600 px window); the observations, which can be long, below."""
     status = manifest.run.status.upper()
-    rows = "\n".join(f"| {'✅' if f.verdict == 'pass' else '❌'} **{f.verdict}** | `{f.id}` | {_short(f.claim, 70)} |"
+    rows = "\n".join(f"| **{f.verdict if f.verdict == 'pass' else f.verdict.upper()}** | `{f.id}` | {_short(f.claim, 70)} |"
                      for f in manifest.falsifiers)
     observed = "\n".join(f"- `{f.id}`: {_short(f.observed, 400)}" for f in manifest.falsifiers)
     lineage = getattr(manifest, "lineage", None) or {}

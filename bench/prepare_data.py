@@ -217,6 +217,7 @@ def main() -> None:
     ap.add_argument("--baseline-tokens", type=int, default=20_000_000, help="tokens encoded for the baseline rate")
     ap.add_argument("--work", default="/tmp/kdflow-bench-prepare")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-train", action="store_true", help="leave out the training-RSS comparison (step 5)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -247,8 +248,9 @@ def main() -> None:
     reopen = run_child(CHILD_REOPEN, prep["path"])
     small_prep = run_child(CHILD_PREPARE, small["path"], prepared, a.seq_len, a.num_proc, tok_dir)
     models = tiny_models(work / "models", tok_dir, a.seq_len)
-    train_small = run_child(CHILD_TRAIN, models, small_prep["path"], work / "run-small")
-    train_big = run_child(CHILD_TRAIN, models, prep["path"], work / "run-big")
+    skipped = {"maxrss_mb": float("nan"), "skipped": True}
+    train_small = skipped if a.skip_train else run_child(CHILD_TRAIN, models, small_prep["path"], work / "run-small")
+    train_big = skipped if a.skip_train else run_child(CHILD_TRAIN, models, prep["path"], work / "run-big")
     shutil.rmtree(work / "run-small", ignore_errors=True)
     shutil.rmtree(work / "run-big", ignore_errors=True)
 

@@ -14,6 +14,7 @@ sides. Counts of skipped, truncated, dropped and split records go into the manif
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from kd.results import PreparedData
 PREP_FORMAT = 1  # bump when the on-disk layout changes
 HELDOUT_SPLIT_SEED = 1234  # fixed: the held-out set must not move when the training seed changes
 MAP_BATCH = 1000
+SHARD_BYTES = 64 << 20  # input Arrow bytes per map call
 TIMINGS: dict[str, float] = {}  # phase -> seconds of the current build (recorded in the manifest)
 _REASONS = (("no assistant turn", "no_assistant_turn"), ("is null", "null"), ("is empty", "empty"),
             ("not a string", "not_string"), ("is not one of", "unknown_role"), ("not valid JSON", "invalid_json"),
@@ -82,7 +84,7 @@ def _tokenise(path: Path, encoder: RecordEncoder, scratch: Path, num_proc: int):
     first_line = 0 if kind == "row" else 1
     cols = ds.column_names
 
-    def encode(batch, idx):
+    def encode(batch, idx, base=0):
         if kind == "row":
             raws = [dict(zip(cols, vals)) for vals in zip(*(batch[c] for c in cols))]
         else:
@@ -92,17 +94,27 @@ def _tokenise(path: Path, encoder: RecordEncoder, scratch: Path, num_proc: int):
         return pa.table({
             "ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
             "targets": pa.ListArray.from_arrays(offsets, pa.array(targets)),
-            "n": pa.array(lens), "line": pa.array(np.asarray(idx, np.int64) + first_line), "bad": pa.array(bad),
+            "n": pa.array(lens), "line": pa.array(np.asarray(idx, np.int64) + base + first_line),
+            "bad": pa.array(bad),
         })
 
     if kind != "row":
         ds = ds.with_format("python")
-    procs = num_proc if len(ds) >= 2 * MAP_BATCH and num_proc > 1 else None
     t0 = time.perf_counter()
-    out = ds.map(encode, batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=cols,
-                 num_proc=procs, desc=None, cache_file_name=str(scratch / f"tok-{path.stem}.arrow"),
-                 # our own fingerprint: datasets would otherwise hash (and print) the function's bytecode
-                 new_fingerprint=hashlib.sha256(f"{scratch.name}|{path}".encode()).hexdigest()[:32])
+    # Shards of ~SHARD_BYTES, each mapped by fresh worker processes: a worker only ever maps (and so
+    # holds in its RSS) its part of one shard of the memory-mapped input, whatever the corpus size.
+    k = max(1, -(-ds.data.nbytes // SHARD_BYTES))
+    bounds = np.linspace(0, len(ds), k + 1).astype(int)
+    parts = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = ds if k == 1 else ds.select(range(a, b))
+        procs = num_proc if len(part) >= 2 * MAP_BATCH and num_proc > 1 else None
+        parts.append(part.map(
+            functools.partial(encode, base=int(a)), batched=True, batch_size=MAP_BATCH, with_indices=True,
+            remove_columns=cols, num_proc=procs, desc=None, cache_file_name=str(scratch / f"tok-{path.stem}-{i}.arrow"),
+            # our own fingerprint: datasets would otherwise hash (and print) the function's bytecode
+            new_fingerprint=hashlib.sha256(f"{scratch.name}|{path}|{i}".encode()).hexdigest()[:32]))
+    out = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     TIMINGS["tokenise_s"] = TIMINGS.get("tokenise_s", 0.0) + time.perf_counter() - t0
     return out.with_format("arrow"), kind
 

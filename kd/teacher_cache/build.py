@@ -86,7 +86,10 @@ def build_teacher_cache(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plan = _plan_splits(splits, spec, blocks_per_shard)
-    m = read_manifest(folder)
+    try:
+        m = read_manifest(folder)
+    except DataError:  # an unreadable manifest vouches for nothing: build again from scratch
+        m = None
     if m is not None:
         check_identity(folder, m, identity)
         for name, info in plan.items():

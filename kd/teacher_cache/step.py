@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from kd.config import RunConfig
-from kd.errors import ConfigError
+from kd.errors import ConfigError, DataError
 from kd.losses import SPARSE_EXACTNESS
 from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, VocabAlignment
 from kd.teacher_cache.build import build_teacher_cache
@@ -86,7 +86,10 @@ def cache_teacher_logits(cfg: RunConfig, teacher: ModelSnapshot, alignment: Voca
 def cache_problems(result: TeacherCacheResult) -> list[str]:
     """Why a cached step result cannot be handed on: its folder is gone, incomplete or changed since."""
     folder = Path(result.folder)
-    now = stat_fingerprint(folder)
+    try:
+        now = stat_fingerprint(folder)
+    except DataError as err:  # an unreadable manifest: the step must run (and rebuild) again
+        return [str(err)]
     if now in ("missing", "incomplete"):
         return [f"teacher cache {folder} is {now}"]
     if now != result.stat:

@@ -15,7 +15,7 @@ from kd.errors import ConfigError
 from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, sparse_teacher_targets
 from tests.test_losses import DIV_BETA, close_to_ref, floors, problems, run_fused
 
-FAST = settings(max_examples=12, deadline=None)
+FAST = settings(max_examples=8, deadline=None)
 
 
 def teacher_logits(p, dtype=torch.float32):

@@ -30,7 +30,7 @@ def setup(tiny_pair, tmp_path_factory):
 
     teacher_dir, student_dir = tiny_pair
     cfg = load_config("configs/smoke.yaml", [f"data.prepared_dir={tmp_path_factory.mktemp('prepared')}",
-                                             "data.max_tokens=3000"])
+                                             "data.max_tokens=2500"])
     prepared = prepare_data(cfg.data, student_dir)
     ps = open_prepared(prepared.path)
     alignment = align_vocab(teacher_dir, student_dir)
@@ -55,7 +55,7 @@ def build(setup, folder=None, *, k=16, encoding="packed", run="run-a", identity=
 
     splits = {"train": setup["ps"].train, "heldout": setup["ps"].heldout}
     out = build_teacher_cache(folder, ident, spec, load, splits, temperature=TEMP, rows_kept=a.rows_kept,
-                              run_name=run, batch_size=8, chunk_size=64, blocks_per_shard=kw.pop("bps", 32), **kw)
+                              run_name=run, batch_size=8, chunk_size=64, blocks_per_shard=kw.pop("bps", 16), **kw)
     out["teacher_loads"] = len(loads)
     return out, ident
 

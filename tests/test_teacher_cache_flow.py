@@ -34,7 +34,7 @@ def test_second_run_with_other_alpha_and_lr_reuses_the_cache_without_teacher_for
         # T = 1: at the smoke preset's T = 4 the tiny teacher is nearly flat over its 360 ids and a top-32 cache
         # keeps too little of it for 6 steps to pass the KL gate (bench/results/teacher_cache-*.json measures k vs T)
         "kd.teacher_mode=offline", "kd.top_k=32", "kd.temperature=1.0", f"kd.cache_dir={tmp_path / 'teacher-cache'}",
-        f"data.prepared_dir={tmp_path / 'prepared'}", "data.max_tokens=8000", "eval.max_batches=2"]
+        f"data.prepared_dir={tmp_path / 'prepared'}", "data.max_tokens=5000", "eval.max_batches=2"]
     runs = []
     for extra in (["kd.alpha=0.3", "train.lr=1e-3"], ["kd.alpha=0.5", "train.lr=5e-4"]):
         loads.clear()

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from kd.config import load_config
+from kd.manifest import verify_run_dir
 from tests.conftest import smoke_overrides
-from tests.prefect_helpers import task_states
+from tests.prefect_helpers import artifacts, task_states
 
 
 @pytest.mark.slow
@@ -43,6 +44,9 @@ def test_second_run_with_other_alpha_and_lr_reuses_the_cache_without_teacher_for
         result = state.result()
         states = task_states(state.state_details.flow_run_id)
         manifest = json.loads((tmp_path / "evidence" / result["run"] / "manifest.json").read_text())
+        assert verify_run_dir(tmp_path / "evidence" / result["run"]) == []
+        table = {r["field"]: r["value"] for r in json.loads(artifacts(state.state_details.flow_run_id)["teacher-cache"].data)}
+        manifest["_artifact"] = table
         runs.append((result, states, manifest, list(loads)))
 
     (r1, s1, m1, l1), (r2, s2, m2, l2) = runs
@@ -59,3 +63,6 @@ def test_second_run_with_other_alpha_and_lr_reuses_the_cache_without_teacher_for
     assert m2["lineage"]["cache_teacher_logits"]["produced_by_run"] == r1["run"]
     assert m1["training"]["final_loss"] < m1["training"]["initial_loss"]
     assert m2["config"]["kd"]["alpha"] == 0.5 and r2["status"] == "pass"
+    a1, a2 = m1["_artifact"], m2["_artifact"]  # the run page's teacher-cache table, read from the API
+    assert a1["status"] == "built" and a2["status"].startswith("reused") and a2["teacher forwards now"] == "0"
+    assert float(a1["bytes/token on disk"]) > 0 and a1["build tokens/s"] != "–" and int(a1["shards"]) >= 2

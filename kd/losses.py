@@ -29,6 +29,10 @@ that into grad_hidden (N, H), grad_weight (V, H) and grad_bias, and keeps only t
 Measured by bench/kd_loss.py (2 CPU cores, H=896, V=151,936, N=2048, fp32 fwd+bwd, JSD, chunk 256): peak
 828 MB over baseline (545 MB of it is grad_weight) vs 15,436 MB for the plain reference and 3,197 MB for
 Liger's LigerFusedLinearJSDLoss; 47 s vs 154 s and 108 s. See bench/results/.
+
+`fused_linear_sparse_kd_loss` is the offline-teacher form (kd.teacher_mode=offline): the teacher is a stored
+top-k of log-probs plus a tail mass (kd/teacher_cache), the divergence runs over k+1 buckets, the student side
+is the same chunked fused-linear computation; `SPARSE_EXACTNESS` says what is exact and what approximate.
 """
 
 from __future__ import annotations

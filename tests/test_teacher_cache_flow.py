@@ -66,3 +66,53 @@ def test_second_run_with_other_alpha_and_lr_reuses_the_cache_without_teacher_for
     a1, a2 = m1["_artifact"], m2["_artifact"]  # the run page's teacher-cache table, read from the API
     assert a1["status"] == "built" and a2["status"].startswith("reused") and a2["teacher forwards now"] == "0"
     assert float(a1["bytes/token on disk"]) > 0 and a1["build tokens/s"] != "–" and int(a1["shards"]) >= 2
+
+
+def _fake_cache_result():
+    from kd.results import TeacherCacheResult
+
+    return TeacherCacheResult(
+        folder="/x/cache/abc", key="abc", manifest_sha256="0" * 64, stat="s", status="built", built_by_run="run-0",
+        top_k=64, vocab=360, encoding={"encoding": "packed", "bytes_per_token": 81}, cache_temperature=1.0,
+        exactness={}, tokens=10, shards=1, shards_built=1, teacher_forwards=1, bytes=810, bytes_per_token=81.0)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_cache_step_delegates_to_its_deployment(monkeypatch, crash):
+    """orchestration.cache_deployment: the step runs as that deployment (JSON parameters, waits as long as
+    it takes); its result comes back, and a crashed child fails the run naming the child."""
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    import prefect.deployments
+    from prefect.states import Completed, Crashed
+
+    from flows.teacher_cache import CacheDeploymentFailed
+    from kd.results import ModelSnapshot, PreparedData, VocabAlignment
+    from tasks.teacher_cache import cache_step
+
+    want = _fake_cache_result()
+    child = SimpleNamespace(id=uuid4(), name="teacher-cache-run-1",
+                            state=Crashed(message="worker lost") if crash else Completed(data=want))
+    seen = {}
+
+    def fake_run_deployment(name, parameters, timeout, poll_interval):
+        seen.update(name=name, parameters=parameters, timeout=timeout)
+        return child
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    cfg = load_config("configs/smoke.yaml", ["kd.teacher_mode=offline",
+                                             "orchestration.cache_deployment=kd-teacher-cache/teacher"])
+    snap = ModelSnapshot(role="teacher", repo="tiny:teacher", revision="main", kind="tiny", resolved_commit="local",
+                         local_dir="/x/t", files={"a": "0" * 64}, total_bytes=1)
+    al = VocabAlignment(verdict="identical", teacher_rows=384, student_rows=384, teacher_tokenizer_size=360,
+                        student_tokenizer_size=360, rows_kept=384, valid_vocab=360)
+    prep = PreparedData(path="/x/p", fingerprint="f", content_hash="c", format="text", seq_len=64, source_files=[],
+                        tokenizer_sha256="t", counts={})
+    if crash:
+        with pytest.raises(CacheDeploymentFailed, match="kd-teacher-cache/teacher.*teacher-cache-run-1.*Crashed"):
+            cache_step(cfg, snap, al, prep, "run-1")
+    else:
+        assert cache_step(cfg, snap, al, prep, "run-1") == want
+    assert seen["name"] == "kd-teacher-cache/teacher" and seen["timeout"] is None
+    assert seen["parameters"]["run_name"] == "run-1" and json.dumps(seen["parameters"])

@@ -284,3 +284,30 @@ def test_input_error_of_rank_0_keeps_its_class(tiny_pair, tmp_path, monkeypatch)
     monkeypatch.setattr(launch, "torchrun_command", lambda cfg, spec: [sys.executable, "-c", "import sys; sys.exit(1)"])
     with pytest.raises(TransientError, match="status 1"):
         run_torchrun(cfg, teacher, student, align_vocab(teacher, student), tmp_path, on_event=lambda e: None)
+
+
+def test_dcp_metadata_is_read_without_running_a_pickle(tmp_path):
+    """DCP's `.metadata` is a pickle: kdflow's reader loads a real one and refuses a payload unrun."""
+    import os
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from kd.distributed.checkpoint import SafeReader
+    from kd.errors import ConfigError
+
+    model = torch.nn.Linear(3, 2)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp_path / "real"))
+    assert "model.weight" in SafeReader(str(tmp_path / "real")).read_metadata().state_dict_metadata
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ConfigError, match=r"evil/\.metadata.*posix\.system"):
+        SafeReader(str(tmp_path / "evil")).read_metadata()
+    assert not marker.exists()

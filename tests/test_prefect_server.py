@@ -193,7 +193,10 @@ def test_failed_nightly_posts_one_message_naming_run_and_falsifiers(stack):
     _up_ok(stack)
     cfg = with_value("train", {**SMOKE["train"], "steps": 2, "lr": 3.0, "warmup_steps": 0, "checkpoint_every": 0})
     cfg.update(evidence_dir=str(stack.tmp / "evidence"), work_dir=str(stack.tmp / "runs"),
-               orchestration={"refresh_cache": True, "retries": 0})
+               orchestration={"refresh_cache": True, "retries": 0,
+                              # its own slot name: an in-process run under temporary_settings may take the
+                              # slot on the session's test server too, which the worker tests then wait on
+                              "gpu_slots": "gpu-alerts-test"})
     run, state = _run_in_process(stack.deployments[NIGHTLY], cfg, stack)
     assert state.is_failed(), state
     manifest = json.loads((stack.tmp / "evidence" / run.name / "manifest.json").read_text())

@@ -15,26 +15,33 @@ A checkpoint is `checkpoints/step-NNNNNN/` holding
 It is written under a temporary name and renamed by rank 0 once every rank has finished, so a
 crash never leaves half a checkpoint where `latest` would find it.
 
-Trust: DCP's `.metadata` file is a pickle (torch's format); resume only from checkpoints this
-project wrote (the run's own folder, or a `train.resume_from` you trust).
+Trust: DCP's `.metadata` file is a pickle (torch's format). kdflow never unpickles it with the plain
+`pickle.load` DCP uses: `SafeReader` admits only DCP's own metadata classes, `torch.Size`, dtypes and
+paths, so a planted payload in a `train.resume_from` folder is refused (ConfigError naming the file)
+instead of run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+
+from kd.errors import ConfigError
 
 STATE_FILE = "distributed_state.json"
 DCP_DIR = "dcp"
@@ -88,6 +95,43 @@ def _drop_tied_output(model: torch.nn.Module, full: dict) -> None:
         full.pop(f"{name}.weight", None)
 
 
+# What a DCP `.metadata` pickle may name: DCP's own metadata classes and plain torch values
+_SAFE_MODULE = "torch.distributed.checkpoint.metadata"  # dataclasses and enums only
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+                 ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == _SAFE_MODULE and isinstance(obj := super().find_class(module, name), type):
+            return obj
+        if module == "torch" and isinstance(obj := getattr(torch, name, None), (torch.dtype, torch.layout)):
+            return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a DCP metadata file")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, but the `.metadata` pickle may only name DCP metadata classes (never code)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, AttributeError, EOFError, ValueError) as err:
+            raise ConfigError(f"train.resume_from: {path} is not a DCP metadata file kdflow can read safely: {err}") \
+                from None
+        if not isinstance(metadata, Metadata):
+            raise ConfigError(f"train.resume_from: {path} holds {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text())
 
@@ -96,6 +140,6 @@ def load(ckpt: Path, student: torch.nn.Module, optimizer) -> dict:
     """Collective: load weights + optimizer state into the (wrapped) student, resharding as needed."""
     model_sd, optim_sd = get_state_dict(student, optimizer)
     target = {"model": model_sd, "optim": optim_sd}
-    dcp.load(target, checkpoint_id=str(ckpt / DCP_DIR))
+    dcp.load(target, storage_reader=SafeReader(str(ckpt / DCP_DIR)))
     set_state_dict(student, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     return read_state(ckpt)

@@ -242,7 +242,30 @@ def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.T
         out.add_(b.to(out.dtype))
 
 
-class _FusedLinearKD(torch.autograd.Function):
+class _FusedKDFunction(torch.autograd.Function):
+    """What the dense and the sparse fused losses share: gradients are computed in forward (per chunk,
+    so no [tokens, vocab] tensor outlives a chunk) and backward only scales them."""
+
+    @staticmethod
+    def finish(ctx, ce_sum, kd_sum, m: int, alpha: float, temp: float, grads: tuple, inputs: tuple):
+        """Means over the m counted tokens, the combined loss, and the gradients kept for backward."""
+        denom = max(m, 1)
+        ce_mean, kd_mean = ce_sum / denom, kd_sum / denom
+        loss = alpha * ce_mean + (1.0 - alpha) * temp**2 * kd_mean
+        ctx.grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return loss, ce_mean, kd_mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grads, ctx.grads = ctx.grads, None  # drop ctx's reference so autograd can adopt the tensors
+        if grad_loss is not None and bool(grad_loss.ne(1)):
+            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        return (*grads, None, None, None, None, None, None)
+
+
+class _FusedLinearKD(_FusedKDFunction):
     """(h, w, b, ht, wt, bt, idx, labels, cfg) -> (loss, ce, kd); grads computed in forward, kept for backward."""
 
     @staticmethod
@@ -298,24 +321,8 @@ class _FusedLinearKD(torch.autograd.Function):
                 if need_b:
                     grad_b[:ve].add_(z.sum(0))
             del zbuf, tbuf, gw_tmp
-        denom = max(m, 1)
-        ce_mean, kd_mean = ce_sum / denom, kd_sum / denom
-        loss = alpha * ce_mean + (1.0 - alpha) * temp**2 * kd_mean
-        ctx.grads = (
-            None if grad_h is None else grad_h.to(h.dtype),
-            None if grad_w is None else grad_w.to(w.dtype),
-            None if grad_b is None else grad_b.to(b.dtype),
-        )
-        ctx.mark_non_differentiable(ce_mean, kd_mean)
-        return loss, ce_mean, kd_mean
+        return _FusedKDFunction.finish(ctx, ce_sum, kd_sum, m, alpha, temp, (grad_h, grad_w, grad_b), (h, w, b))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        grads, ctx.grads = ctx.grads, None  # drop ctx's reference so autograd can adopt the tensors
-        if grad_loss is not None and bool(grad_loss.ne(1)):
-            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return (*grads, None, None, None, None, None, None)
 
 
 def fused_linear_kd_loss(
@@ -519,7 +526,7 @@ def _sparse_rows_to_grad_(z, tid, tlp, ttail, y, alpha, temp, t_cache, divergenc
     return ce.sum(), d.sum()
 
 
-class _FusedLinearSparseKD(torch.autograd.Function):
+class _FusedLinearSparseKD(_FusedKDFunction):
     """(h, w, b, tid, tlp, ttail, idx, labels, cfg) -> (loss, ce, kd); like _FusedLinearKD with a sparse teacher."""
 
     @staticmethod
@@ -568,24 +575,8 @@ class _FusedLinearSparseKD(torch.autograd.Function):
                 if need_b:
                     grad_b[:ve].add_(z.sum(0))
             del zbuf
-        denom = max(m, 1)
-        ce_mean, kd_mean = ce_sum / denom, kd_sum / denom
-        loss = alpha * ce_mean + (1.0 - alpha) * temp**2 * kd_mean
-        ctx.grads = (
-            None if grad_h is None else grad_h.to(h.dtype),
-            None if grad_w is None else grad_w.to(w.dtype),
-            None if grad_b is None else grad_b.to(b.dtype),
-        )
-        ctx.mark_non_differentiable(ce_mean, kd_mean)
-        return loss, ce_mean, kd_mean
+        return _FusedKDFunction.finish(ctx, ce_sum, kd_sum, m, alpha, temp, (grad_h, grad_w, grad_b), (h, w, b))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
-        grads, ctx.grads = ctx.grads, None
-        if grad_loss is not None and bool(grad_loss.ne(1)):
-            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return (*grads, None, None, None, None, None, None)
 
 
 def fused_linear_sparse_kd_loss(

@@ -137,20 +137,24 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stude
     return final
 
 
-def _setup_log(path: Path) -> logging.Logger:
+def setup_log(path: Path, enabled: bool = True) -> logging.Logger:
+    """The run's train.log (a fresh handler per call); `enabled=False` (non-zero ranks) writes nothing."""
     log = logging.getLogger(f"kdflow.train.{path}")
     log.setLevel(logging.INFO)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
         h.close()
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
+    if enabled:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    else:
+        log.addHandler(logging.NullHandler())
     return log
 
 
-def _trim_metrics(path: Path, upto_step: int) -> None:
+def trim_metrics(path: Path, upto_step: int) -> None:
     """On resume, drop metric lines of steps the crashed attempt ran past its last checkpoint."""
     if not path.is_file():
         return
@@ -228,7 +232,7 @@ def train_student(
     t0 = time.perf_counter()
     run_dir, student_dir = Path(run_dir).expanduser().resolve(), Path(student_dir)  # results hold absolute paths
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = _setup_log(run_dir / "train.log")
+    log = setup_log(run_dir / "train.log")
     metrics_path = run_dir / "metrics.jsonl"
     tc = cfg.train
     device, dtype, autocast = resolve_device(cfg)
@@ -270,7 +274,7 @@ def train_student(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_step = state["step"]
-        _trim_metrics(metrics_path, start_step)
+        trim_metrics(metrics_path, start_step)
         initial_loss = float(state["initial_loss"])  # the checkpoint carries it: resume works from any run
         log.info("resumed from %s at step %d", resume, start_step)
         if state.get("config_digest") != digest:

@@ -309,7 +309,7 @@ def test_pull_dataset_fetches_data_files_verified(hub, monkeypatch):
     with pytest.raises(DataError, match="org/none: dataset repository not found"):
         pull_dataset("org/none")
     hub.add_repo("org/empty", {"README.md": b"x"}, repo_type="dataset")
-    with pytest.raises(DataError, match="no .txt/.jsonl/.parquet files"):
+    with pytest.raises(DataError, match="no \.txt/\.jsonl/\.parquet/\.arrow files in the repo"):
         pull_dataset("org/empty")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert Path(pull_dataset("org/corpus")) == folder

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import resource
 import time
@@ -40,7 +39,7 @@ from kd.distributed.runtime import DistEnv, all_reduce_sum
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
 from kd.results import TrainResult, VocabAlignment
-from kd.train import HELDOUT_FILE, _Objective, lr_lambda, seed_everything
+from kd.train import HELDOUT_FILE, _Objective, lr_lambda, seed_everything, setup_log, trim_metrics
 
 Emit = Callable[[str, dict], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -63,28 +62,6 @@ def rank_batch(train, *, step: int, micro: int, per_rank: int, grad_accum: int, 
                          for f in dataclasses.fields(full)})
 
 
-def _setup_log(path: Path, enabled: bool) -> logging.Logger:
-    log = logging.getLogger(f"kdflow.distributed.{path}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    if enabled:
-        handler = logging.FileHandler(path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-    else:
-        log.addHandler(logging.NullHandler())
-    return log
-
-
-def _trim_metrics(path: Path, upto_step: int) -> None:
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= upto_step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-
-
 def _grad_norm(total) -> float:
     return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
 
@@ -104,7 +81,7 @@ def train_distributed(
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    log = _setup_log(run_dir / "train.log", env.is_main)
+    log = setup_log(run_dir / "train.log", env.is_main)
     say = emit if (emit is not None and env.is_main) else (lambda kind, row: None)
     metrics_path = run_dir / "metrics.jsonl"
     device_type = "cuda" if env.device.startswith("cuda") else "cpu"
@@ -172,7 +149,7 @@ def train_distributed(
         scheduler.load_state_dict(state["scheduler"])
         start_step, initial_loss = state["step"], float(state["initial_loss"])
         if env.is_main:
-            _trim_metrics(metrics_path, start_step)
+            trim_metrics(metrics_path, start_step)
         log.info("resumed from %s at step %d (checkpoint world size %d, now %d)", resume, start_step,
                  state["world_size"], W)
         say("log", {"msg": f"resumed from {resume} at step {start_step}"})

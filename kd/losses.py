@@ -550,6 +550,7 @@ class _FusedLinearSparseKD(_FusedKDFunction):
             c = min(chunk, m)
             zbuf = torch.empty(c, ve, dtype=acc, device=dev)  # the only vocab-sized buffer
             low = w.dtype != acc
+            gw_tmp = torch.empty(ws.shape, dtype=w.dtype, device=dev) if (need_w and low) else None
             rows = max(1, _BLOCK_ELEMS.get(dev.type, _BLOCK_ELEMS_DEFAULT) // ve)
             for s in range(0, m, c):
                 n = min(c, m - s)
@@ -570,11 +571,14 @@ class _FusedLinearSparseKD(_FusedKDFunction):
                         grad_h[s : s + n] = gh
                     else:
                         grad_h.index_copy_(0, idx[s : s + n], gh.to(acc))
-                if need_w:
-                    grad_w[:ve].add_(torch.mm(zc.t(), hc.to(w.dtype)).to(acc))
+                if need_w:  # in place, as in the dense loss: no (V, H) temporary per chunk
+                    if low:
+                        grad_w[:ve].add_(torch.mm(zc.t(), hc.to(w.dtype), out=gw_tmp))
+                    else:
+                        grad_w[:ve].addmm_(zc.t(), hc.to(w.dtype))
                 if need_b:
                     grad_b[:ve].add_(z.sum(0))
-            del zbuf
+            del zbuf, gw_tmp
         return _FusedKDFunction.finish(ctx, ce_sum, kd_sum, m, alpha, temp, (grad_h, grad_w, grad_b), (h, w, b))
 
 

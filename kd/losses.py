@@ -247,6 +247,16 @@ class _FusedKDFunction(torch.autograd.Function):
     so no [tokens, vocab] tensor outlives a chunk) and backward only scales them."""
 
     @staticmethod
+    def start(h, w, b, need_h: bool, need_w: bool, need_b: bool):
+        """Accumulation dtype, zeroed fp32 gradient buffers for the inputs that need one, CE and KD sums."""
+        acc, dev = torch.promote_types(w.dtype, torch.float32), h.device
+        grad_h = torch.zeros(h.shape, dtype=acc, device=dev) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=dev) if need_w else None
+        grad_b = torch.zeros(b.shape, dtype=acc, device=dev) if need_b else None
+        ce_sum, kd_sum = (torch.zeros((), dtype=acc, device=dev) for _ in range(2))
+        return acc, grad_h, grad_w, grad_b, ce_sum, kd_sum
+
+    @staticmethod
     def finish(ctx, ce_sum, kd_sum, m: int, alpha: float, temp: float, grads: tuple, inputs: tuple):
         """Means over the m counted tokens, the combined loss, and the gradients kept for backward."""
         denom = max(m, 1)
@@ -273,13 +283,8 @@ class _FusedLinearKD(_FusedKDFunction):
         alpha, temp, divergence, beta, ve, chunk = cfg
         n_all, m = h.shape[0], idx.numel()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = torch.promote_types(w.dtype, torch.float32)
+        acc, grad_h, grad_w, grad_b, ce_sum, kd_sum = _FusedKDFunction.start(h, w, b, need_h, need_w, need_b)
         dev = h.device
-        grad_h = torch.zeros(n_all, h.shape[1], dtype=acc, device=dev) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=acc, device=dev) if need_w else None
-        grad_b = torch.zeros(b.shape, dtype=acc, device=dev) if need_b else None
-        ce_sum = torch.zeros((), dtype=acc, device=dev)
-        kd_sum = torch.zeros((), dtype=acc, device=dev)
         if m:
             dense = m == n_all  # no masked tokens: slice instead of gathering copies
             hv = h if dense else h.index_select(0, idx)
@@ -534,13 +539,8 @@ class _FusedLinearSparseKD(_FusedKDFunction):
         alpha, temp, t_cache, divergence, beta, ve, chunk, has_tail = cfg
         n_all, m = h.shape[0], idx.numel()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = torch.promote_types(w.dtype, torch.float32)
+        acc, grad_h, grad_w, grad_b, ce_sum, kd_sum = _FusedKDFunction.start(h, w, b, need_h, need_w, need_b)
         dev = h.device
-        grad_h = torch.zeros(n_all, h.shape[1], dtype=acc, device=dev) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=acc, device=dev) if need_w else None
-        grad_b = torch.zeros(b.shape, dtype=acc, device=dev) if need_b else None
-        ce_sum = torch.zeros((), dtype=acc, device=dev)
-        kd_sum = torch.zeros((), dtype=acc, device=dev)
         if m:
             dense = m == n_all
             pick = (lambda x: x) if dense else (lambda x: x.index_select(0, idx))

@@ -19,11 +19,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 from unittest import mock
 
+from kd.build_once import build_once
 from kd.errors import ModelError
 from kd.hashing import sha256_memo
 from kd.results import GGUFSource
@@ -159,21 +159,14 @@ def ensure_hf_folder(path: str | Path, dtype: str, *, source: str | None = None)
                         architecture=info["architecture"], quant_types=info["quant_types"], dtype=dtype,
                         params=info["params"])
     out = converted_dir(sha, dtype)
-    if (out / INFO_FILE).is_file():
-        return out, record
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def build(tmp: Path) -> None:
         _convert(p, tmp, dtype)
         (tmp / INFO_FILE).write_text(json.dumps(
             {"gguf_sha256": sha, "dtype": dtype, "quant_types": info["quant_types"], "format": CONVERTED_FORMAT},
             indent=2, sort_keys=True) + "\n")
-        if out.exists():  # a concurrent conversion won the race: keep its folder
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_once(out, INFO_FILE, build)
     return out, record
 
 
@@ -203,6 +196,6 @@ def _convert(path: Path, out: Path, dtype: str) -> None:
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -15,12 +15,12 @@ weights are the teacher's, renumbered. Keeping every layer reproduces the teache
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 from kd.config import PruneSpec
+from kd.build_once import build_once
 from kd.errors import ModelError
 from kd.hashing import digest_of
 from kd.results import ModelSnapshot, PrunedInit
@@ -115,18 +115,7 @@ def ensure_pruned(teacher: ModelSnapshot, spec: PruneSpec) -> tuple[Path, Pruned
     key = digest_of({"teacher": init.teacher_content_hash, "layers": ",".join(map(str, kept)),
                      "format": str(PRUNED_FORMAT)})
     out = kdflow_home() / "pruned" / f"{key[:20]}-{len(kept)}of{total}"
-    if (out / INFO_FILE).is_file():
-        return out, init
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        make_student(teacher.local_dir, tmp, layers=kept)
-        if out.exists():  # made concurrently by another run: keep that one
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_once(out, INFO_FILE, lambda tmp: make_student(teacher.local_dir, tmp, layers=kept))
     return out, init
 
 

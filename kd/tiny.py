@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from kd.build_once import build_once
 
 CORPUS = Path(__file__).parent / "corpus" / "smoke.txt"
 EOS = "<|endoftext|>"
@@ -147,15 +147,7 @@ def tiny_dir(root: str | Path | None = None, seed: int = 0) -> Path:
 def ensure_tiny(root: str | Path | None = None, seed: int = 0) -> tuple[Path, Path]:
     """The cached tiny pair under `root` (default `$KDFLOW_HOME/tiny`), created once, atomically."""
     final = tiny_dir(root, seed)
-    base = final.parent
-    if not (final / "tiny.json").is_file():
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
-        make_tiny(tmp, seed=seed)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race: its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+    build_once(final, "tiny.json", lambda tmp: make_tiny(tmp, seed=seed))  # same seed: identical copies
     return final / "teacher", final / "student"
 
 

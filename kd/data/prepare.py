@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kd.build_once import build_once
 from kd.data.encode import BLANK, RecordEncoder
 from kd.data.prepared import MANIFEST, SPLITS, SplitWriter, open_prepared
 from kd.data.sources import (data_fingerprint, detect_format, eos_id, file_dataset, source_files,
@@ -163,19 +164,9 @@ def prepare_data(cfg, tokenizer_dir: str | Path, *, max_positions: int | None = 
     fp = fingerprint(cfg, tokenizer_dir)
     base = prepared_base(cfg)
     root = base / fp
-    if not (root / MANIFEST).is_file():
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".tmp-{fp}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _build(cfg, tokenizer_dir, files, fmt, fp, tmp)
-            shutil.rmtree(root, ignore_errors=True)
-            os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        reused = False
-    else:
-        reused = True
+    reused = (root / MANIFEST).is_file()
+    if not reused:
+        build_once(root, MANIFEST, lambda tmp: _build(cfg, tokenizer_dir, files, fmt, fp, tmp))
     result = _result(root, time.perf_counter() - t0, reused)
     c = result.counts
     if c["train_target_tokens"] == 0 or c["heldout_target_tokens"] == 0:

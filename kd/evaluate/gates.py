@@ -1,0 +1,107 @@
+"""The no-fake-pass eval gates: `Falsifier`s computed from an eval table, never raising.
+
+A failed gate is recorded with verdict `fail`; the caller writes the evidence and then fails the
+run. Every gate is written fail-closed: NaN compares false, so a metric that is not a real number
+can never satisfy a claim. `kd.verdicts` recomputes them from a manifest with these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kd.config import EvalConfig
+from kd.results import Falsifier, ModelEval
+
+FINITE_ID = "F-DISTILL-FINITE-001"
+COLLAPSE_ID = "F-DISTILL-COLLAPSE-001"
+KL_ID = "F-DISTILL-EVAL-001"
+
+# every metric of a ModelEval row that the finite gate checks
+METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share")
+
+
+def _fmt(x: float | None) -> str:
+    return "None" if x is None else f"{x:.6g}"
+
+
+def finite_gate(evals: dict[str, ModelEval]) -> Falsifier:
+    """F-DISTILL-FINITE-001: every measured metric of every model is a finite number."""
+    bad = [
+        f"{name}.{k}={_fmt(getattr(ev, k))}"
+        for name, ev in evals.items()
+        for k in METRICS
+        if getattr(ev, k) is not None and not math.isfinite(getattr(ev, k))
+    ]
+    bad += [f"{name}.tokens=0" for name, ev in evals.items() if ev.tokens <= 0]
+    return Falsifier(
+        id=FINITE_ID,
+        claim="every eval metric (loss, perplexity, KL, agreement, entropy, top-token share) of "
+        f"{', '.join(evals)} is finite, over > 0 tokens",
+        observed="all finite" if not bad else "non-finite: " + ", ".join(bad),
+        verdict="pass" if not bad else "fail",
+    )
+
+
+def collapse_gate(after: ModelEval, teacher: ModelEval, vocab_size: int, cfg: EvalConfig) -> Falsifier:
+    """F-DISTILL-COLLAPSE-001: the trained student is not collapsed.
+
+    Collapsed = perplexity ≥ f·V, or one argmax token at ≥ `max_top_token_share` of positions
+    (unless the teacher is at least as peaked: then it is the data, not the student), or mean
+    entropy ≥ e·log V (near uniform). Each check is written as "healthy if <", so NaN fails.
+    """
+    log_v = math.log(vocab_size)
+    ppl_limit = cfg.collapse_perplexity_fraction * vocab_size
+    ent_limit = cfg.collapse_entropy_fraction * log_v
+    share_limit = cfg.max_top_token_share
+    # A teacher that itself predicts one token this often says the data is that repetitive.
+    share_ok = after.top_token_share < share_limit or (
+        teacher.top_token_share >= share_limit and after.top_token_share <= teacher.top_token_share
+    )
+    checks = {
+        f"perplexity {_fmt(after.perplexity)} < {_fmt(ppl_limit)} ({cfg.collapse_perplexity_fraction:g}×V)":
+            after.perplexity < ppl_limit,
+        f"top-token share {_fmt(after.top_token_share)} < {share_limit:g} "
+        f"(teacher {_fmt(teacher.top_token_share)})": share_ok,
+        f"entropy {_fmt(after.entropy)} < {_fmt(ent_limit)} ({cfg.collapse_entropy_fraction:g}·log V)":
+            after.entropy < ent_limit,
+    }
+    failed = [k for k, ok in checks.items() if not ok]
+    return Falsifier(
+        id=COLLAPSE_ID,
+        claim=f"student-after is not collapsed over V={vocab_size}: perplexity < "
+        f"{cfg.collapse_perplexity_fraction:g}×V, no single token predicted at ≥ {share_limit:g} of positions "
+        f"(unless the teacher is as peaked), entropy < {cfg.collapse_entropy_fraction:g}·log V",
+        observed="; ".join(checks) if not failed else "FAILED: " + "; ".join(failed),
+        verdict="pass" if not failed else "fail",
+    )
+
+
+def kl_gate(before: ModelEval, after: ModelEval) -> Falsifier:
+    """F-DISTILL-EVAL-001: distillation moved the student towards the teacher on held-out data."""
+    ok = (
+        before.kl_to_teacher is not None
+        and after.kl_to_teacher is not None
+        and after.kl_to_teacher < before.kl_to_teacher
+    )
+    return Falsifier(
+        id=KL_ID,
+        claim="student-after KL(teacher‖student) at T=1 on held-out data is below student-before's",
+        observed=f"before {_fmt(before.kl_to_teacher)}, after {_fmt(after.kl_to_teacher)}",
+        verdict="pass" if ok else "fail",
+    )
+
+
+def eval_gates(
+    teacher: ModelEval, before: ModelEval, after: ModelEval, vocab_size: int, cfg: EvalConfig
+) -> list[Falsifier]:
+    """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`
+    (an unchecked claim is left out rather than written down as a pass)."""
+    gates = [
+        finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
+        collapse_gate(after, teacher, vocab_size, cfg),
+    ]
+    if cfg.require_kl_improvement:
+        gates.append(kl_gate(before, after))
+    return gates
+
+

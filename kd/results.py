@@ -59,6 +59,14 @@ class PrunedInit(_Result):
     layers: list[int] = Field(description="Teacher decoder layers kept, in order")
 
 
+class Provenance(_Result):
+    """Which run produced a result: a cached result keeps naming the run that computed it."""
+
+    run_name: str | None = None
+    flow_run_id: str | None = None
+    task_run_id: str | None = None
+
+
 class ModelSnapshot(_Result):
     """A model folder on local disk, with where it came from and a hash of every file."""
 
@@ -72,6 +80,7 @@ class ModelSnapshot(_Result):
     total_bytes: int
     gguf: GGUFSource | None = Field(None, description="The GGUF file this folder was converted from, if any")
     init: PrunedInit | None = Field(None, description="How this student was built from the teacher, if it was")
+    produced_by: Provenance | None = Field(None, description="The run whose pull made this snapshot (kept when cached)")
 
     @property
     def content_hash(self) -> str:
@@ -97,6 +106,11 @@ class VocabAlignment(_Result):
     dropped_mass_mean: float | None = Field(None, description="Mean teacher probability on the cut rows")
     dropped_mass_max: float | None = None
     special_tokens: dict[str, int | None] = Field(default_factory=dict)
+    produced_by: Provenance | None = Field(None, description="The run that checked the vocabularies (kept when cached)")
+
+    def identity(self) -> dict:
+        """What the alignment is, without who computed it: the part later cache keys depend on."""
+        return self.model_dump(exclude={"produced_by"})
 
 
 class PreparedData(_Result):
@@ -119,14 +133,7 @@ class PreparedData(_Result):
     wall_s: float = Field(0.0, description="Seconds the preparation took (0 when an existing set was reused)")
     tokens_per_s: float = 0.0
     reused: bool = Field(False, description="An identical prepared set already existed and was reused")
-
-
-class Provenance(_Result):
-    """Which run produced a result: a cached result keeps naming the run that computed it."""
-
-    run_name: str | None = None
-    flow_run_id: str | None = None
-    task_run_id: str | None = None
+    produced_by: Provenance | None = Field(None, description="The run that prepared it (kept when cached)")
 
 
 class StepLineage(_Result):

@@ -27,7 +27,7 @@ from tasks.policy import content_key, provenance, retry_transient
 def _eval_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
     return content_key("eval", parameters["training"].checkpoint_sha256, parameters["teacher"].content_hash,
-                       parameters["student"].content_hash, parameters["alignment"].model_dump(),
+                       parameters["student"].content_hash, parameters["alignment"].identity(),
                        cfg.eval.model_dump(), cfg.data.model_dump(exclude={"num_proc"}), _data_key(parameters),
                        cfg.kd.chunk_size)
 

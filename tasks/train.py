@@ -33,7 +33,7 @@ def _train_key(context, parameters) -> str:
     # the prepared files' sha256 (and whether they are still there), else the raw sources' content
     data = ([prepared.content_hash, Path(prepared.path, "manifest.json").is_file()] if prepared is not None
             else data_fingerprint(cfg.data))
-    key = content_key("train", t.content_hash, s.content_hash, parameters["alignment"].model_dump(),
+    key = content_key("train", t.content_hash, s.content_hash, parameters["alignment"].identity(),
                       data, cfg.data.model_dump(exclude={"num_proc"}), cfg.kd.model_dump(), train_cfg,
                       code_version(), resume_fingerprint(cfg.train.resume_from), _cache_part(parameters))
     # a hit whose checkpoint/metrics/log are gone or changed (or held relative paths) runs again

@@ -326,10 +326,11 @@ class EvalConfig(_Part):
     require_kl_improvement: bool = Field(
         True, description="Gate: student-after KL to the teacher must be below student-before."
     )
-    collapse_perplexity_fraction: float = Field(
+    uniform_perplexity_fraction: float = Field(
         0.5,
         gt=0,
-        description="Collapse gate: student-after perplexity ≥ this × vocab size counts as collapsed.",
+        description="Better-than-uniform gate: student-after held-out perplexity must be below this × vocab size "
+        "(a uniform guess over the vocab has perplexity = vocab size).",
     )
     max_top_token_share: float = Field(
         0.95,
@@ -342,8 +343,8 @@ class EvalConfig(_Part):
         0.99,
         gt=0,
         le=1,
-        description="Collapse gate: student-after mean entropy ≥ this × log(vocab size) (near uniform) counts "
-        "as collapsed.",
+        description="Collapse gate: student-after mean entropy ≥ this × log(vocab size) (it predicts the uniform "
+        "distribution) counts as collapsed.",
     )
     # --- sample generations (issue 11; kd/samples.py)
     sample_prompts: list[Annotated[str, Field(min_length=1)]] = Field(

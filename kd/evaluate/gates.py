@@ -14,6 +14,7 @@ from kd.results import Falsifier, ModelEval
 
 FINITE_ID = "F-DISTILL-FINITE-001"
 COLLAPSE_ID = "F-DISTILL-COLLAPSE-001"
+UNIFORM_ID = "F-DISTILL-UNIFORM-001"
 KL_ID = "F-DISTILL-EVAL-001"
 
 # every metric of a ModelEval row that the finite gate checks
@@ -42,15 +43,34 @@ def finite_gate(evals: dict[str, ModelEval]) -> Falsifier:
     )
 
 
+def uniform_gate(after: ModelEval, vocab_size: int, cfg: EvalConfig) -> Falsifier:
+    """F-DISTILL-UNIFORM-001: the trained student predicts held-out tokens better than a uniform guess.
+
+    A uniform guess over V ids has perplexity V; the gate asks for < f·V (f = `uniform_perplexity_fraction`).
+    Failing it says the student has not learnt the data yet, which is not the same as collapsed."""
+    limit = cfg.uniform_perplexity_fraction * vocab_size
+    ok = after.perplexity < limit  # NaN compares false: fail-closed
+    observed = f"perplexity {_fmt(after.perplexity)} vs {_fmt(limit)} ({cfg.uniform_perplexity_fraction:g}×V)"
+    if not ok:
+        observed = (f"WORSE THAN UNIFORM: {observed}; a uniform guess over V={vocab_size} scores perplexity {vocab_size}. "
+                    "The student is not collapsed, it has not learnt this data yet: train more steps or at a higher "
+                    "train.lr, and compare KL before/after (a pruned or untrained student starts far from its teacher)")
+    return Falsifier(
+        id=UNIFORM_ID,
+        claim=f"student-after predicts held-out tokens better than a uniform guess over V={vocab_size}: "
+        f"perplexity < {cfg.uniform_perplexity_fraction:g}×V",
+        observed=observed, verdict="pass" if ok else "fail",
+    )
+
+
 def collapse_gate(after: ModelEval, teacher: ModelEval, vocab_size: int, cfg: EvalConfig) -> Falsifier:
     """F-DISTILL-COLLAPSE-001: the trained student is not collapsed.
 
-    Collapsed = perplexity ≥ f·V, or one argmax token at ≥ `max_top_token_share` of positions
-    (unless the teacher is at least as peaked: then it is the data, not the student), or mean
-    entropy ≥ e·log V (near uniform). Each check is written as "healthy if <", so NaN fails.
+    Collapsed = one argmax token at ≥ `max_top_token_share` of positions (unless the teacher is at least
+    as peaked: then it is the data, not the student), or mean entropy ≥ e·log V (it predicts the uniform
+    distribution whatever the context). Each check is written as "healthy if <", so NaN fails.
     """
     log_v = math.log(vocab_size)
-    ppl_limit = cfg.collapse_perplexity_fraction * vocab_size
     ent_limit = cfg.collapse_entropy_fraction * log_v
     share_limit = cfg.max_top_token_share
     # A teacher that itself predicts one token this often says the data is that repetitive.
@@ -58,21 +78,22 @@ def collapse_gate(after: ModelEval, teacher: ModelEval, vocab_size: int, cfg: Ev
         teacher.top_token_share >= share_limit and after.top_token_share <= teacher.top_token_share
     )
     checks = {
-        f"perplexity {_fmt(after.perplexity)} < {_fmt(ppl_limit)} ({cfg.collapse_perplexity_fraction:g}×V)":
-            after.perplexity < ppl_limit,
         f"top-token share {_fmt(after.top_token_share)} < {share_limit:g} "
         f"(teacher {_fmt(teacher.top_token_share)})": share_ok,
         f"entropy {_fmt(after.entropy)} < {_fmt(ent_limit)} ({cfg.collapse_entropy_fraction:g}·log V)":
             after.entropy < ent_limit,
     }
     failed = [k for k, ok in checks.items() if not ok]
+    observed = "; ".join(checks)
+    if failed:
+        observed = ("COLLAPSED: " + "; ".join(failed) + ". The student predicts one token, or the uniform "
+                    "distribution, whatever the context: lower train.lr or add warm-up, raise kd.alpha (more CE on "
+                    "the data), and check data.train_on leaves real tokens to learn")
     return Falsifier(
         id=COLLAPSE_ID,
-        claim=f"student-after is not collapsed over V={vocab_size}: perplexity < "
-        f"{cfg.collapse_perplexity_fraction:g}×V, no single token predicted at ≥ {share_limit:g} of positions "
-        f"(unless the teacher is as peaked), entropy < {cfg.collapse_entropy_fraction:g}·log V",
-        observed="; ".join(checks) if not failed else "FAILED: " + "; ".join(failed),
-        verdict="pass" if not failed else "fail",
+        claim=f"student-after is not collapsed over V={vocab_size}: no single token predicted at ≥ {share_limit:g} "
+        f"of positions (unless the teacher is as peaked), entropy < {cfg.collapse_entropy_fraction:g}·log V",
+        observed=observed, verdict="pass" if not failed else "fail",
     )
 
 
@@ -98,6 +119,7 @@ def eval_gates(
     (an unchecked claim is left out rather than written down as a pass)."""
     gates = [
         finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
+        uniform_gate(after, vocab_size, cfg),
         collapse_gate(after, teacher, vocab_size, cfg),
     ]
     if cfg.require_kl_improvement:

@@ -48,7 +48,7 @@ def prefect_server():
     """A real Prefect server (SQLite, random 127.0.0.1 port) for the whole session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=300)  # a busy 2-core machine can take minutes:
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core machine can take minutes
         yield
 
 

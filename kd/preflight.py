@@ -103,8 +103,13 @@ def _model_info(ref: ModelRef) -> dict:
 
         size = remote_download_bytes(ref)
         info.update(download_bytes=size, params=None if size is None else size // 4)
-    elif ref.kind == "tiny":
-        info.update(params=None, download_bytes=0, note="generated locally on first use (~15 s)")
+    elif ref.kind == "tiny":  # not generated yet: sized from the config make_tiny will use
+        from kd.tiny import tiny_config
+
+        cj = tiny_config(ref.repo.removeprefix("tiny:"))
+        info.update(vocab_size=cj["vocab_size"], hidden_size=cj["hidden_size"], params=estimate_params(cj),
+                    max_positions=cj.get("max_position_embeddings"), layers=cj.get("num_hidden_layers"),
+                    download_bytes=0, note="generated locally on first use (~15 s)")
     return info
 
 

@@ -34,7 +34,7 @@ ENTRY_POINTS = ["kd.cli", "flows.distill", "kd.distributed.worker"]
 def _policy_at_torch_import(module: str, **env) -> str:
     base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", PROBE, module], cwd=REPO, env={**base, **env},
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().rsplit("AT_TORCH_IMPORT=", 1)[1]
 

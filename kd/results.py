@@ -188,6 +188,9 @@ class TrainResult(_Result):
     teacher_cache: TeacherCacheResult | None = Field(
         None, description="Offline mode (kd.teacher_mode=offline): the teacher cache the student was trained from; "
         "the teacher itself was never loaded")
+    on_policy: dict | None = Field(
+        None, description="kd.on_policy enabled: its settings, samples and tokens generated, batches by kind "
+        "(off_policy / on_policy / seq_kd), generation tokens/s and share of step time (from metrics.jsonl)")
 
 
 class ModelEval(_Result):

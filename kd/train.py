@@ -217,6 +217,45 @@ class _OfflineObjective:
         )
 
 
+def on_policy_objective(cfg: RunConfig, objective, student, teacher, alignment: VocabAlignment, packed,
+                        student_dir, *, autocast: bool, device: str, rank: int = 0, synced: bool = False):
+    """kd.on_policy enabled: GKD's objective around `objective` (kd/on_policy); else `objective` itself."""
+    if not cfg.kd.on_policy.enabled:
+        return objective
+    if teacher is None:
+        raise ConfigError("kd.on_policy.fraction / kd.on_policy.seq_kd: generated completions need the teacher "
+                          "online; kd.teacher_mode: offline has only a cache of the prepared tokens")
+    from kd.on_policy import OnPolicyObjective, stop_ids_of
+
+    stops = stop_ids_of(student_dir)
+    pad = min(stops)
+    fmt = getattr(packed, "manifest", {}).get("format", "text")
+    return OnPolicyObjective(
+        cfg, objective, lambda c: _Objective(c, student, teacher, alignment, autocast, device), student, teacher,
+        alignment, fmt=fmt, stop_ids=stops, pad_id=pad, autocast=autocast, rank=rank, synced=synced)
+
+
+def generation_row(stats: dict, step_s: float) -> dict:
+    """Metrics of one step's generation: tokens/s while generating and its share of the step's time."""
+    return {"gen_s": stats["gen_s"], "gen_tokens": stats["gen_tokens"], "samples": stats["samples"],
+            "gen_tokens_per_s": stats["gen_tokens"] / stats["gen_s"] if stats["gen_s"] > 0 else 0.0,
+            "gen_share": stats["gen_s"] / step_s if step_s > 0 else 0.0,
+            **{f"batches_{k}": stats[k] for k in ("off_policy", "on_policy", "seq_kd")}, "stopped": stats["stopped"]}
+
+
+def on_policy_summary(cfg: RunConfig, metrics_path: Path) -> dict:
+    """The policy settings and what was generated over the whole run (metrics.jsonl, resumed steps included)."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "gen_s" in r]
+    gen_s, step_s = sum(r["gen_s"] for r in rows), sum(r["step_s"] for r in rows)
+    tokens = sum(r["gen_tokens"] for r in rows)
+    batches = {k: sum(r[f"batches_{k}"] for r in rows) for k in ("off_policy", "on_policy", "seq_kd")}
+    return {"settings": cfg.kd.on_policy.model_dump(mode="json"), "samples": sum(r["samples"] for r in rows),
+            "generated_tokens": tokens, "stopped_at_eos": sum(r["stopped"] for r in rows), "batches": batches,
+            "gen_tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+            "gen_share": gen_s / step_s if step_s > 0 else 0.0, "logged_steps": len(rows)}
+
+
 def train_student(
     cfg: RunConfig,
     teacher_dir: str | Path,
@@ -263,6 +302,8 @@ def train_student(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     objective = (_Objective(cfg, student, teacher, alignment, autocast, device) if offline is None
                  else _OfflineObjective(cfg, student, offline, alignment, autocast, device))
+    step_objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
+                                         autocast=autocast, device=device)
     log.info("teacher: %s", "online (loaded, runs every step)" if offline is None else
              f"offline cache {offline.folder} (top-k {offline.spec.k}, {offline.spec.encoding}); teacher not loaded")
 
@@ -291,6 +332,7 @@ def train_student(
         torch.cuda.reset_peak_memory_stats()
     tokens_per_step = tc.batch_size * tc.grad_accum * (packed.train.shape[1] - 1)
     ckpt = resume
+    samples_total = 0
     # a progress bar for people at a terminal; Prefect runs get the progress artifact instead
     bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=not sys.stderr.isatty())
     with bar, open(metrics_path, "a", encoding="utf-8") as metrics:
@@ -301,7 +343,9 @@ def train_student(
             for micro in range(tc.grad_accum):
                 ids = train_batch(packed.train, step=step, micro=micro, batch_size=tc.batch_size,
                                   grad_accum=tc.grad_accum, seed=tc.seed)
-                out = objective(ids)
+                if step_objective is not objective:
+                    step_objective.at(step, micro)
+                out = step_objective(ids)
                 (out.loss / tc.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
                 ce_sum += float(out.ce)
@@ -314,6 +358,9 @@ def train_student(
             row = {"step": step + 1, "loss": loss_sum / tc.grad_accum, "ce": ce_sum / tc.grad_accum,
                    "kd": kd_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_step / dt, "step_s": dt}
+            if step_objective is not objective:
+                row.update(generation_row(step_objective.take_stats(), dt))
+                samples_total += row["samples"]
             if not math.isfinite(row["loss"]):
                 log.error("non-finite loss at step %d: %s", step + 1, row)
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
@@ -351,4 +398,5 @@ def train_student(
         tokens_per_s=tokens_per_step * trained_steps / max(wall, 1e-9), wall_s=wall,
         peak_memory_bytes=int(peak), device=device, dtype="bfloat16-autocast" if autocast else "float32",
         teacher_cache=teacher_cache if offline is not None else None,
+        on_policy=on_policy_summary(cfg, metrics_path) if step_objective is not objective else None,
     )

@@ -159,3 +159,30 @@ def test_offline_teacher_and_on_policy_exit_2_through_the_cli(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert "kd.teacher_mode" in line and "kd.on_policy.fraction" in line
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_ddp_and_fsdp2_on_policy(setup, tmp_path):
+    """Each rank samples its own rows' prompts (seed includes the rank); DDP and FSDP2 (teacher sharded,
+    activation checkpointing: generation gathers every layer, ranks step together) draw the same samples
+    and end with the same weights."""
+    from kd.distributed.launch import run_torchrun
+
+    _, teacher, student, al, packed = setup
+    base = OP + ["train.steps=3", "train.checkpoint_every=0", "kd.on_policy.fraction=1", "train.nproc_per_node=2",
+                 "train.rank_timeout_s=120"]
+    results = {}
+    for mode, extra in (("ddp", []), ("fsdp", ["train.teacher_sharding=shard", "train.gradient_checkpointing=true"])):
+        cfg = load_config("configs/smoke.yaml", base + [f"train.distributed={mode}"] + extra)
+        events: list[dict] = []
+        results[mode] = run_torchrun(cfg, teacher, student, al, tmp_path / mode, prepared_dir=packed.root,
+                                     on_event=events.append)
+        steps = [e for e in events if e["kind"] == "step"]
+        assert [e["step"] for e in steps] == [1, 2, 3]
+        assert all(e["batches_on_policy"] == 1 and e["samples"] == 4 and e["gen_tokens"] > 0 for e in steps)
+        assert all(0 < e["gen_share"] < 1 and torch.isfinite(torch.tensor(e["loss"])) for e in steps)
+    ddp, fsdp = results["ddp"], results["fsdp"]
+    assert fsdp.device == "cpu x2 (fsdp)" and ddp.on_policy["samples"] == fsdp.on_policy["samples"] == 12
+    assert ddp.on_policy["generated_tokens"] == fsdp.on_policy["generated_tokens"]
+    a, b = _weights(ddp.checkpoint_dir), _weights(fsdp.checkpoint_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4

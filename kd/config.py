@@ -408,6 +408,19 @@ class EvalConfig(_Part):
     sample_max_new_tokens: int = Field(
         24, ge=0, le=512, description="Tokens generated per prompt and model (0: no samples)."
     )
+    # --- eval on the student's own samples (issue 17; kd/evaluate/on_samples.py)
+    on_sample_prompts: int = Field(
+        0, ge=0, le=4096, description="Held-out prompts (chat: the conversation before an assistant turn; text: "
+        "kd.on_policy.prompt_tokens tokens) completed by student-before and student-after (sampled at T=1, seeded) "
+        "and scored by the teacher: per-token reverse KL and teacher NLL. 0: not measured.",
+    )
+    on_sample_max_new_tokens: int = Field(
+        32, ge=1, le=4096, description="Largest completion per prompt in the on-sample eval (stops at EOS / end of turn).",
+    )
+    require_on_sample_improvement: bool = Field(
+        False, description="Gate F-DISTILL-ONPOLICY-001: student-after's reverse KL to the teacher on its own "
+        "samples must be below student-before's on theirs (needs on_sample_prompts > 0).",
+    )
 
 
 class OrchestrationConfig(_Part):

@@ -154,6 +154,17 @@ def eval_comparison(report, reused_from: str | None = None) -> None:
     before, after = report.student_before, report.student_after
     delta = {k: _diff(getattr(after, k), getattr(before, k)) for k, _ in EVAL_COLUMNS}
     rows.append({"model": "after − before", **delta, "tokens": None})
+    sampled = getattr(report, "on_samples", None)
+    if sampled is not None:  # issue 17: each student on its own samples, scored by the teacher
+        for name in ("before", "after"):
+            e = getattr(sampled, name)
+            rows.append({"model": f"student-{name} on own samples", "reverse KL to teacher": _cell(e.reverse_kl),
+                         "teacher NLL": _cell(e.teacher_nll), "tokens": e.tokens})
+        rows.append({"model": "on own samples: after − before",
+                     "reverse KL to teacher": _diff(sampled.after.reverse_kl, sampled.before.reverse_kl),
+                     "teacher NLL": _diff(sampled.after.teacher_nll, sampled.before.teacher_nll), "tokens": None})
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        rows = [{k: row.get(k) for k in keys} for row in rows]  # one column set for every row
     gates = ", ".join(f"{g.id}={g.verdict}" for g in report.gates)
     create_table_artifact(key="eval-comparison", table=rows,
                           description=f"Held-out metrics; gates: {gates}{reused(reused_from)}")

@@ -20,6 +20,7 @@ from kd.on_policy import GenerationSettings, batch_kind, get_generator, prompts_
 from kd.on_policy.generation import Samples
 from kd.train import _Objective, latest_checkpoint, train_student
 from kd.vocab import align_vocab
+from tests.test_manifest import inputs  # noqa: F401  (fixture)
 
 OP = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=2", "train.warmup_steps=1",
       "kd.on_policy.fraction=0.5", "kd.on_policy.max_new_tokens=12", "kd.on_policy.prompt_tokens=8",
@@ -186,3 +187,52 @@ def test_two_gloo_ranks_ddp_and_fsdp2_on_policy(setup, tmp_path):
     assert ddp.on_policy["generated_tokens"] == fsdp.on_policy["generated_tokens"]
     a, b = _weights(ddp.checkpoint_dir), _weights(fsdp.checkpoint_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_eval_on_own_samples_is_recorded_and_verify_recomputes_its_falsifier(tiny_pair, inputs, tmp_path, capsys):  # noqa: F811
+    from kd.cli import main
+    from kd.data import open_prepared
+    from kd.evaluate import ON_SAMPLE_ID, eval_gates
+    from kd.evaluate.on_samples import SampleSpec, evaluate_on_samples
+    from kd.manifest import verify_run_dir, write_evidence
+
+    teacher_dir, student_dir = tiny_pair
+    cfg = load_config("configs/smoke.yaml", ["eval.on_sample_prompts=4"])
+    packed = pack_dataset(cfg.data, student_dir, max_positions=256, min_train_blocks=4)
+    al = align_vocab(teacher_dir, student_dir)
+    backend = get_backend("hf")
+    t, s = backend.load(teacher_dir), backend.load(student_dir)
+    stops = stop_ids_of(student_dir)
+    spec = SampleSpec(stop_ids=frozenset(stops), pad_id=min(stops), fmt="text", prompts=4, max_new_tokens=10,
+                      prompt_tokens=8, seed=3, batch_size=2)
+    rep = evaluate_on_samples(t, s, s, open_prepared(packed.root).heldout, al, spec, chunk_size=64)
+    assert rep.before.tokens > 0 and rep.before.samples == 4 and rep.before.reverse_kl > 0
+    assert rep.before.teacher_nll > 0 and rep.before == rep.after  # same model, same seed: same samples and numbers
+
+    # the gate is fail-closed: no improvement (equal numbers) fails, an improvement passes
+    ev_cfg = cfg.eval.model_copy(update={"require_on_sample_improvement": True})
+    base = inputs["eval_report"]
+    gates = lambda r: eval_gates(base.teacher, base.student_before, base.student_after, 360, ev_cfg, on_samples=r)  # noqa: E731
+    assert {g.id: g.verdict for g in gates(rep)}[ON_SAMPLE_ID] == "fail"
+    assert {g.id: g.verdict for g in gates(None)}[ON_SAMPLE_ID] == "fail"
+    better = rep.model_copy(update={"after": rep.after.model_copy(update={"reverse_kl": rep.before.reverse_kl / 2})})
+    assert {g.id: g.verdict for g in gates(better)}[ON_SAMPLE_ID] == "pass"
+
+    config = inputs["config"].model_copy(update={"eval": ev_cfg})
+    report = base.model_copy(update={"on_samples": better, "gates": gates(better)})
+    run = tmp_path / "evidence" / "op"
+    m = write_evidence(run, **{**inputs, "config": config, "eval_report": report})
+    assert m.run.status == "pass" and verify_run_dir(run) == []
+    assert json.loads((run / "eval.json").read_text())["on_samples"]["after"]["reverse_kl"] == better.after.reverse_kl
+    assert main(["evidence", "show", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "on own samples" in out and f"[PASS] {ON_SAMPLE_ID}" in out
+
+    # numbers that say "worse" with the verdict left at pass: verify recomputes the falsifier and names it
+    for name in ("manifest.json", "eval.json"):
+        raw = json.loads((run / name).read_text())
+        ev = raw["eval"] if name == "manifest.json" else raw
+        ev["on_samples"]["after"]["reverse_kl"] = rep.before.reverse_kl * 2
+        (run / name).write_text(json.dumps(raw, indent=2))
+    problems = verify_run_dir(run)
+    assert any(ON_SAMPLE_ID in p and "the recorded numbers say fail" in p for p in problems), problems

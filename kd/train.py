@@ -36,6 +36,7 @@ from kd.data import Batch, PackedData, train_batch
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
 from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from kd.on_policy.objective import generation_row, on_policy_summary
 from kd.results import TeacherCacheResult, TrainResult, VocabAlignment
 from kd.trainer_state import STATE_JSON, is_checkpoint, load_trainer_state, save_trainer_state
 
@@ -219,41 +220,11 @@ class _OfflineObjective:
 
 def on_policy_objective(cfg: RunConfig, objective, student, teacher, alignment: VocabAlignment, packed,
                         student_dir, *, autocast: bool, device: str, rank: int = 0, synced: bool = False):
-    """kd.on_policy enabled: GKD's objective around `objective` (kd/on_policy); else `objective` itself."""
-    if not cfg.kd.on_policy.enabled:
-        return objective
-    if teacher is None:
-        raise ConfigError("kd.on_policy.fraction / kd.on_policy.seq_kd: generated completions need the teacher "
-                          "online; kd.teacher_mode: offline has only a cache of the prepared tokens")
-    from kd.on_policy import OnPolicyObjective, stop_ids_of
+    """kd.on_policy enabled: GKD's objective around `objective` (kd/on_policy/objective.py); else `objective`."""
+    from kd.on_policy.objective import wrap_objective
 
-    stops = stop_ids_of(student_dir)
-    pad = min(stops)
-    fmt = getattr(packed, "manifest", {}).get("format", "text")
-    return OnPolicyObjective(
-        cfg, objective, lambda c: _Objective(c, student, teacher, alignment, autocast, device), student, teacher,
-        alignment, fmt=fmt, stop_ids=stops, pad_id=pad, autocast=autocast, rank=rank, synced=synced)
-
-
-def generation_row(stats: dict, step_s: float) -> dict:
-    """Metrics of one step's generation: tokens/s while generating and its share of the step's time."""
-    return {"gen_s": stats["gen_s"], "gen_tokens": stats["gen_tokens"], "samples": stats["samples"],
-            "gen_tokens_per_s": stats["gen_tokens"] / stats["gen_s"] if stats["gen_s"] > 0 else 0.0,
-            "gen_share": stats["gen_s"] / step_s if step_s > 0 else 0.0,
-            **{f"batches_{k}": stats[k] for k in ("off_policy", "on_policy", "seq_kd")}, "stopped": stats["stopped"]}
-
-
-def on_policy_summary(cfg: RunConfig, metrics_path: Path) -> dict:
-    """The policy settings and what was generated over the whole run (metrics.jsonl, resumed steps included)."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "gen_s" in r]
-    gen_s, step_s = sum(r["gen_s"] for r in rows), sum(r["step_s"] for r in rows)
-    tokens = sum(r["gen_tokens"] for r in rows)
-    batches = {k: sum(r[f"batches_{k}"] for r in rows) for k in ("off_policy", "on_policy", "seq_kd")}
-    return {"settings": cfg.kd.on_policy.model_dump(mode="json"), "samples": sum(r["samples"] for r in rows),
-            "generated_tokens": tokens, "stopped_at_eos": sum(r["stopped"] for r in rows), "batches": batches,
-            "gen_tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
-            "gen_share": gen_s / step_s if step_s > 0 else 0.0, "logged_steps": len(rows)}
+    return wrap_objective(cfg, objective, lambda c: _Objective(c, student, teacher, alignment, autocast, device),
+                          student, teacher, alignment, packed, student_dir, autocast=autocast, rank=rank, synced=synced)
 
 
 def train_student(
@@ -332,7 +303,6 @@ def train_student(
         torch.cuda.reset_peak_memory_stats()
     tokens_per_step = tc.batch_size * tc.grad_accum * (packed.train.shape[1] - 1)
     ckpt = resume
-    samples_total = 0
     # a progress bar for people at a terminal; Prefect runs get the progress artifact instead
     bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=not sys.stderr.isatty())
     with bar, open(metrics_path, "a", encoding="utf-8") as metrics:
@@ -360,7 +330,6 @@ def train_student(
                    "tokens_per_s": tokens_per_step / dt, "step_s": dt}
             if step_objective is not objective:
                 row.update(generation_row(step_objective.take_stats(), dt))
-                samples_total += row["samples"]
             if not math.isfinite(row["loss"]):
                 log.error("non-finite loss at step %d: %s", step + 1, row)
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
@@ -368,6 +337,9 @@ def train_student(
                 metrics.flush()
                 log.info("step %d/%d loss=%.5f ce=%.5f kd=%.5f lr=%.3g grad_norm=%.4g tok/s=%.0f",
                          step + 1, tc.steps, row["loss"], row["ce"], row["kd"], lr, grad_norm, row["tokens_per_s"])
+                if "gen_s" in row:
+                    log.info("step %d generation: %d samples, %d tokens, %.1f tok/s, %.0f%% of the step", step + 1,
+                             row["samples"], row["gen_tokens"], row["gen_tokens_per_s"], 100 * row["gen_share"])
             done = step + 1
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir,

@@ -16,7 +16,9 @@ distributed run takes the same kind of batch at the same time.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from kd.data.prepared import Batch
 from kd.on_policy.generation import GenerationSettings, get_generator, sample_seed
@@ -86,3 +88,43 @@ class OnPolicyObjective:
         self.stats["samples"] += len(samples.completions)
         self.stats["stopped"] += sum(samples.stopped)
         return self.generated(samples.batch())
+
+
+def wrap_objective(cfg, objective, make_objective, student, teacher, alignment, packed, student_dir, *,
+                   autocast: bool, rank: int = 0, synced: bool = False):
+    """kd.on_policy enabled: an OnPolicyObjective around `objective`; else `objective` itself."""
+    if not cfg.kd.on_policy.enabled:
+        return objective
+    if teacher is None:
+        from kd.errors import ConfigError
+
+        raise ConfigError("kd.on_policy.fraction / kd.on_policy.seq_kd: generated completions need the teacher "
+                          "online; kd.teacher_mode: offline has only a cache of the prepared tokens")
+    from kd.on_policy.generation import stop_ids_of
+
+    stops = stop_ids_of(student_dir)
+    fmt = getattr(packed, "manifest", {}).get("format", "text")
+    return OnPolicyObjective(cfg, objective, make_objective, student, teacher, alignment, fmt=fmt, stop_ids=stops,
+                             pad_id=min(stops), autocast=autocast, rank=rank, synced=synced)
+
+
+def generation_row(stats: dict, step_s: float) -> dict:
+    """Metrics of one step's generation: tokens/s while generating and its share of the step's time."""
+    return {"gen_s": stats["gen_s"], "gen_tokens": stats["gen_tokens"], "samples": stats["samples"],
+            "gen_tokens_per_s": stats["gen_tokens"] / stats["gen_s"] if stats["gen_s"] > 0 else 0.0,
+            "gen_share": stats["gen_s"] / step_s if step_s > 0 else 0.0,
+            **{f"batches_{k}": stats[k] for k in KINDS}, "stopped": stats["stopped"]}
+
+
+def on_policy_summary(cfg, metrics_path: Path) -> dict:
+    """The policy settings and what was generated over the whole run (the logged metrics.jsonl rows, resumed
+    attempts included; every step when train.log_every is 1)."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "gen_s" in r]
+    gen_s, step_s = sum(r["gen_s"] for r in rows), sum(r["step_s"] for r in rows)
+    tokens = sum(r["gen_tokens"] for r in rows)
+    return {"settings": cfg.kd.on_policy.model_dump(mode="json"), "samples": sum(r["samples"] for r in rows),
+            "generated_tokens": tokens, "stopped_at_eos": sum(r["stopped"] for r in rows),
+            "batches": {k: sum(r[f"batches_{k}"] for r in rows) for k in KINDS},
+            "gen_tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+            "gen_share": gen_s / step_s if step_s > 0 else 0.0, "logged_steps": len(rows)}

@@ -228,7 +228,15 @@ def worker(kind: str, args) -> dict:
                         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1,
                         save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=0,
                         dataloader_num_workers=0, disable_dropout=True, max_length=None)
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=gkd, data_collator=collate,
+        class GKD(GKDTrainer):
+            """The collator has prompts only (no reference completions), so the Trainer's num_items_in_batch
+            (labels != -100 of the collated batch) is 0; drop it: TRL's own `batchmean` then averages over the
+            generated tokens, the normalisation kdflow uses."""
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                return super().compute_loss(model, inputs, return_outputs, None)
+
+        trainer = GKD(model=student, teacher_model=teacher, args=gkd, data_collator=collate,
                              train_dataset=datasets.Dataset.from_dict({"prompt_ids": prompts}),
                              processing_class=tok, callbacks=[Clock()])
         trainer.train()

@@ -51,6 +51,13 @@ def show_run(run_dir: Path) -> str:
     if t is not None:
         out.append(f"  training: {t.steps} steps, {t.tokens} tokens, loss {_g(t.initial_loss)} → {_g(t.final_loss)}, "
                    f"{t.tokens_per_s:.0f} tok/s, {t.wall_s:.1f} s, peak {t.peak_memory_bytes / 2**20:.0f} MiB")
+    op = getattr(t, "on_policy", None) if t is not None else None
+    if op:  # issue 17: what the policy was and what it generated
+        st, b = op["settings"], op["batches"]
+        out.append(f"  on-policy: fraction {st['fraction']:g}{' + seq_kd' if st['seq_kd'] else ''}, {st['divergence']} "
+                   f"at T={st['loss_temperature']:g}; batches on/off/seq_kd {b['on_policy']}/{b['off_policy']}/"
+                   f"{b['seq_kd']}; {op['samples']} samples, {op['generated_tokens']} tokens generated at "
+                   f"{op['gen_tokens_per_s']:.1f} tok/s, {100 * op['gen_share']:.0f}% of step time")
     if m.checkpoint is not None:
         out.append(f"  checkpoint: {m.checkpoint.path} (sha256 {m.checkpoint.sha256[:12]}…)")
     rows = _eval_rows(m)

@@ -73,7 +73,36 @@ def memory_estimate(student_params: int, teacher_params: int, cfg: RunConfig, hi
     tokens = cfg.train.batch_size * cfg.data.seq_len
     activations = tokens * hidden * 4 * 40  # rough: ~40 hidden-sized fp32 tensors per token kept for backward
     chunk_logits = cfg.kd.chunk_size * 4 * 4 * 160_000  # a few (chunk, V) fp32 buffers, V ≤ ~160k
-    return student_params * BYTES_PER_PARAM_TRAINED + teacher_params * BYTES_PER_PARAM_FROZEN + activations + chunk_logits
+    total = student_params * BYTES_PER_PARAM_TRAINED + teacher_params * BYTES_PER_PARAM_FROZEN + activations + chunk_logits
+    return total + generation_memory(cfg, hidden)
+
+
+def on_policy_plan(cfg: RunConfig) -> str | None:
+    """The plan's policy line: what generates, how often, with which loss; None when off-policy only."""
+    op = cfg.kd.on_policy
+    if not op.enabled:
+        return None
+    parts = []
+    if op.fraction > 0:
+        parts.append(f"{op.fraction:g} of micro-batches sampled by the student")
+    if op.seq_kd:
+        parts.append(f"{1 - op.fraction:g} completed by the teacher (seq_kd)")
+    elif op.fraction < 1:
+        parts.append(f"{1 - op.fraction:g} prepared text")
+    return (f"{', '.join(parts)}; {op.generator} generate, <= {op.max_new_tokens} new tokens, T={op.temperature:g}, "
+            f"top_p={op.top_p:g}; generated batches: {op.divergence} at T={op.loss_temperature:g}, no CE")
+
+
+def generation_memory(cfg: RunConfig, hidden: int, layers: int = 32) -> int:
+    """kd.on_policy: the KV cache of one generation (K and V, fp32, every layer, prompt + new tokens) and the
+    longer training sequence it becomes (its activations beyond data.seq_len); 0 when off."""
+    op = cfg.kd.on_policy
+    if not op.enabled:
+        return 0
+    length = op.max_prompt_tokens + op.max_new_tokens
+    kv = cfg.train.batch_size * length * hidden * 2 * 4 * layers
+    extra = max(0, length - cfg.data.seq_len) * cfg.train.batch_size * hidden * 4 * 40
+    return kv + extra
 
 
 def _writable(path: Path) -> tuple[bool, str]:
@@ -186,6 +215,7 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
     Cheap checks first (no torch/transformers import); the architecture checks only once they pass."""
     inputs = _Inputs()
     inputs.run("run-name", check_run_name, cfg)
+    inputs.run("on-policy", check_on_policy, cfg)
     if cfg.train.resume_from:  # files only: a planted trainer_state.pt is named, never opened (kd/trainer_state.py)
         inputs.run("resume-from", check_resume_dir, cfg.train.resume_from)
     folders: dict[str, Path] = {}
@@ -205,6 +235,22 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
             inputs.run(f"{role}-architecture", _architecture, folders[role], ref.trust_remote_code)
     inputs.raise_failed()
     return inputs.checks
+
+
+def check_on_policy(cfg: RunConfig) -> str:
+    """kd.on_policy: generated completions need the teacher online (the offline cache holds only the prepared
+    tokens' top-k); a prompt and its completion must fit the student's context."""
+    op = cfg.kd.on_policy
+    if not op.enabled:
+        return "off-policy only (kd.on_policy.fraction 0)"
+    knob = "kd.on_policy.fraction" if op.fraction > 0 else "kd.on_policy.seq_kd"
+    if cfg.kd.teacher_mode == "offline":
+        raise ConfigError(f"kd.teacher_mode=offline and {knob}={getattr(op, knob.rsplit('.', 1)[1])} cannot go "
+                          "together: the offline teacher cache scores only the prepared tokens, not generated "
+                          "completions; set kd.teacher_mode=online or kd.on_policy.fraction=0 / seq_kd=false")
+    who = "student" + (" + teacher (seq_kd)" if op.seq_kd else "") if op.fraction > 0 else "teacher (seq_kd)"
+    return (f"{who} generate with {op.generator} on {op.fraction:g} of micro-batches, up to {op.max_new_tokens} "
+            f"new tokens (T={op.temperature:g}, top_p={op.top_p:g}), loss {op.divergence} at T={op.loss_temperature:g}")
 
 
 def _inspect_gguf(path: Path) -> str:
@@ -300,6 +346,7 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         "steps": cfg.train.steps,
         "tokens_per_step": cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len,
         "objective": f"{cfg.kd.alpha}*CE + {1 - cfg.kd.alpha:g}*T^2*{cfg.kd.divergence} (T={cfg.kd.temperature})",
+        "on_policy": on_policy_plan(cfg),
         "training": cfg.orchestration.train_deployment or "in-process",
         "evidence": str(Path(cfg.evidence_dir) / (cfg.name or "<run name>")),
     }
@@ -341,6 +388,7 @@ def format_plan(report: PreflightReport) -> str:
         f"  data     {p['data']['source']} (seq_len {p['data']['seq_len']})",
         f"  steps    {p['steps']} x {p['tokens_per_step']} tokens",
         f"  loss     {p['objective']}",
+        *([f"  policy   {p['on_policy']}"] if p.get("on_policy") else []),
         f"  training {p['training']} on {report.device}",
         "  memory   " + ("unknown (model sizes unknown)" if report.memory_estimate_bytes is None
                          else f"~{report.memory_estimate_bytes / 2**30:.2f} GiB peak (estimate)"),

@@ -195,6 +195,9 @@ class TrainResult(_Result):
     teacher_cache: TeacherCacheResult | None = Field(
         None, description="Offline mode (kd.teacher_mode=offline): the teacher cache the student was trained from; "
         "the teacher itself was never loaded")
+    on_policy: dict | None = Field(
+        None, description="kd.on_policy enabled: its settings, samples and tokens generated, batches by kind "
+        "(off_policy / on_policy / seq_kd), generation tokens/s and share of step time (from metrics.jsonl)")
 
 
 class ModelEval(_Result):
@@ -225,6 +228,29 @@ class SampleGeneration(_Result):
     completions: dict[str, str] = Field(description="model (teacher, student_before, student_after) -> completion")
 
 
+class SampleEval(_Result):
+    """One model's completions of held-out prompts, scored by the teacher (kd/evaluate/on_samples.py)."""
+
+    reverse_kl: float = Field(description="Mean per-token KL(model||teacher) at T=1 at each generated position, "
+                              "exact over the valid vocabulary")
+    teacher_nll: float = Field(description="Mean teacher negative log-likelihood of the generated tokens")
+    tokens: int = Field(description="Generated tokens scored (prompts and padding excluded)")
+    samples: int
+    stopped: int = Field(description="Completions that ended with EOS / end of turn (not the length budget)")
+
+
+class OnSampleReport(_Result):
+    """eval.on_sample_prompts > 0: student-before and student-after on their own samples."""
+
+    before: SampleEval
+    after: SampleEval
+    prompts: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
 class EvalReport(_Result):
     teacher: ModelEval
     student_before: ModelEval
@@ -234,6 +260,9 @@ class EvalReport(_Result):
     produced_by: Provenance | None = Field(None, description="The run that evaluated (kept when cached)")
     samples: list[SampleGeneration] = Field(
         default_factory=list, description="Greedy completions of eval.sample_prompts by the three models")
+    on_samples: OnSampleReport | None = Field(
+        None, description="Student-before / student-after on completions they sample from held-out prompts: "
+        "per-token reverse KL to the teacher and the teacher's NLL (eval.on_sample_prompts > 0)")
 
     @property
     def passed(self) -> bool:

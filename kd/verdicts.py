@@ -63,7 +63,8 @@ def recompute_falsifiers(
         out += vocab_falsifiers(vocab, max_dropped_mass)
     if eval_report is not None:
         e = eval_report
-        out += eval_gates(e.teacher, e.student_before, e.student_after, e.vocab_size, eval_cfg)
+        out += eval_gates(e.teacher, e.student_before, e.student_after, e.vocab_size, eval_cfg,
+                          on_samples=getattr(e, "on_samples", None))
     return out
 
 

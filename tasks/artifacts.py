@@ -130,13 +130,21 @@ def progress_text(row: dict, elapsed_s: float, first_step: int) -> str:
     done = row["step"] - first_step
     eta = elapsed_s / done * (row["total_steps"] - row["step"]) if done > 0 else None
     return (f"step {row['step']}/{row['total_steps']} · loss {sig(row['loss'])} · "
-            f"{sig(row['tokens_per_s'])} tok/s · ETA {duration(eta)}")
+            f"{sig(row['tokens_per_s'])} tok/s{generation_text(row)} · ETA {duration(eta)}")
+
+
+def generation_text(row: dict) -> str:
+    """kd.on_policy runs: ` · generating 412 tok/s, 63% of the step` (empty otherwise)."""
+    if "gen_s" not in row:
+        return ""
+    return f" · generating {sig(row['gen_tokens_per_s'])} tok/s, {100 * row['gen_share']:.0f}% of the step"
 
 
 def step_line(row: dict) -> str:
     return (f"step {row['step']}/{row['total_steps']} loss={sig(row['loss'])} ce={sig(row['ce'])} "
             f"kd={sig(row['kd'])} lr={sig(row['lr'], 3)} grad_norm={sig(row['grad_norm'])} "
-            f"tok/s={sig(row['tokens_per_s'])}")
+            f"tok/s={sig(row['tokens_per_s'])}" + (f" gen_tok/s={sig(row['gen_tokens_per_s'])} "
+                                                   f"gen_share={row['gen_share']:.2f}" if "gen_s" in row else ""))
 
 
 EVAL_COLUMNS = (("loss", "loss"), ("perplexity", "perplexity"), ("kl_to_teacher", "KL to teacher"),
@@ -153,6 +161,17 @@ def eval_comparison(report, reused_from: str | None = None) -> None:
     before, after = report.student_before, report.student_after
     delta = {k: _diff(getattr(after, k), getattr(before, k)) for k, _ in EVAL_COLUMNS}
     rows.append({"model": "after − before", **delta, "tokens": None})
+    sampled = getattr(report, "on_samples", None)
+    if sampled is not None:  # issue 17: each student on its own samples, scored by the teacher
+        for name in ("before", "after"):
+            e = getattr(sampled, name)
+            rows.append({"model": f"student-{name} on own samples", "reverse KL to teacher": _cell(e.reverse_kl),
+                         "teacher NLL": _cell(e.teacher_nll), "tokens": e.tokens})
+        rows.append({"model": "on own samples: after − before",
+                     "reverse KL to teacher": _diff(sampled.after.reverse_kl, sampled.before.reverse_kl),
+                     "teacher NLL": _diff(sampled.after.teacher_nll, sampled.before.teacher_nll), "tokens": None})
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        rows = [{k: row.get(k) for k in keys} for row in rows]  # one column set for every row
     gates = ", ".join(f"{g.id}={g.verdict}" for g in report.gates)
     create_table_artifact(key="eval-comparison", table=rows,
                           description=f"Held-out metrics; gates: {gates}{reused(reused_from)}")

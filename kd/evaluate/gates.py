@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 
 from kd.config import EvalConfig
-from kd.results import Falsifier, ModelEval
+from kd.results import Falsifier, ModelEval, OnSampleReport
 
 FINITE_ID = "F-DISTILL-FINITE-001"
 COLLAPSE_ID = "F-DISTILL-COLLAPSE-001"
 UNIFORM_ID = "F-DISTILL-UNIFORM-001"
 KL_ID = "F-DISTILL-EVAL-001"
+ON_SAMPLE_ID = "F-DISTILL-ONPOLICY-001"
 
 # every metric of a ModelEval row that the finite gate checks
 METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share")
@@ -112,11 +113,30 @@ def kl_gate(before: ModelEval, after: ModelEval) -> Falsifier:
     )
 
 
+def on_sample_gate(report: OnSampleReport | None) -> Falsifier:
+    """F-DISTILL-ONPOLICY-001: on completions each samples itself from the same held-out prompts, student-after's
+    per-token reverse KL to the teacher is below student-before's (not measured, or NaN: fail)."""
+    ok = (report is not None and report.after.tokens > 0 and report.before.tokens > 0
+          and report.after.reverse_kl < report.before.reverse_kl)
+    observed = ("not measured (eval.on_sample_prompts is 0)" if report is None else
+                f"before {_fmt(report.before.reverse_kl)} over {report.before.tokens} tokens, after "
+                f"{_fmt(report.after.reverse_kl)} over {report.after.tokens} tokens (teacher NLL "
+                f"{_fmt(report.before.teacher_nll)} → {_fmt(report.after.teacher_nll)})")
+    return Falsifier(
+        id=ON_SAMPLE_ID,
+        claim="student-after KL(student‖teacher) per generated token, on its own T=1 samples of held-out prompts, "
+        "is below student-before's on its own samples",
+        observed=observed, verdict="pass" if ok else "fail",
+    )
+
+
 def eval_gates(
-    teacher: ModelEval, before: ModelEval, after: ModelEval, vocab_size: int, cfg: EvalConfig
+    teacher: ModelEval, before: ModelEval, after: ModelEval, vocab_size: int, cfg: EvalConfig,
+    on_samples: OnSampleReport | None = None,
 ) -> list[Falsifier]:
-    """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`
-    (an unchecked claim is left out rather than written down as a pass)."""
+    """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`, the on-sample
+    gate only when `cfg.require_on_sample_improvement` (an unchecked claim is left out rather than written
+    down as a pass)."""
     gates = [
         finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
         uniform_gate(after, vocab_size, cfg),
@@ -124,6 +144,8 @@ def eval_gates(
     ]
     if cfg.require_kl_improvement:
         gates.append(kl_gate(before, after))
+    if cfg.require_on_sample_improvement:
+        gates.append(on_sample_gate(on_samples))
     return gates
 
 

@@ -28,6 +28,23 @@ def _eval_rows(m: Manifest) -> dict[str, dict]:
     return {k: v.model_dump() for k, v in rows.items()}
 
 
+def _benchmark_lines(m: Manifest) -> list[str]:
+    """lm-eval benchmarks (issue 20): one row per task metric, teacher / before / after / retention."""
+    b = m.eval.benchmarks if m.eval is not None else None
+    if b is None:
+        return []
+    docs = {t.task: t.n_docs for t in b.tasks}
+    out = [f"  benchmarks (lm-eval {b.lm_eval_version}, {b.wall_s.get('total', 0):.1f} s; retention = after/teacher, "
+           "teacher/after when lower is better)",
+           f"  {'task':<18}{'metric':<18}{'teacher':>11}{'before':>11}{'after':>11}{'retention':>11}{'docs':>6}"]
+    for s in b.scores:
+        v = s.values
+        out.append(f"  {s.task:<18}{s.metric + (' ↑' if s.higher_is_better else ' ↓'):<18}"
+                   f"{_g(v.get('teacher')):>11}{_g(v.get('student_before')):>11}{_g(v.get('student_after')):>11}"
+                   f"{_g(s.retention):>11}{docs.get(s.task, '?'):>6}")
+    return out
+
+
 def show_run(run_dir: Path) -> str:
     """A readable summary of one run folder (status, models, training, eval table, falsifiers, integrity)."""
     m = load_manifest(run_dir)
@@ -59,6 +76,7 @@ def show_run(run_dir: Path) -> str:
                 "entropy": "entropy", "top_token_share": "top share", "tokens": "tokens"}
         out.append(f"  {'eval':<15}" + "".join(f"{label:>11}" for label in cols.values()))
         out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>11}" for c in cols) for name, row in rows.items()]
+    out += _benchmark_lines(m)
     out.append("  falsifiers:")
     for f in m.falsifiers:
         verdict = recomputed.get(f.id, f.verdict)
@@ -89,6 +107,9 @@ def _metrics(m: Manifest) -> dict[str, object]:
             out[f"training.{k}"] = getattr(m.training, k)
     for name, row in _eval_rows(m).items():
         out.update({f"eval.{name}.{k}": v for k, v in row.items()})
+    if m.eval is not None and m.eval.benchmarks is not None:
+        for sc in m.eval.benchmarks.scores:
+            out.update({f"benchmarks.{sc.task}.{sc.metric}.{k}": v for k, v in sc.values.items()})
     out.update({f"falsifier.{f.id}": f.verdict for f in m.falsifiers})
     for role in ("teacher", "student"):
         s = getattr(m.models, role)

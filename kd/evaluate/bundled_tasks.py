@@ -14,7 +14,10 @@ multiple-choice task over data shipped with kdflow.
 
 The held-out passages are decoded from the prepared set's held-out split, which is split from the
 training split by whole document; a held-out document whose tokens equal a training document's
-(a duplicate in the source) is left out, so no benchmark item is ever trained on. Items are shuffled
+(a duplicate in the source) is left out. Then items are decontaminated against the training documents
+(lowercased words, punctuation dropped): a last-word item is dropped when its last 8 words (the whole
+item if shorter) occur in a training document, a passage when it shares a 13-word sequence with one
+(lm-eval's own decontamination length), so the student was never trained on what it is scored on. Items are shuffled
 with a fixed seed, so `limit: N` takes a spread of documents, not the first chapter.
 The folder lives inside the prepared set (content-addressed), is built once, and every file is listed
 with its sha256 in `tasks.json` (written last).
@@ -32,7 +35,7 @@ import numpy as np
 
 from kd.build_once import build_once
 
-VERSION = 1  # bump when the items or YAML written here change: a new folder name, so no stale reuse
+VERSION = 2  # bump when the items or YAML written here change: a new folder name, so no stale reuse
 FOLDER = f"lm-eval-tasks-v{VERSION}"
 MARKER = "tasks.json"
 LASTWORD, BPB, MC = "kdflow_lastword", "kdflow_bpb", "kdflow_mc"
@@ -47,6 +50,8 @@ MAX_CONTEXT_WORDS = 48  # last-word context: whole sentences before the word, up
 MIN_CONTEXT_WORDS = 6
 MAX_PASSAGE_WORDS = 160  # bits-per-byte passages: whole sentences up to this many words
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_TOKEN = re.compile(r"[a-z0-9']+")
+LASTWORD_NGRAM, PASSAGE_NGRAM = 8, 13
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*[A-Za-z]$|^[A-Za-z]$")
 
 
@@ -93,6 +98,50 @@ metric_list:
 
 def _doc_ids(split) -> list[np.ndarray]:
     return [np.asarray(split.tokens[s : s + n]) for s, n, _f, _l in split.docs()]
+
+
+def words(text: str) -> list[str]:
+    """Lowercased words without punctuation: what decontamination compares."""
+    return _TOKEN.findall(text.lower())
+
+
+def _item_keys(item_words: list[str], n: int) -> list[tuple]:
+    if len(item_words) <= n:
+        return [tuple(item_words)]
+    return [tuple(item_words[i : i + n]) for i in range(len(item_words) - n + 1)]
+
+
+def decontaminate(lastword: list[dict], passages: list[dict], training_texts) -> tuple[list[dict], list[dict], int]:
+    """Drop items that occur in the training documents (see the module docstring); returns the kept
+    last-word items, kept passages and how many were dropped. `training_texts` is any iterable of str."""
+    lw_keys = [tuple(words(f"{r['context']} {r['target']}")[-LASTWORD_NGRAM:]) for r in lastword]
+    p_keys = [_item_keys(words(r["text"]), PASSAGE_NGRAM) for r in passages]
+    wanted: dict[int, set] = {}
+    for k in lw_keys + [k for ks in p_keys for k in ks]:
+        wanted.setdefault(len(k), set()).add(k)
+    seen: set = set()
+    for text in training_texts:
+        w = words(text)
+        for n, keys in wanted.items():
+            for i in range(len(w) - n + 1):
+                k = tuple(w[i : i + n])
+                if k in keys:
+                    seen.add(k)
+    kept_lw = [r for r, k in zip(lastword, lw_keys) if k not in seen]
+    kept_p = [r for r, ks in zip(passages, p_keys) if not any(k in seen for k in ks)]
+    return kept_lw, kept_p, len(lastword) - len(kept_lw) + len(passages) - len(kept_p)
+
+
+def training_texts(prepared_dir: str | Path, tokenizer_dir: str | Path, batch: int = 256):
+    """The training split's documents, decoded (special tokens dropped), a batch at a time."""
+    from kd.data import open_prepared
+    from kd.data.sources import load_tokenizer
+
+    split, tok = open_prepared(prepared_dir).train, load_tokenizer(tokenizer_dir)
+    docs = split.docs()
+    for b in range(0, len(docs), batch):
+        ids = [np.asarray(split.tokens[s : s + n]).astype(np.int64).tolist() for s, n, _f, _l in docs[b : b + batch]]
+        yield from tok.decode_batch(ids, skip_special_tokens=True)
 
 
 def heldout_texts(prepared_dir: str | Path, tokenizer_dir: str | Path) -> tuple[list[str], int]:
@@ -171,6 +220,7 @@ def write_bundled_tasks(prepared_dir: str | Path, tokenizer_dir: str | Path) -> 
         texts, dropped = heldout_texts(prepared_dir, tokenizer_dir)
         rng = random.Random(SEED)
         lw, bpb = lastword_items(texts), bpb_passages(texts)
+        lw, bpb, contaminated = decontaminate(lw, bpb, training_texts(prepared_dir, tokenizer_dir))
         rng.shuffle(lw)
         rng.shuffle(bpb)
         mc = [json.loads(line) for line in MC_DATA.read_text().splitlines() if line.strip()]
@@ -182,6 +232,7 @@ def write_bundled_tasks(prepared_dir: str | Path, tokenizer_dir: str | Path) -> 
             (tmp / f"{task}.yaml").write_text(_yaml(task, out.resolve() / data.name, body))
             counts[task] = len(rows)
         info = {"version": VERSION, "heldout_documents": len(texts), "duplicates_of_training_dropped": dropped,
+                "items_found_in_training_dropped": contaminated,
                 "docs": counts, "descriptions": BUNDLED, "mc_source": str(MC_DATA),
                 "files": {p.name: _sha(p) for p in sorted(tmp.iterdir())}}
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")

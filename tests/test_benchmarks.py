@@ -86,7 +86,7 @@ def scored(prepared, tiny_pair):
     for m in rand.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
-    cfg = BenchmarksConfig(tasks=TASKS, limit=40, limits={MC: 20}, require_no_regression=True, min_retention=0.01)
+    cfg = BenchmarksConfig(tasks=TASKS, limit=24, limits={MC: 12}, require_no_regression=True, min_retention=0.01)
     folder = write_bundled_tasks(prepared.path, student_dir)
     logs: list[str] = []
     report = run_benchmarks({"teacher": teacher, "student_before": rand, "student_after": trained},
@@ -102,11 +102,14 @@ def _score(report, task, metric):
 def test_a_randomly_reinitialised_student_scores_worse(scored):
     cfg, report, logs = scored
     assert {t.task for t in report.tasks} == set(TASKS)
-    assert {t.task: t.n_docs for t in report.tasks}[MC] == 20  # the per-task limit
+    assert {t.task: t.n_docs for t in report.tasks}[MC] == 12  # the per-task limit
     bpb, lw = _score(report, BPB, "bits_per_byte"), _score(report, LASTWORD, "perplexity")
     assert bpb.values["student_after"] < bpb.values["student_before"]
     assert lw.values["student_after"] < lw.values["student_before"]
     assert not bpb.higher_is_better and _score(report, LASTWORD, "acc").higher_is_better
+    # the word is scored after a space (lm-eval adds none to loglikelihood targets): the teacher gets many right
+    acc = _score(report, LASTWORD, "acc").values
+    assert acc["teacher"] > 0.2 and acc["teacher"] > acc["student_before"]
     assert bpb.retention == pytest.approx(bpb.values["teacher"] / bpb.values["student_after"])
     assert any("student_after done" in line for line in logs)  # the Logs tab's progress lines
     assert all(len(t.definition_sha256) == 64 for t in report.tasks) and report.lm_eval_version == "0.4.13"
@@ -145,7 +148,7 @@ def test_benchmarks_recorded_in_the_manifest_and_verified(scored, tmp_path, inpu
     d = tmp_path / "evidence" / "r1"
     m = write_evidence(d, **{**inputs, "config": config, "eval_report": ev})
     ids = {f.id: f.verdict for f in m.falsifiers}
-    assert ids[NO_REGRESSION_ID] == "fail" and ids[RETENTION_ID] == "pass"  # MC acc of 20 items is noise
+    assert ids[NO_REGRESSION_ID] == "fail" and ids[RETENTION_ID] == "pass"  # MC acc of 12 items is noise
     assert verify_run_dir(d) == []
     rec = json.loads((d / "manifest.json").read_text())["eval"]["benchmarks"]
     assert {t["task"] for t in rec["tasks"]} == set(TASKS) and rec["lm_eval_version"] == "0.4.13"

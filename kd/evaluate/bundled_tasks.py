@@ -1,7 +1,7 @@
 """Bundled lm-eval tasks that need no download: two built from the run's own held-out documents, one
 multiple-choice task over data shipped with kdflow.
 
-    folder = write_bundled_tasks(prepared.path, tokenizer_dir)   # <prepared>/lm-eval-tasks-v1/
+    folder = write_bundled_tasks(prepared.path, tokenizer_dir)   # <prepared>/lm-eval-tasks-vN/
     # then, for any model folder, the plain CLI reruns them:
     #   lm_eval --model hf --model_args pretrained=DIR,dtype=float32,max_length=512 \
     #           --tasks kdflow_lastword,kdflow_bpb,kdflow_mc --include_path FOLDER
@@ -35,7 +35,7 @@ import numpy as np
 
 from kd.build_once import build_once
 
-VERSION = 2  # bump when the items or YAML written here change: a new folder name, so no stale reuse
+VERSION = 3  # bump when the items or YAML written here change: a new folder name, so no stale reuse
 FOLDER = f"lm-eval-tasks-v{VERSION}"
 MARKER = "tasks.json"
 LASTWORD, BPB, MC = "kdflow_lastword", "kdflow_bpb", "kdflow_mc"
@@ -61,10 +61,11 @@ def _yaml(task: str, data: Path, body: str) -> str:
             f"test_split: test\n{body}metadata:\n  version: {VERSION}.0\n")
 
 
+# lm-eval puts no delimiter between context and a `loglikelihood` target (only multiple_choice gets one):
+# the space before the word is part of the target, as in lm-eval's own lambada_openai.yaml
 _LASTWORD_BODY = """output_type: loglikelihood
 doc_to_text: "{{context}}"
-doc_to_target: "{{target}}"
-target_delimiter: " "
+doc_to_target: "{{' ' + target}}"
 metric_list:
   - metric: perplexity
     aggregation: perplexity
@@ -78,8 +79,14 @@ doc_to_text: ""
 doc_to_target: "{{text}}"
 metric_list:
   - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
 """
 _MC_BODY = """output_type: multiple_choice
 doc_to_text: "{{query}}"
@@ -213,7 +220,7 @@ def _sha(path: Path) -> str:
 
 
 def write_bundled_tasks(prepared_dir: str | Path, tokenizer_dir: str | Path) -> Path:
-    """Write (once) the three bundled tasks' YAML and data into `<prepared_dir>/lm-eval-tasks-v1/`."""
+    """Write (once) the three bundled tasks' YAML and data into `<prepared_dir>/lm-eval-tasks-vN/`."""
     out = Path(prepared_dir) / FOLDER
 
     def build(tmp: Path) -> None:

@@ -33,7 +33,7 @@ class _Part(BaseModel):
         """Prefect's parameter check lets `null` through for any array (a cleared list in the UI form):
         take it as the field's default instead of failing the run on the worker."""
         if isinstance(data, dict):
-            lists = [n for n, f in cls.model_fields.items() if getattr(f.annotation, "__origin__", None) is list]
+            lists = [n for n, f in cls.model_fields.items() if getattr(f.annotation, "__origin__", None) in (list, dict)]
             data = {k: v for k, v in data.items() if not (v is None and k in lists)}
         return data
 

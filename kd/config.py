@@ -33,7 +33,7 @@ class _Part(BaseModel):
         """Prefect's parameter check lets `null` through for any array (a cleared list in the UI form):
         take it as the field's default instead of failing the run on the worker."""
         if isinstance(data, dict):
-            lists = [n for n, f in cls.model_fields.items() if getattr(f.annotation, "__origin__", None) is list]
+            lists = [n for n, f in cls.model_fields.items() if getattr(f.annotation, "__origin__", None) in (list, dict)]
             data = {k: v for k, v in data.items() if not (v is None and k in lists)}
         return data
 
@@ -370,6 +370,45 @@ class TrainConfig(_Part):
     )
 
 
+class BenchmarksConfig(_Part):
+    """Downstream benchmarks through lm-evaluation-harness (kd/evaluate/benchmarks.py), run in the eval step."""
+
+    tasks: list[Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]] = Field(
+        default_factory=list, max_length=64,
+        description="lm-eval task names. Bundled (no download, built from this run's held-out documents): "
+        "kdflow_lastword (LAMBADA-style last word), kdflow_bpb (bits per byte), kdflow_mc (multiple choice). "
+        "Any other lm-eval task must have its data offline (local YAML + files, or in the Hugging Face cache). "
+        "Empty: no benchmarks.",
+    )
+    include_paths: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Folders of extra lm-eval task YAMLs (lm_eval --include_path)."
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Score at most this many documents per task (None: all). Keeps a nightly cheap."
+    )
+    limits: dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="Per-task document limit overriding `limit` (task name -> documents)."
+    )
+    max_length: int = Field(
+        512, gt=0, le=1_048_576,
+        description="Context length lm-eval uses (rolling windows, truncation). Give it: a model declaring 8,192 "
+        "positions would otherwise pad every window to that.",
+    )
+    batch_size: int = Field(8, gt=0, le=4096, description="lm-eval batch size.")
+    bootstrap_iters: int = Field(
+        1000, ge=0, le=1_000_000, description="Bootstrap resamples for the stderr of perplexity-like metrics "
+        "(0: no stderr at all)."
+    )
+    require_no_regression: bool = Field(
+        False, description="Gate F-DISTILL-BENCH-001: student-after at least as good as student-before on every "
+        "metric of every task."
+    )
+    min_retention: float | None = Field(
+        None, gt=0, description="Gate F-DISTILL-BENCH-RETENTION-001: student-after keeps at least this fraction of "
+        "the teacher's score on every metric (after÷teacher; teacher÷after when lower is better). None: no gate."
+    )
+
+
 class EvalConfig(_Part):
     """Held-out evaluation and its gates."""
 
@@ -421,6 +460,11 @@ class EvalConfig(_Part):
     require_on_sample_improvement: bool = Field(
         False, description="Gate F-DISTILL-ONPOLICY-001: student-after's reverse KL to the teacher on its own "
         "samples must be below student-before's on theirs (needs on_sample_prompts > 0).",
+    )
+    # --- downstream benchmarks (issue 20; kd/evaluate/benchmarks.py)
+    benchmarks: BenchmarksConfig = Field(
+        default_factory=BenchmarksConfig,
+        description="lm-evaluation-harness tasks scored for teacher, student-before and student-after.",
     )
 
 

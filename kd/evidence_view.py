@@ -28,6 +28,23 @@ def _eval_rows(m: Manifest) -> dict[str, dict]:
     return {k: v.model_dump() for k, v in rows.items()}
 
 
+def _benchmark_lines(m: Manifest) -> list[str]:
+    """lm-eval benchmarks (issue 20): one row per task metric, teacher / before / after / retention."""
+    b = m.eval.benchmarks if m.eval is not None else None
+    if b is None:
+        return []
+    docs = {t.task: t.n_docs for t in b.tasks}
+    out = [f"  benchmarks (lm-eval {b.lm_eval_version}, {b.wall_s.get('total', 0):.1f} s; retention = after/teacher, "
+           "teacher/after when lower is better)",
+           f"  {'task':<18}{'metric':<18}{'teacher':>11}{'before':>11}{'after':>11}{'retention':>11}{'docs':>6}"]
+    for s in b.scores:
+        v = s.values
+        out.append(f"  {s.task:<18}{s.metric + (' ↑' if s.higher_is_better else ' ↓'):<18}"
+                   f"{_g(v.get('teacher')):>11}{_g(v.get('student_before')):>11}{_g(v.get('student_after')):>11}"
+                   f"{_g(s.retention):>11}{docs.get(s.task, '?'):>6}")
+    return out
+
+
 def show_run(run_dir: Path) -> str:
     """A readable summary of one run folder (status, models, training, eval table, falsifiers, integrity)."""
     m = load_manifest(run_dir)
@@ -74,6 +91,7 @@ def show_run(run_dir: Path) -> str:
             e = getattr(sampled, name)
             out.append(f"    student-{name:<7} reverse KL {_g(e.reverse_kl):>9}  teacher NLL {_g(e.teacher_nll):>9}  "
                        f"tokens {e.tokens}, stopped at EOS {e.stopped}/{e.samples}")
+    out += _benchmark_lines(m)
     out.append("  falsifiers:")
     for f in m.falsifiers:
         verdict = recomputed.get(f.id, f.verdict)
@@ -108,6 +126,9 @@ def _metrics(m: Manifest) -> dict[str, object]:
     if sampled is not None:
         for name in ("before", "after"):
             out.update({f"eval.on_samples.{name}.{k}": v for k, v in getattr(sampled, name).model_dump().items()})
+    if m.eval is not None and m.eval.benchmarks is not None:
+        for sc in m.eval.benchmarks.scores:
+            out.update({f"benchmarks.{sc.task}.{sc.metric}.{k}": v for k, v in sc.values.items()})
     out.update({f"falsifier.{f.id}": f.verdict for f in m.falsifiers})
     for role in ("teacher", "student"):
         s = getattr(m.models, role)

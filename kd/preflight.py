@@ -225,6 +225,8 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
             inputs.run(f"{role}-gguf", _inspect_gguf, Path(ref.repo).expanduser())
         elif d is not None and inputs.run(f"{role}-model", inspect_model_folder, d, role, deep=False):
             folders[role] = d
+    if cfg.eval.benchmarks.tasks:  # lm-eval tasks: known and with offline data (issue 20), else exit 2 naming it
+        inputs.run("benchmarks", _check_benchmarks, cfg.eval.benchmarks)
     files = inputs.run("data-files", data_files, cfg.data)
     docs = inputs.run("data-decode", _decode, cfg.data, files) if files else None
     if docs and "student" in folders:
@@ -251,6 +253,23 @@ def check_on_policy(cfg: RunConfig) -> str:
     who = "student" + (" + teacher (seq_kd)" if op.seq_kd else "") if op.fraction > 0 else "teacher (seq_kd)"
     return (f"{who} generate with {op.generator} on {op.fraction:g} of micro-batches, up to {op.max_new_tokens} "
             f"new tokens (T={op.temperature:g}, top_p={op.top_p:g}), loss {op.divergence} at T={op.loss_temperature:g}")
+
+
+def _check_benchmarks(bench_cfg) -> str:
+    from kd.evaluate.benchmarks import check_tasks
+
+    return check_tasks(bench_cfg)
+
+
+def _benchmark_plan(cfg: RunConfig, student: dict, cuda: bool) -> dict:
+    from kd.evaluate.benchmarks import plan_estimate
+
+    try:
+        files = data_files(cfg.data)
+        held = int(sum(f.stat().st_size for f in files) * cfg.data.heldout_fraction)
+    except (InputError, OSError):
+        held = None
+    return plan_estimate(cfg.eval.benchmarks, heldout_bytes=held, params=student.get("params"), cuda=cuda)
 
 
 def _inspect_gguf(path: Path) -> str:
@@ -350,6 +369,8 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         "training": cfg.orchestration.train_deployment or "in-process",
         "evidence": str(Path(cfg.evidence_dir) / (cfg.name or "<run name>")),
     }
+    if cfg.eval.benchmarks.tasks:  # documents per task and a rough time (issue 20)
+        plan["benchmarks"] = _benchmark_plan(cfg, student, cuda)
     return PreflightReport(
         ok=all(c["ok"] for c in checks),
         python=platform.python_version(), torch=torch.__version__, transformers=package_version("transformers") or "?",
@@ -394,7 +415,13 @@ def format_plan(report: PreflightReport) -> str:
                          else f"~{report.memory_estimate_bytes / 2**30:.2f} GiB peak (estimate)"),
         f"  disk     ~{report.needed_disk_bytes / 2**30:.2f} GiB needed, {report.free_disk_bytes / 2**30:.1f} GiB free",
         f"  evidence {p['evidence']}",
-        "checks:",
     ]
+    if p.get("benchmarks"):
+        b = p["benchmarks"]
+        docs = ", ".join(f"{t} {'?' if n is None else f'~{n}'}" for t, n in b["docs"].items())
+        est = "unknown" if b.get("estimate_s") is None else f"~{b['estimate_s']:.0f} s (rough)"
+        total = sum(n or 0 for n in b["docs"].values())
+        lines.append(f"  benchmarks {docs} docs (~{total} in all) x 3 models, {est}")
+    lines.append("checks:")
     lines += [f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}" for c in report.checks]
     return "\n".join(lines)

@@ -251,6 +251,41 @@ class OnSampleReport(_Result):
     seed: int
 
 
+class BenchmarkTask(_Result):
+    """One lm-eval task as it was run (kd/evaluate/benchmarks.py)."""
+
+    task: str
+    n_docs: int = Field(description="Documents scored (after the limit)")
+    n_available: int = Field(description="Documents the task has")
+    limit: int | None = Field(description="Per-task document limit (None: all)")
+    version: str = Field(description="The task's own version (its YAML metadata)")
+    definition_sha256: str = Field(description="sha256 of the task's full config as lm-eval ran it")
+    bundled: bool = Field(description="A kdflow bundled task (kd/evaluate/bundled_tasks.py)")
+
+
+class BenchmarkScore(_Result):
+    """One metric of one task for the three models, and the student's retention of the teacher's score."""
+
+    task: str
+    metric: str
+    higher_is_better: bool
+    values: dict[str, float] = Field(description="model (teacher, student_before, student_after) -> value")
+    stderr: dict[str, float | None] = Field(description="model -> lm-eval's standard error (None: not computed)")
+    retention: float | None = Field(
+        description="after ÷ teacher (teacher ÷ after when lower is better): 1 = as good as the teacher")
+
+
+class BenchmarkReport(_Result):
+    """lm-eval benchmarks of teacher, student-before and student-after."""
+
+    lm_eval_version: str
+    tasks: list[BenchmarkTask]
+    scores: list[BenchmarkScore]
+    wall_s: dict[str, float] = Field(description="Seconds per model and `total`")
+    bundled_dir: str | None = Field(None, description="Folder of the bundled tasks' YAML and data (rerun with lm_eval)")
+    max_length: int
+
+
 class EvalReport(_Result):
     teacher: ModelEval
     student_before: ModelEval
@@ -263,6 +298,8 @@ class EvalReport(_Result):
     on_samples: OnSampleReport | None = Field(
         None, description="Student-before / student-after on completions they sample from held-out prompts: "
         "per-token reverse KL to the teacher and the teacher's NLL (eval.on_sample_prompts > 0)")
+    benchmarks: BenchmarkReport | None = Field(
+        None, description="lm-eval downstream benchmarks (eval.benchmarks), when any were listed")
 
     @property
     def passed(self) -> bool:

@@ -177,6 +177,19 @@ def eval_comparison(report, reused_from: str | None = None) -> None:
                           description=f"Held-out metrics; gates: {gates}{reused(reused_from)}")
 
 
+def benchmarks_table(bench, reused_from: str | None = None) -> None:
+    """lm-eval benchmarks: one row per task metric, teacher / before / after / retention (kd/evaluate/benchmarks.py)."""
+    docs = {t.task: t.n_docs for t in bench.tasks}
+    rows = [{"task": s.task, "metric": s.metric + (" ↑" if s.higher_is_better else " ↓"),
+             "teacher": _cell(s.values.get("teacher")), "student-before": _cell(s.values.get("student_before")),
+             "student-after": _cell(s.values.get("student_after")), "retention": _cell(s.retention),
+             "docs": docs.get(s.task)} for s in bench.scores]
+    wall = bench.wall_s.get("total")
+    create_table_artifact(key="benchmarks", table=rows,
+                          description=f"lm-eval {bench.lm_eval_version} benchmarks ({duration(wall)}); retention = "
+                          f"after ÷ teacher (teacher ÷ after when lower is better){reused(reused_from)}")
+
+
 def _cell(x: float | None) -> float | str | None:
     """JSON numbers at 4 significant figures; a NaN/inf metric (a failing run) shown as text, not dropped."""
     if x is None:
@@ -247,6 +260,8 @@ def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None,
             train_metrics(training, src)
         elif step == "evaluate" and evaluation is not None:
             eval_comparison(evaluation, src)
+            if getattr(evaluation, "benchmarks", None) is not None:  # lm-eval benchmarks (issue 20)
+                benchmarks_table(evaluation.benchmarks, src)
             if getattr(evaluation, "samples", None):  # greedy completions (kd/samples.py), when eval made them
                 from kd.samples import samples_markdown
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
 from safetensors.torch import load_file
 from tasks import artifacts
 
@@ -18,6 +19,7 @@ from kd.config import RunConfig
 from kd.data import data_fingerprint, open_prepared
 from kd.errors import ModelError
 from kd.evaluate import evaluate_run
+from kd.evaluate.benchmarks import benchmark_eval, definitions_fingerprint
 from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.samples import generate_samples, samples_markdown
 from kd.train import resolve_device
@@ -29,9 +31,14 @@ def _eval_key(context, parameters) -> str:
     return content_key("eval", parameters["training"].checkpoint_sha256, parameters["teacher"].content_hash,
                        parameters["student"].content_hash, parameters["alignment"].identity(),
                        cfg.eval.model_dump(), cfg.data.model_dump(exclude={"num_proc"}), _data_key(parameters),
-                       cfg.kd.chunk_size,
+                       cfg.kd.chunk_size, *_bench_key(cfg),
                        *([cfg.kd.on_policy.prompt_tokens, cfg.kd.on_policy.max_prompt_tokens]
                          if cfg.eval.on_sample_prompts else []))  # the on-sample eval's prompts
+
+
+def _bench_key(cfg: RunConfig) -> list:
+    # lm-eval benchmarks: task definitions, their data files, the bundled tasks' code, the lm-eval version
+    return [definitions_fingerprint(cfg.eval.benchmarks)] if cfg.eval.benchmarks.tasks else []
 
 
 def _data_key(parameters):
@@ -87,5 +94,11 @@ def evaluate(
     if samples:
         create_markdown_artifact(key="sample-generations", markdown=samples_markdown(samples),
                                  description="Greedy completions: teacher, student-before, student-after")
+    # lm-eval downstream benchmarks on the same three models (eval.benchmarks; kd/evaluate/benchmarks.py)
+    report = benchmark_eval(report, models, {"teacher": teacher.local_dir, "student_before": student.local_dir,
+                                             "student_after": student.local_dir}, config.eval,
+                            heldout_path=training.heldout_path, device=device, log=get_run_logger().info)
     artifacts.eval_comparison(report)  # 4 significant figures and an `after − before` row
+    if report.benchmarks is not None:
+        artifacts.benchmarks_table(report.benchmarks)
     return report.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run

@@ -152,7 +152,8 @@ def summary_markdown(name: str, metric: str, direction: str, rows: list[dict], r
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, n in enumerate(ranking, 1):
         r = by[n]
-        link = f"[{n}]({r['flow_run_url']})" if r.get("flow_run_url") else f"`{n}`"
+        url = r.get("flow_run_url") or (f"/runs/flow-run/{r['flow_run_id']}" if r.get("flow_run_id") else None)
+        link = f"[{n}]({url})" if url else f"`{n}`"  # no UI URL configured: the UI resolves the relative link
         ov = ", ".join(f"{k}={_fmt(v)}" for k, v in r["overrides"].items())
         status = r["status"].upper() if r["status"] != "pass" else "pass"
         if r.get("reused"):

@@ -115,10 +115,23 @@ def step(name: str) -> str:
     return name.rsplit("-", 1)[0]
 
 
+def settled_task_runs(flow_run_id, ready, timeout_s: float = 60) -> list:
+    """The flow run's task runs once `ready(runs)` and none is still running (the server records task runs
+    from events, a moment after the flow returns)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = task_runs(flow_run_id)
+        if (ready(runs) and all(r.state.name not in ("Running", "Pending", "Scheduled") for r in runs)) \
+                or time.monotonic() > deadline:
+            return runs
+        time.sleep(1)
+
+
 def sweep_readback(sweep_run, evidence: Path) -> dict:
     from kd.sweep.report import verify_sweep_dir
 
-    parent_tasks = task_runs(sweep_run.id)
+    n_trials = len(json.loads((evidence / "sweep.json").read_text())["trials"])
+    parent_tasks = settled_task_runs(sweep_run.id, lambda rs: sum(r.name.startswith("trial-") for r in rs) == n_trials)
     shared_in_parent = {}
     for r in parent_tasks:
         if step(r.name) in SHARED:
@@ -126,7 +139,8 @@ def sweep_readback(sweep_run, evidence: Path) -> dict:
     kids = children(sweep_run.id)
     per_child = {}
     for k in kids:
-        states = {step(r.name): r.state.name for r in task_runs(k.id)}
+        runs = settled_task_runs(k.id, lambda rs: any(step(r.name) == "write_evidence" for r in rs))
+        states = {step(r.name): r.state.name for r in runs}
         per_child[k.name] = {"state": k.state.name, **{s: states.get(s) for s in (*SHARED, "train_student")}}
     trial_tasks = {r.name: r.state.name for r in parent_tasks if r.name.startswith("trial-")}
     doc = json.loads((evidence / "sweep.json").read_text())

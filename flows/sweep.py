@@ -121,7 +121,7 @@ def run_trial(config: RunConfig) -> dict:
 
     log = get_run_logger()
     tdir = _trial_evidence(config)
-    if _finished(config):  # its evidence is here and verifies, though Prefect's cache forgot it
+    if not config.orchestration.refresh_cache and _finished(config):  # verified evidence; Prefect's cache forgot it
         log.info("trial %s: reusing its verified evidence %s", config.name, tdir)
         return {"name": config.name, "evidence": str(tdir), "manifest_sha256": sha256_file(tdir / MANIFEST),
                 "reused": True}
@@ -160,6 +160,24 @@ def run_shared_steps(trials: list[Trial], sweep_name: str) -> None:
             cache_step(cfg, teacher, alignment, prepared, f"{sweep_name}-shared", **opts)
 
 
+# ---------------------------------------------------------------- before trials start in threads
+def prepare_threads(trials: list[Trial]) -> None:
+    """What concurrent trials must not race on, done once here: transformers resolves its names lazily and two
+    threads resolving the same one at once can fail (`cannot import name 'AutoConfig'`), and two trials creating
+    the missing GPU-slot limit at once collide on the server."""
+    import transformers
+
+    from tasks.slots import ensure_limit
+
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast",
+                 "GenerationConfig", "LogitsProcessorList"):
+        getattr(transformers, name)
+    import flows.distill  # noqa: F401  (and the task modules it imports)
+
+    for slots in sorted({t.config.orchestration.gpu_slots for t in trials}):
+        ensure_limit(slots)
+
+
 # ---------------------------------------------------------------- the flow
 def _sweep_run_name() -> str:
     spec = flow_run.parameters["spec"]
@@ -176,9 +194,11 @@ def sweep(spec: SweepSpec) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("sweep %s: %d trials, %d at once; evidence in %s", spec.name, len(trials), spec.concurrency, out_dir)
     run_shared_steps(trials, spec.name)
+    prepare_threads(trials)
 
     with ThreadPoolTaskRunner(max_workers=spec.concurrency) as runner:
-        futures = [runner.submit(run_trial, parameters={"config": t.config}) for t in trials]
+        futures = [runner.submit(run_trial.with_options(refresh_cache=t.config.orchestration.refresh_cache or None),
+                                 parameters={"config": t.config}) for t in trials]
         states = [f.wait() or f.state for f in futures]
 
     metric = metric_path(spec.objective.metric)

@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import base64
+import contextvars
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,6 +111,17 @@ def _set_aside(cfg: RunConfig) -> list[str]:
     return moved
 
 
+def _outside_transaction(distill, config: RunConfig):
+    """Run the child flow outside this task's transaction. Inside it, the child's tasks would join it: their
+    cache records written only when the trial task commits, and a failed trial rolling them all back (their
+    states become RolledBack and the failed child's run page loses its tasks). Called in a copied context,
+    so clearing the transaction here does not touch the trial task's own."""
+    from prefect.transactions import Transaction
+
+    Transaction.__var__.set(None)
+    return distill(config, return_state=True)
+
+
 def _trial_run_name() -> str:
     return f"trial-{task_run.parameters['config'].name}"
 
@@ -127,7 +139,7 @@ def run_trial(config: RunConfig) -> dict:
                 "reused": True}
     for moved in _set_aside(config):
         log.warning("trial %s: an earlier attempt's folder was moved to %s", config.name, moved)
-    state = distill(config, return_state=True)
+    state = contextvars.copy_context().run(_outside_transaction, distill, config)
     if not state.is_completed():
         raise TrialFailed(f"trial {config.name}: distill run ended {state.name}: {state.message}")
     return {"name": config.name, "evidence": str(tdir), "manifest_sha256": sha256_file(tdir / MANIFEST),

@@ -2,6 +2,7 @@
 
     kdflow smoke [--evidence-dir DIR] [--steps N]      tiny local models, embedded Prefect server
     kdflow run CONFIG [--set K=V ...] [--dry-run] [--no-cache] [--evidence-dir DIR]
+    kdflow sweep SPEC.yaml [--concurrency N] [--evidence-dir DIR] [--dry-run]
     kdflow make-tiny OUT
     kdflow make-student OUT --from TEACHER (--keep-layers N | --layers 0,3,6)
     kdflow evidence verify|show RUN_DIR | diff A B | schema
@@ -86,6 +87,34 @@ def cmd_run(args) -> int:
     return 0 if args.dry_run else _run_flow(cfg)
 
 
+def cmd_sweep(args) -> int:
+    """Validate the spec and every trial (exit 2 naming the field), preflight the base, run the sweep flow."""
+    from kd.preflight import raise_if_failed, run_preflight
+    from kd.sweep.spec import expand, load_spec, shared_groups, sweep_dir
+
+    spec = load_spec(args.spec)
+    update = {k: v for k, v in (("concurrency", args.concurrency), ("evidence_dir", args.evidence_dir),
+                                ("work_dir", args.work_dir)) if v is not None}
+    if update:
+        from kd.sweep.spec import validate_spec
+
+        spec = validate_spec({**spec.model_dump(exclude_unset=True), **update}, where=f"{args.spec} (with options)")
+    trials = expand(spec)
+    if args.dry_run:
+        print(f"sweep {spec.name}: {len(trials)} trials, {spec.concurrency} at once -> {sweep_dir(spec)}")
+        for t in trials:
+            print(f"  {t.name}: " + ", ".join(f"{k}={v}" for k, v in t.overrides.items()))
+        return 0
+    for group in shared_groups(trials):  # each distinct set of models/data once: one line naming a bad input
+        raise_if_failed(run_preflight(group[0].config))
+    _quiet_prefect_env()
+    from flows.sweep import sweep
+
+    _quiet_input_errors()
+    print(json.dumps(sweep(spec), indent=2))
+    return 0
+
+
 def cmd_smoke(args) -> int:
     args.config, args.dry_run = SMOKE_PRESET, False
     return cmd_run(args)
@@ -138,6 +167,16 @@ def cmd_evidence(args) -> int:
         print(f"private key: {private} (keep it secret)\npublic key:  {public} "
               f"(fingerprint {fingerprint(load_public_key(public))[:16]}…)")
         return 0
+    if args.action == "verify" and _is_sweep(Path(args.run_dir)):
+        from kd.sweep.report import verify_sweep_dir
+
+        problems = verify_sweep_dir(Path(args.run_dir))
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        if not problems:
+            print(f"ok: sweep {args.run_dir} verifies (every trial folder, each trial manifest's sha256, "
+                  "the ranking and the best trial recomputed)")
+        return 1 if problems else 0
     if args.action in ("verify", "show", "sign"):
         run_dir = Path(args.run_dir)
         if not (run_dir / manifest.MANIFEST).is_file():  # verify, show and sign agree: exit 2, one line
@@ -176,6 +215,12 @@ def cmd_evidence(args) -> int:
     return 0
 
 
+def _is_sweep(path: Path) -> bool:
+    from kd.sweep.report import is_sweep_dir
+
+    return is_sweep_dir(path)
+
+
 def _key_path(path: str | None) -> Path | None:
     return Path(path) if path else None
 
@@ -200,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     run.set_defaults(func=cmd_run)
 
+    sw = sub.add_parser("sweep", help="run a sweep: trials of a base run, ranked on an objective")
+    sw.add_argument("spec", help="sweep spec YAML, e.g. configs/sweeps/smoke-alpha-temperature.yaml")
+    sw.add_argument("--concurrency", type=int, help="trials running at once (overrides the spec)")
+    sw.add_argument("--evidence-dir", help="where evidence/<sweep>/ goes (overrides the spec)")
+    sw.add_argument("--work-dir", help="where runs/<sweep>/ goes (overrides the spec)")
+    sw.add_argument("--dry-run", action="store_true", help="validate the spec, list the trials and stop")
+    sw.set_defaults(func=cmd_sweep)
+
     ms = sub.add_parser("make-student", help="write a layer-pruned copy of a teacher (a HF folder) to OUT")
     ms.add_argument("out")
     ms.add_argument("--from", dest="teacher", required=True,
@@ -220,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evidence", help="inspect evidence folders")
     evsub = ev.add_subparsers(dest="action", required=True)
-    for name, text in (("verify", "check the schema, every sha256 and every verdict (recomputed)"),
+    for name, text in (("verify", "check the schema, every sha256 and every verdict (recomputed); on a sweep "
+                                  "folder, every trial and the ranking"),
                        ("show", "print a readable summary")):
         sp = evsub.add_parser(name, help=text)
         sp.add_argument("run_dir")

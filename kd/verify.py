@@ -30,6 +30,10 @@ def verify_run_dir(run_dir: Path) -> list[str]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return [f"{run_dir}: run folder not found"]
+    from kd.sweep.report import is_sweep_dir, verify_sweep_dir
+
+    if is_sweep_dir(run_dir):  # evidence/<sweep>/: every trial folder, each row, the ranking (kd/sweep/report.py)
+        return verify_sweep_dir(run_dir)
     try:
         m = load_manifest(run_dir)
     except (EvidenceError, EvidenceInvalid) as err:

@@ -27,7 +27,8 @@ def _flow(entrypoint: str):
 
 
 def test_deployments_pools_and_entrypoints():
-    expected = {"manual": ("distill", "cpu"), "nightly-smoke": ("distill", "cpu"), "gpu": ("kd-train", "gpu")}
+    expected = {"manual": ("distill", "cpu"), "nightly-smoke": ("distill", "cpu"), "gpu": ("kd-train", "gpu"),
+                "sweep": ("sweep", "cpu")}
     expected.update({p.stem: ("distill", "cpu") for p in (REPO / "configs").glob("*.yaml")})  # one per preset
     assert set(DEPLOYMENTS) == set(expected)
     for name, (flow_name, pool) in expected.items():
@@ -160,3 +161,22 @@ def test_crashed_child_fails_the_parent_naming_the_run(monkeypatch):
     assert seen["timeout"] is None  # waits as long as training takes
     assert seen["parameters"]["run_name"] == "run-1" and seen["parameters"]["config"] == cfg.model_dump(mode="json")
     json.dumps(seen["parameters"])  # plain JSON: what the API and the UI's parameter view get
+
+
+def test_sweep_deployment_is_the_smoke_sweep_preset_and_its_form_validates():
+    """sweep/sweep's form is prefilled with configs/sweeps/smoke-alpha-temperature.yaml, and that spec
+    passes the flow's parameter schema (what the server enforces) and expands into its 6 trials."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.sweep import sweep
+    from kd.sweep.spec import expand, load_spec
+
+    spec = load_spec(REPO / "configs" / "sweeps" / "smoke-alpha-temperature.yaml")
+    params = DEPLOYMENTS["sweep"]["parameters"]["spec"]
+    assert params == yaml.safe_load((REPO / "configs" / "sweeps" / "smoke-alpha-temperature.yaml").read_text())
+    schema = parameter_schema(sweep).model_dump_for_openapi()
+    assert "spec" in schema["required"]
+    spec_def = schema["definitions"]["SweepSpec"]
+    assert spec_def["additionalProperties"] is False
+    assert all(f.get("description") for f in spec_def["properties"].values())
+    assert len(expand(spec)) == 6

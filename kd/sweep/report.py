@@ -1,0 +1,259 @@
+"""The sweep's page and its manifest: one row per trial read from the trial's evidence, the ranking,
+the objective-vs-cost plot, `evidence/<sweep>/sweep.json`, and verifying all of it.
+
+    rows = [trial_row(sweep_dir / t.name, t.name, t.overrides, objective) for t in trials]
+    write_sweep(sweep_dir, spec_dump, objective, rows, ...)   # sweep.json + objective_vs_cost.png
+    problems = verify_sweep_dir(sweep_dir)                    # [] when every trial and the ranking check out
+
+Every number in a row is read from the trial's own manifest.json (whose sha256 the sweep manifest
+records), so `verify_sweep_dir` can recompute each row, the ranking and the best trial from the
+trial folders alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kd.hashing import sha256_file
+
+SWEEP_MANIFEST = "sweep.json"
+PLOT = "objective_vs_cost.png"
+SUMMARY = "summary.md"
+KIND = "sweep"
+ATTEMPTS = ".attempts"  # earlier failed attempts of a trial are moved here before it runs again
+
+
+def _get(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, dict):  # a benchmark recorded as {score|value|acc: x, ...}
+        v = next((v[k] for k in ("score", "value", "acc", "acc_norm") if k in v), None)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def benchmarks_of(manifest: dict) -> dict[str, float]:
+    """Benchmark scores when the run recorded any (`benchmarks` at the top or under eval)."""
+    found = manifest.get("benchmarks") or _get(manifest, "eval.benchmarks") or {}
+    out = {}
+    if isinstance(found, dict):
+        for name, v in found.items():
+            if (n := _number(v)) is not None:
+                out[str(name)] = n
+    return out
+
+
+def objective_value(manifest: dict, metric_path: str) -> float | None:
+    if metric_path.startswith("benchmarks."):
+        return benchmarks_of(manifest).get(metric_path.removeprefix("benchmarks."))
+    return _number(_get(manifest, metric_path))
+
+
+def trial_row(trial_dir: Path, name: str, overrides: dict, metric_path: str) -> dict:
+    """The trial's row, from its manifest; status `missing` when it wrote none (crashed before evidence)."""
+    row: dict[str, Any] = {"name": name, "overrides": overrides, "status": "missing", "objective": None}
+    mpath = Path(trial_dir) / "manifest.json"
+    if not mpath.is_file():
+        return row
+    try:
+        m = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {**row, "status": "unreadable"}
+    run, training = m.get("run") or {}, m.get("training") or {}
+    wall = None
+    try:
+        wall = (datetime.fromisoformat(run["end"]) - datetime.fromisoformat(run["start"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        pass
+    row.update(
+        status=run.get("status", "unreadable"), objective=objective_value(m, metric_path),
+        kl=_number(_get(m, "eval.student_after.kl_to_teacher")),
+        top1=_number(_get(m, "eval.student_after.top1_agreement")),
+        benchmarks=benchmarks_of(m), tokens_per_s=_number(training.get("tokens_per_s")),
+        train_wall_s=_number(training.get("wall_s")), train_tokens=training.get("tokens"), wall_s=wall,
+        flow_run_id=run.get("flow_run_id"), flow_run_url=run.get("flow_run_url"),
+        manifest_sha256=sha256_file(mpath),
+    )
+    return row
+
+
+def rank(rows: list[dict], direction: str) -> list[str]:
+    """Trial names, best first: passing trials with an objective by it (ties by name), then the rest by name."""
+    scored = [r for r in rows if r["status"] == "pass" and r.get("objective") is not None]
+    sign = 1.0 if direction == "min" else -1.0
+    ordered = sorted(scored, key=lambda r: (sign * r["objective"], r["name"]))
+    rest = sorted((r for r in rows if r not in scored), key=lambda r: r["name"])
+    return [r["name"] for r in ordered + rest]
+
+
+def best_of(rows: list[dict], ranking: list[str]) -> str | None:
+    by = {r["name"]: r for r in rows}
+    top = by.get(ranking[0]) if ranking else None
+    return top["name"] if top and top["status"] == "pass" and top.get("objective") is not None else None
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    return "–" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def plot_objective_vs_cost(rows: list[dict], ranking: list[str], metric: str, direction: str, out: Path,
+                           title: str) -> Path:
+    """Objective (y) against training wall time (x) of every trial that has both; the best one starred."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    best = best_of(rows, ranking)
+    pts = [r for r in rows if r.get("objective") is not None and r.get("train_wall_s") is not None]
+    for r in pts:
+        ok = r["status"] == "pass"
+        ax.scatter([r["train_wall_s"]], [r["objective"]], marker="*" if r["name"] == best else "o",
+                   s=220 if r["name"] == best else 50, color="tab:orange" if r["name"] == best else
+                   ("tab:blue" if ok else "tab:red"), zorder=3)
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in r["overrides"].items())
+        ax.annotate(label + ("" if ok else " (fail)"), (r["train_wall_s"], r["objective"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    if not pts:
+        ax.text(0.5, 0.5, "no trial has both an objective and a training time", ha="center", va="center",
+                transform=ax.transAxes)
+    missing = len(rows) - len(pts)
+    ax.set_xlabel("training cost: training wall time (s)")
+    ax.set_ylabel(f"{metric} ({'lower' if direction == 'min' else 'higher'} is better)")
+    ax.set_title(title + (f"  [{missing} trial(s) without numbers]" if missing else ""), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def summary_markdown(name: str, metric: str, direction: str, rows: list[dict], ranking: list[str],
+                     plot_data_uri: str | None = None, sweep_dir: Path | None = None) -> str:
+    """The sweep page: best trial, the table sorted by the objective, the plot."""
+    by = {r["name"]: r for r in rows}
+    best = best_of(rows, ranking)
+    bench = sorted({b for r in rows for b in (r.get("benchmarks") or {})})
+    failed = [r["name"] for r in rows if r["status"] != "pass"]
+    head = ["rank", "trial", "overrides", f"objective: {metric} ({direction})", "KL", "top-1",
+            *[f"bench {b}" for b in bench], "tokens/s", "wall s", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, n in enumerate(ranking, 1):
+        r = by[n]
+        url = r.get("flow_run_url") or (f"/runs/flow-run/{r['flow_run_id']}" if r.get("flow_run_id") else None)
+        link = f"[{n}]({url})" if url else f"`{n}`"  # no UI URL configured: the UI resolves the relative link
+        ov = ", ".join(f"{k}={_fmt(v)}" for k, v in r["overrides"].items())
+        status = r["status"].upper() if r["status"] != "pass" else "pass"
+        if r.get("reused"):
+            status += " (reused)"
+        cells = [str(i), link, ov, _fmt(r.get("objective")), _fmt(r.get("kl")), _fmt(r.get("top1"), ".3f"),
+                 *[_fmt((r.get("benchmarks") or {}).get(b)) for b in bench],
+                 _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("wall_s"), ".1f"), status]
+        lines.append("| " + " | ".join(cells) + " |")
+    verdict = f"**best trial: `{best}`** ({metric} = {_fmt(by[best]['objective'])})" if best else \
+        "**no trial passed**: no best trial"
+    md = [f"# Sweep {name}: {len(rows) - len(failed)}/{len(rows)} trials passed", "", verdict, ""]
+    if failed:
+        md += [f"Failed or missing: {', '.join(f'`{n}`' for n in failed)}", ""]
+    md += lines
+    if plot_data_uri:
+        md += ["", f"![{metric} against training wall time]({plot_data_uri})"]
+    if sweep_dir is not None:
+        md += ["", f"Sweep folder: `{sweep_dir}` ({SWEEP_MANIFEST}, {PLOT}, one evidence folder per trial); "
+               f"check it with `kdflow evidence verify {sweep_dir}`."]
+    return "\n".join(md) + "\n"
+
+
+def write_sweep(sweep_dir: Path, *, name: str, spec: dict, metric: str, direction: str, rows: list[dict],
+                flow_run_id: str | None = None, flow_run_url: str | None = None, start: str | None = None,
+                end: str | None = None, extra: dict | None = None) -> dict:
+    """Write the plot, summary.md and sweep.json (which hashes every trial manifest and both files)."""
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    ranking = rank(rows, direction)
+    best = best_of(rows, ranking)
+    plot_objective_vs_cost(rows, ranking, metric, direction, sweep_dir / PLOT, f"sweep {name}")
+    (sweep_dir / SUMMARY).write_text(summary_markdown(name, metric, direction, rows, ranking, None, sweep_dir),
+                                     encoding="utf-8")
+    failed = [r["name"] for r in rows if r["status"] != "pass"]
+    doc = {"kind": KIND, "name": name, "status": "fail" if failed else "pass", "failed": failed,
+           "objective": {"metric": metric, "direction": direction}, "best": best, "ranking": ranking,
+           "trials": rows, "spec": spec, "flow_run_id": flow_run_id, "flow_run_url": flow_run_url,
+           "start": start, "end": end, **(extra or {}),
+           "files": {PLOT: sha256_file(sweep_dir / PLOT), SUMMARY: sha256_file(sweep_dir / SUMMARY)}}
+    tmp = sweep_dir / f".{SWEEP_MANIFEST}.tmp"
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(sweep_dir / SWEEP_MANIFEST)
+    return doc
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / SWEEP_MANIFEST).is_file() and not (Path(path) / "manifest.json").is_file()
+
+
+_CHECKED = ("status", "objective", "kl", "top1", "tokens_per_s", "train_wall_s", "wall_s", "manifest_sha256")
+
+
+def verify_sweep_dir(sweep_dir: Path) -> list[str]:
+    """Problems with a sweep folder, each naming the trial or file: every trial folder verifies
+    (kd.verify), its manifest's sha256 is the one recorded, each row's numbers are the ones its
+    manifest gives, and the ranking, best trial and status are what those numbers give. [] = intact."""
+    from kd.verify import verify_run_dir
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        doc = json.loads((sweep_dir / SWEEP_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return [f"{SWEEP_MANIFEST}: unreadable ({err})"]
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        return [f"{SWEEP_MANIFEST}: not a sweep manifest (kind {doc.get('kind') if isinstance(doc, dict) else None!r})"]
+    problems: list[str] = []
+    try:
+        metric, direction = doc["objective"]["metric"], doc["objective"]["direction"]
+        recorded = list(doc["trials"])
+        names = [r["name"] for r in recorded]
+    except (KeyError, TypeError) as err:
+        return [f"{SWEEP_MANIFEST}: missing field {err}"]
+    for rel, want in (doc.get("files") or {}).items():
+        p = sweep_dir / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(p) != want:
+            problems.append(f"{rel}: sha256 mismatch")
+    rows = []
+    for r in recorded:
+        n = r["name"]
+        tdir = sweep_dir / n
+        if Path(n).name != n or n.startswith("."):
+            problems.append(f"trial {n!r}: not a folder name")
+            continue
+        fresh = trial_row(tdir, n, r.get("overrides") or {}, metric)
+        if fresh["status"] != "missing":
+            problems += [f"trial {n}: {p}" for p in verify_run_dir(tdir)]
+        for k in _CHECKED:
+            if fresh.get(k) != r.get(k):
+                problems.append(f"trial {n}: {k} recorded as {r.get(k)!r}, its evidence says {fresh.get(k)!r}")
+        rows.append(fresh)
+    on_disk = {p.parent.name for p in sweep_dir.glob("*/manifest.json")}
+    problems += [f"trial {n}: evidence folder not listed in {SWEEP_MANIFEST}" for n in sorted(on_disk - set(names))]
+    ranking = rank(rows, direction)
+    if doc.get("ranking") != ranking:
+        problems.append(f"ranking: recorded {doc.get('ranking')}, the trials' {metric} ({direction}) gives {ranking}")
+    if doc.get("best") != best_of(rows, ranking):
+        problems.append(f"best: recorded {doc.get('best')!r}, the trials give {best_of(rows, ranking)!r}")
+    status = "fail" if any(r["status"] != "pass" for r in rows) else "pass"
+    if doc.get("status") != status:
+        problems.append(f"status: recorded {doc.get('status')!r}, the trials give {status!r}")
+    return problems

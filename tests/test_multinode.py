@@ -321,3 +321,59 @@ def test_killed_node_stops_the_job_and_the_retry_resumes_both(node_pool, two_nod
         "stop_latency_s_after_kill": round(seen["stop_s"], 2), "flow_s_including_retry": round(took, 1),
         "resumed_from_step": result["resumed_from_step"], "max_abs_weight_diff_vs_uninterrupted": worst,
         "processes_left": 0})
+
+
+@full
+def test_cancelling_the_step_cancels_every_node_run(node_pool, tiny_pair, tmp_path):
+    """Ctrl-C in the step while the nodes train (a cancelled parent raises Prefect's TerminationSignal
+    there, which takes the same `except BaseException` path but re-sends SIGTERM to its process, so the
+    test uses KeyboardInterrupt): both node runs are cancelled through Prefect, their workers kill
+    torchrun and the ranks."""
+    from prefect import flow
+
+    from flows.multinode import train_multinode
+    from kd.hub import pull_model
+    from kd.vocab import align_vocab
+    from tests.prefect_helpers import flow_run
+
+    cfg = load_config(SMOKE, orch_overrides(tmp_path, *NODES, "train.nproc_per_node=1", "train.rendezvous.nnodes=2",
+                                            "train.steps=40"))
+    teacher, student = pull_model(cfg.teacher, "teacher"), pull_model(cfg.student, "student")
+    alignment = align_vocab(teacher.local_dir, student.local_dir)
+    run_dir = tmp_path / "runs" / "cancel"
+    started: list = []
+
+    def on_event(event: dict) -> None:
+        if event.get("kind") == "step" and event["step"] >= 2:
+            started.append(time.monotonic())
+            raise KeyboardInterrupt
+
+    @flow(name="e19-cancel")
+    def cancel_flow():
+        return train_multinode(cfg, teacher, student, alignment, "cancel", None, None, run_dir, on_event)
+
+    import flows.multinode as mn
+
+    seen_runs: list = []
+    real = mn.stop_node_runs
+
+    def spy(runs, why, **kw):
+        seen_runs.extend(runs)
+        return real(runs, why, **kw)
+
+    mn.stop_node_runs = spy
+    try:
+        with workers(node_pool, tmp_path, 2) as w:
+            with pytest.raises(KeyboardInterrupt):
+                cancel_flow()
+            stopped_s = time.monotonic() - started[0]
+            states = [flow_run(r.id).state for r in seen_runs]
+            assert [s.type.value for s in states] == ["CANCELLED", "CANCELLED"], (states, w.logs())
+            deadline = time.monotonic() + 30
+            while _run_procs(run_dir) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not _run_procs(run_dir)
+    finally:
+        mn.stop_node_runs = real
+    _record("step_cancelled", {"node_runs": [s.name for s in states], "all_cancelled_s": round(stopped_s, 1),
+                               "processes_left": 0})

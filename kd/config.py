@@ -315,6 +315,11 @@ class RendezvousConfig(_Part):
     id: str = Field("kdflow", description="Rendezvous id shared by the nodes of one job (e.g. the flow run id).",
                     min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     backend: Literal["c10d"] = Field("c10d", description="torchrun rendezvous backend.")
+    host: str = Field(
+        "127.0.0.1", description="nnodes > 1 without endpoint: the training step hosts the c10d rendezvous store "
+        "on a free port and hands HOST:PORT to every node; HOST must reach the step's machine from every node "
+        "(127.0.0.1: all nodes on this host).", pattern=r"^[A-Za-z0-9._\[\]:-]+$",
+    )
 
 
 class TrainConfig(_Part):
@@ -484,6 +489,11 @@ class OrchestrationConfig(_Part):
     refresh_cache: bool = Field(False, description="Ignore cached task results and run every step again.")
     retries: int = Field(2, ge=0, description="Retries of a task after a transient error.")
     retry_delay_s: float = Field(5.0, ge=0, description="Seconds between retries.")
+    node_deployment: str = Field(
+        "kd-train-node/gpu", description="train.rendezvous.nnodes > 1: the per-node deployment the training step "
+        "starts once per node (each runs torchrun for its node against one rendezvous).",
+        pattern=r"^[^/]+/[^/]+$",
+    )
     gpu_slots: str = Field(
         "gpu-0", description="Global concurrency limit name taken while training, one slot per GPU."
     )
@@ -521,6 +531,9 @@ class RunConfig(_Part):
             raise ValueError(
                 f"train.warmup_steps ({self.train.warmup_steps}) must be ≤ train.steps ({self.train.steps})"
             )
+        if self.train.rendezvous.nnodes > 1 and self.train.distributed == "none":
+            raise ValueError(f"train.rendezvous.nnodes={self.train.rendezvous.nnodes} needs train.distributed "
+                             "(ddp or fsdp): several nodes train one model with torchrun")
         if self.teacher.init is not None:
             raise ValueError("teacher.init: only the student can be built from the teacher")
         return self

@@ -345,6 +345,12 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         paths_ok &= ok
         check(f"writable-{label}", ok, detail)
 
+    storage = None
+    if cfg.train.rendezvous.nnodes > 1:  # every node reads/writes both folders (issue 19)
+        storage = shared_storage(cfg)
+        for c in storage["checks"]:
+            check(c["name"], c["ok"], c["detail"])
+
     download = sum(m.get("download_bytes") or 0 for m in (teacher, student))
     unknown = [role for role, m in (("teacher", teacher), ("student", student))
                if m.get("params") is None and m["kind"] != "tiny"]
@@ -367,6 +373,10 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         "objective": f"{cfg.kd.alpha}*CE + {1 - cfg.kd.alpha:g}*T^2*{cfg.kd.divergence} (T={cfg.kd.temperature})",
         "on_policy": on_policy_plan(cfg),
         "training": cfg.orchestration.train_deployment or "in-process",
+        **({} if storage is None else {
+            "nodes": f"{cfg.train.rendezvous.nnodes} x {cfg.orchestration.node_deployment} runs, "
+                     f"{cfg.train.nproc_per_node} rank(s) each",
+            "storage": storage["summary"]}),
         "evidence": str(Path(cfg.evidence_dir) / (cfg.name or "<run name>")),
     }
     if cfg.eval.benchmarks.tasks:  # documents per task and a rough time (issue 20)
@@ -378,6 +388,51 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         device=device, cuda_available=cuda, bf16_supported=bf16,
         free_disk_bytes=free, needed_disk_bytes=needed, memory_estimate_bytes=mem, checks=checks, plan=plan,
     )
+
+
+# file systems every node of a cluster can mount at the same path (FUSE mounts are assumed shared too)
+SHARED_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "cephfs", "lustre", "gpfs", "beegfs", "glusterfs",
+             "orangefs", "wekafs", "panfs", "virtiofs", "afs"}
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(mount point, file system type) holding `path` (its nearest existing ancestor)."""
+    import psutil
+
+    p = path.expanduser().resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    best = ("/", "?")
+    for part in psutil.disk_partitions(all=True):
+        mp = part.mountpoint
+        if (str(p) == mp or str(p).startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[0]):
+            best = (mp, part.fstype)
+    return best
+
+
+def shared_storage(cfg: RunConfig) -> dict:
+    """Multi-node: are work_dir and evidence_dir on storage every node sees? One host (a loopback
+    rendezvous): the same path, trivially. Several hosts: the file system must be a network/cluster one.
+    Each node also checks, before torchrun starts, that it sees the step's probe files there."""
+    r = cfg.train.rendezvous
+    host = (r.endpoint.rsplit(":", 1)[0].strip("[]") if r.endpoint else r.host)
+    one_host = host in ("127.0.0.1", "localhost", "::1")
+    checks, parts = [], []
+    for field in ("work_dir", "evidence_dir"):
+        path = Path(getattr(cfg, field)).expanduser().resolve()
+        mount, fstype = _mount_of(path)
+        if one_host:
+            ok, detail = True, (f"{field} {path}: every node runs on this host (rendezvous {host}), so all see "
+                                f"the same path ({fstype} at {mount})")
+        else:
+            ok = fstype in SHARED_FS or fstype.startswith("fuse")
+            detail = (f"{field} {path} is on {fstype} at {mount}" + (", shared storage every node can mount" if ok else
+                      f", local to this host: nodes on other hosts will not see it; put {field} on shared storage "
+                      "(NFS, CephFS, Lustre, a ReadWriteMany volume) mounted at the same path on every node"))
+        checks.append({"name": f"shared-{field}", "ok": ok, "detail": detail})
+        parts.append(f"{field} {path} ({fstype})")
+    where = "one host: same path on every node" if one_host else "several hosts: shared file system required"
+    return {"checks": checks, "summary": f"{where}; {', '.join(parts)}; each node re-checks it sees them"}
 
 
 def raise_if_failed(report: PreflightReport) -> None:
@@ -411,6 +466,7 @@ def format_plan(report: PreflightReport) -> str:
         f"  loss     {p['objective']}",
         *([f"  policy   {p['on_policy']}"] if p.get("on_policy") else []),
         f"  training {p['training']} on {report.device}",
+        *([f"  nodes    {p['nodes']}", f"  storage  {p['storage']}"] if p.get("storage") else []),
         "  memory   " + ("unknown (model sizes unknown)" if report.memory_estimate_bytes is None
                          else f"~{report.memory_estimate_bytes / 2**30:.2f} GiB peak (estimate)"),
         f"  disk     ~{report.needed_disk_bytes / 2**30:.2f} GiB needed, {report.free_disk_bytes / 2**30:.1f} GiB free",

@@ -47,7 +47,7 @@ bench-orchestration: $(STAMP)
 LOCKENV := .kdflow/lockenv
 lock:
 	test -x $(LOCKENV)/bin/pip-compile || { $(PY) -m venv $(LOCKENV) && $(LOCKENV)/bin/pip install -q pip-tools==7.6.2; }
-	$(LOCKENV)/bin/pip-compile --quiet --extra dev --generate-hashes --strip-extras --allow-unsafe \
+	$(LOCKENV)/bin/pip-compile --quiet --extra dev --generate-hashes --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -c constraints-cpu.txt -o requirements.lock pyproject.toml
 
 clean:

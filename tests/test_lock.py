@@ -27,7 +27,7 @@ def parse_lock(text: str) -> dict[str, tuple[str, set[str]]]:
     out: dict[str, tuple[str, set[str]]] = {}
     name = None
     for line in text.splitlines():
-        m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line)
+        m = re.match(r"^([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?==(\S+)", line)  # name[extras]==version
         if m:
             name = canonicalize_name(m.group(1))
             out[name] = (m.group(2), set())
@@ -68,7 +68,7 @@ def test_a_drifted_pyproject_is_caught():
 
 def test_every_locked_package_has_hashes():
     text = LOCK.read_text()
-    pins = re.findall(r"^[A-Za-z0-9_.\-]+==\S+ \\\n(?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+", text, re.M)
+    pins = re.findall(r"^[A-Za-z0-9_.\-]+(?:\[[^\]]*\])?==\S+ \\\n(?:\s+--hash=sha256:[0-9a-f]{64}(?: \\)?\n)+", text, re.M)
     assert len(pins) == len(parse_lock(text)) > 100
 
 

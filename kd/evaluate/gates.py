@@ -44,18 +44,25 @@ def finite_gate(evals: dict[str, ModelEval]) -> Falsifier:
     )
 
 
-def uniform_gate(after: ModelEval, vocab_size: int, cfg: EvalConfig) -> Falsifier:
+def uniform_gate(after: ModelEval, vocab_size: int, cfg: EvalConfig, before: ModelEval | None = None) -> Falsifier:
     """F-DISTILL-UNIFORM-001: the trained student predicts held-out tokens better than a uniform guess.
 
     A uniform guess over V ids has perplexity V; the gate asks for < f·V (f = `uniform_perplexity_fraction`).
-    Failing it says the student has not learnt the data yet, which is not the same as collapsed."""
+    Failing it is not the same as collapsed: the advice depends on whether training moved the student
+    towards the data (not there yet) or away from it (diverged: confidently wrong)."""
     limit = cfg.uniform_perplexity_fraction * vocab_size
     ok = after.perplexity < limit  # NaN compares false: fail-closed
     observed = f"perplexity {_fmt(after.perplexity)} vs {_fmt(limit)} ({cfg.uniform_perplexity_fraction:g}×V)"
     if not ok:
-        observed = (f"WORSE THAN UNIFORM: {observed}; a uniform guess over V={vocab_size} scores perplexity {vocab_size}. "
-                    "The student is not collapsed, it has not learnt this data yet: train more steps or at a higher "
-                    "train.lr, and compare KL before/after (a pruned or untrained student starts far from its teacher)")
+        if before is not None and not after.perplexity < before.perplexity:
+            advice = (f"training made it worse (student-before perplexity {_fmt(before.perplexity)}): the updates "
+                      "diverged; lower train.lr, add train.warmup_steps, check the loss curve")
+        else:
+            since = "" if before is None else f" (student-before perplexity {_fmt(before.perplexity)})"
+            advice = (f"training has not taken it far enough yet{since}: train more steps or at a higher train.lr; "
+                      "a pruned or untrained student starts far from its teacher")
+        observed = (f"WORSE THAN UNIFORM: {observed}; a uniform guess over V={vocab_size} scores perplexity "
+                    f"{vocab_size}. The student is not collapsed, {advice}")
     return Falsifier(
         id=UNIFORM_ID,
         claim=f"student-after predicts held-out tokens better than a uniform guess over V={vocab_size}: "
@@ -139,7 +146,7 @@ def eval_gates(
     down as a pass)."""
     gates = [
         finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
-        uniform_gate(after, vocab_size, cfg),
+        uniform_gate(after, vocab_size, cfg, before),
         collapse_gate(after, teacher, vocab_size, cfg),
     ]
     if cfg.require_kl_improvement:

@@ -63,7 +63,7 @@ def main(argv=None) -> None:
                      "lineage": {k: {"cached": v["cached"], "produced_by_run": v["produced_by_run"]}
                                  for k, v in m["lineage"].items()}})
         print(json.dumps(runs[-1]), flush=True)
-    os.environ.update(PREFECT_HOME=env["PREFECT_HOME"])
+    os.environ.update(PREFECT_HOME=env["PREFECT_HOME"], DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     os.environ.pop("PREFECT_API_URL", None)
     for r in runs:
         r["task_states_from_api"] = task_states(r["flow_run_id"])

@@ -51,6 +51,8 @@ def main() -> int:
                     "wall_s": round(wall, 1),
                     "not_run": "GPUs/NCCL, several hosts, a Kubernetes cluster: no GPU and no cluster here"}
     out.write_text(json.dumps(data, indent=1) + "\n")
+    log = out.with_suffix(".log")
+    log.write_text(proc.stdout + proc.stderr)  # the whole pytest output, failures included
     print(proc.stdout[-4000:])
     print(f"wrote {out}")
     return proc.returncode

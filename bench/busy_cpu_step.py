@@ -49,8 +49,9 @@ from kd.results import VocabAlignment
 from kd.train import _Objective
 
 torch.manual_seed(0)
-teacher = LlamaForCausalLM(LlamaConfig(**shape, num_hidden_layers=30)).eval().requires_grad_(False)
-student = LlamaForCausalLM(LlamaConfig(**shape, num_hidden_layers=10)).train()
+layers = json.loads(sys.argv[7])
+teacher = LlamaForCausalLM(LlamaConfig(**shape, num_hidden_layers=layers[0])).eval().requires_grad_(False)
+student = LlamaForCausalLM(LlamaConfig(**shape, num_hidden_layers=layers[1])).train()
 V = shape["vocab_size"]
 T, alpha = 1.0, 0.5
 cfg = RunConfig.model_validate({"teacher": {"repo": "bench/t"}, "student": {"repo": "bench/s"},
@@ -92,7 +93,8 @@ print("RESULT " + json.dumps({"arm": arm, "omp_wait_policy": os.environ.get("OMP
 def run_arm(arm: str, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", CHILD, arm, str(args.batch), str(args.seq), str(args.steps),
-                          json.dumps(SMOLLM2), str(REPO)], env=env, capture_output=True, text=True, check=True)
+                          json.dumps(SMOLLM2), str(REPO), json.dumps([args.teacher_layers, args.student_layers])],
+                         env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.rsplit("RESULT ", 1)[1])
 
 
@@ -104,6 +106,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256, help="4 x 255 = 1,020 next-token positions per step")
     ap.add_argument("--arms", default="kdflow,naive,kdflow-old-default")
+    ap.add_argument("--teacher-layers", type=int, default=30, help="SmolLM2-135M has 30")
+    ap.add_argument("--student-layers", type=int, default=10, help="the pruned preset keeps 10")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.burners)]
@@ -122,7 +126,7 @@ def main(argv=None) -> None:
     summary = {
         "date": dt.date.today().isoformat(), "cpu_cores": os.cpu_count(), "burners": args.burners,
         "host_load_avg_1m": {"min": min(load), "max": max(load)},
-        "shape": {**SMOLLM2, "teacher_layers": 30, "student_layers": 10, "tokens_per_step": args.batch * (args.seq - 1)},
+        "shape": {**SMOLLM2, "teacher_layers": args.teacher_layers, "student_layers": args.student_layers, "tokens_per_step": args.batch * (args.seq - 1)},
         "median_tokens_per_s": med,
         "kdflow_vs_naive": med.get("kdflow", 0) / med["naive"] if "naive" in med else None,
         "old_default_vs_naive": (med["kdflow-old-default"] / med["naive"]

@@ -40,15 +40,19 @@ def main() -> int:
                            "tests/test_multinode.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
     data = json.loads(out.read_text()) if out.is_file() else {}
-    summary = [line for line in proc.stdout.splitlines() if " passed" in line or " failed" in line][-1:]
+    lines = proc.stdout.splitlines()
+    summary = [x for x in lines if any(w in x for w in (" passed", " failed", " error"))][-1:]
+    start = next((i for i, x in enumerate(lines) if "slowest" in x and "durations" in x), len(lines))
+    durations = [x for x in lines[start + 1:] if x[:1].isdigit()]
     data["meta"] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "host": f"{platform.node()} ({os.cpu_count()} CPUs, shared)", "python": platform.python_version(),
                     "pytest_exit": proc.returncode, "pytest_summary": summary[0] if summary else None,
-                    "durations": [line for line in proc.stdout.splitlines() if line.strip().endswith("]")
-                                  or " call " in line or " setup " in line][:12],
+                    "durations": durations,
                     "wall_s": round(wall, 1),
                     "not_run": "GPUs/NCCL, several hosts, a Kubernetes cluster: no GPU and no cluster here"}
     out.write_text(json.dumps(data, indent=1) + "\n")
+    log = out.with_suffix(".log")
+    log.write_text(proc.stdout + proc.stderr)  # the whole pytest output, failures included
     print(proc.stdout[-4000:])
     print(f"wrote {out}")
     return proc.returncode

@@ -54,10 +54,12 @@ def train_student_task(
 ) -> TrainResult:
     if teacher_cache is not None and prepared is not None:  # never train from another teacher's/data's cache
         check_cache_is_for(config, teacher_cache, teacher, alignment, prepared)
-    # the prepare_data step's memory-mapped set; prepared here only when called without one
-    packed = (open_prepared(prepared.path) if prepared is not None else
-              pack_dataset(config.data, student.local_dir, max_positions=model_max_positions(student.local_dir),
-                           min_train_blocks=config.train.batch_size))
+    # the prepare_data step's memory-mapped set; prepared here only when called without one (several
+    # nodes: each node's ranks open it, or pack data.source, themselves)
+    packed = (None if config.train.rendezvous.nnodes > 1
+              else open_prepared(prepared.path) if prepared is not None
+              else pack_dataset(config.data, student.local_dir, max_positions=model_max_positions(student.local_dir),
+                                min_train_blocks=config.train.batch_size))
     progress_id = create_progress_artifact(progress=0.0, key="train-progress",
                                            description=f"Training {config.train.steps} steps")
     every = max(1, config.train.steps // 50)

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fault", action="store_true")
     ap.add_argument("--screenshot", type=Path, default=REPO / "docs" / "img" / "prefect-ui-sweep-summary.png")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" /
-                    f"sweep-{datetime.now(timezone.utc):%Y%m%d}.json")
+                    f"sweep-{datetime.now(timezone.utc):%Y-%m-%d}.json")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="kdflow-bench-sweep-"))
     (tmp / "server").mkdir()

@@ -164,7 +164,7 @@ def screenshot(base: str, sweep_run_id, out: Path, tmp: Path) -> dict:
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(sweep_run_id))]),
             key=ArtifactFilterKey(any_=["sweep-summary"])))
     shots = {"summary": f"{base}/v2/artifacts/artifact/{art.id}",
-             "run": f"{base}/v2/runs/flow-run/{sweep_run_id}?tab=Subflow%20Runs"}
+             "run": f"{base}/v2/runs/flow-run/{sweep_run_id}"}  # the graph: trials and their distill subflows
     done = {}
     for what, url in shots.items():
         png = out if what == "summary" else out.with_name(out.stem.replace("summary", "subflows") + out.suffix)

@@ -54,7 +54,8 @@ def _write(tmp: Path, spec: dict) -> Path:
     ({"objective": {"metric": "kl", "direction": "down"}}, "objective.direction:"),
     ({"concurrency": 0}, "concurrency: must be >= 1, got 0"),
     ({"trials": [{"train.steps": 0}]}, "trials[0]: train.steps: must be > 0, got 0"),
-    ({"set": ["kd.nope=1"]}, "base: kd.nope: unknown field"),
+    ({"set": ["kd.nope=1"]}, "set: kd.nope: unknown field"),
+    ({"base": "configs/nope.yaml"}, "base: preset file not found: configs/nope.yaml"),
 ])
 def test_bad_spec_exits_2_naming_the_field_before_any_trial(tmp_path, capsys, change, named):
     path = _write(tmp_path, _spec(tmp_path, **change))

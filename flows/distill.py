@@ -23,6 +23,7 @@ from kd.manifest import claim_run_name
 from kd.verdicts import failure_reasons
 from tasks.evaluate import evaluate
 from tasks.evidence import write_evidence_task
+from tasks.lineage import StepStates
 from tasks.preflight import preflight
 from tasks.prepare import prepare_data_task
 from tasks.pull import pull_models
@@ -67,25 +68,28 @@ def distill(config: RunConfig) -> dict:
     report = preflight(config)
     teacher = student = alignment = prepared = teacher_cache = training = evaluation = None
     failure = None
+    steps = StepStates()  # which steps were cache hits, from the States returned here (never a server read)
     try:
-        teacher, student = pull_models.with_options(**opts)(config)
-        alignment = check_vocab.with_options(refresh_cache=refresh or None)(config, teacher, student)
-        prepared = prepare_data_task.with_options(**opts)(config, student)
+        teacher, student = steps.run("pull_models", pull_models.with_options(**opts), config)
+        alignment = steps.run("check_vocab", check_vocab.with_options(refresh_cache=refresh or None),
+                              config, teacher, student)
+        prepared = steps.run("prepare_data", prepare_data_task.with_options(**opts), config, student)
         if config.kd.teacher_mode == "offline":  # the teacher runs once here; training never loads it
-            teacher_cache = cache_step(config, teacher, alignment, prepared, run_name, **opts)
+            teacher_cache = cache_step(config, teacher, alignment, prepared, run_name, steps, **opts)
         if config.orchestration.train_deployment:  # e.g. kd-train/gpu: runs on the gpu work pool's worker
             training = train_via_deployment(config, teacher, student, alignment, run_name, prepared, teacher_cache)
         else:
-            training = train_student_task.with_options(**opts)(config, teacher, student, alignment, run_name,
-                                                               prepared, teacher_cache)
-        evaluation = evaluate.with_options(refresh_cache=refresh or None)(config, teacher, student, alignment,
-                                                                          training, prepared)
+            training = steps.run("train_student", train_student_task.with_options(**opts), config, teacher,
+                                 student, alignment, run_name, prepared, teacher_cache)
+        evaluation = steps.run("evaluate", evaluate.with_options(refresh_cache=refresh or None), config, teacher,
+                               student, alignment, training, prepared)
     except Exception as err:  # recorded in the evidence, then re-raised: a failed run stays failed
         failure = err
     manifest = write_evidence_task(
         config, run_name, start, report, teacher, student, alignment, training, evaluation,
         failure=None if failure is None else f"{type(failure).__name__}: {failure}",
         flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url, prepared=prepared,
+        cached_steps=steps.cached, teacher_cache=teacher_cache,
     )
     if failure is not None:
         raise failure

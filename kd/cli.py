@@ -6,6 +6,7 @@
     kdflow make-tiny OUT
     kdflow make-student OUT --from TEACHER (--keep-layers N | --layers 0,3,6)
     kdflow evidence verify|show RUN_DIR | diff A B | schema
+    kdflow render-jobset CONFIG --image IMG [--set K=V ...] [--run-name N] [--gpus-per-node G] [--pvc CLAIM]
 
 Exit codes: 0 success; 2 invalid input (config, model, tokenizer/vocab, data), one message naming
 what is wrong; 1 any other failed run (failed gates included).
@@ -229,6 +230,21 @@ def _is_sweep(path: Path) -> bool:
     return is_sweep_dir(path)
 
 
+def cmd_render_jobset(args) -> int:
+    """Print the ConfigMap + JobSet (YAML) of a multi-node training; see kd/jobset.py and docs/prefect.md."""
+    import yaml
+
+    from kd.config import load_config
+    from kd.jobset import render_jobset
+
+    cfg = load_config(args.config, list(args.set or []))
+    run_name = args.run_name or cfg.name or Path(args.config).stem
+    manifest = render_jobset(cfg, run_name=run_name, image=args.image, namespace=args.namespace, pvc=args.pvc,
+                             gpus_per_node=args.gpus_per_node, shm_size=args.shm_size, max_restarts=args.max_restarts)
+    print(yaml.safe_dump(manifest, sort_keys=False), end="")
+    return 0
+
+
 def _key_path(path: str | None) -> Path | None:
     return Path(path) if path else None
 
@@ -299,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("b")
     evsub.add_parser("schema", help="print the manifest JSON Schema")
     ev.set_defaults(func=cmd_evidence)
+
+    js = sub.add_parser("render-jobset", help="print a Kubernetes JobSet (YAML) training CONFIG on "
+                        "train.rendezvous.nnodes nodes")
+    js.add_argument("config", help="configs/*.yaml")
+    js.add_argument("--set", action="append", metavar="K=V", help="override a field, e.g. train.rendezvous.nnodes=4")
+    js.add_argument("--image", required=True, help="container image with kdflow at /opt/kdflow (CUDA torch)")
+    js.add_argument("--run-name", help="run and JobSet name (default: the config's name, else the file's stem)")
+    js.add_argument("--namespace", default="default")
+    js.add_argument("--pvc", default="kdflow-shared", help="ReadWriteMany claim mounted at /shared on every node")
+    js.add_argument("--gpus-per-node", type=int, help="nvidia.com/gpu per node (default: train.nproc_per_node)")
+    js.add_argument("--shm-size", default="16Gi", help="memory-backed /dev/shm size")
+    js.add_argument("--max-restarts", type=int, default=2, help="JobSet restarts of all nodes after a failure")
+    js.set_defaults(func=cmd_render_jobset)
     return p
 
 

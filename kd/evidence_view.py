@@ -28,6 +28,23 @@ def _eval_rows(m: Manifest) -> dict[str, dict]:
     return {k: v.model_dump() for k, v in rows.items()}
 
 
+def _benchmark_lines(m: Manifest) -> list[str]:
+    """lm-eval benchmarks (issue 20): one row per task metric, teacher / before / after / retention."""
+    b = m.eval.benchmarks if m.eval is not None else None
+    if b is None:
+        return []
+    docs = {t.task: t.n_docs for t in b.tasks}
+    out = [f"  benchmarks (lm-eval {b.lm_eval_version}, {b.wall_s.get('total', 0):.1f} s; retention = after/teacher, "
+           "teacher/after when lower is better)",
+           f"  {'task':<18}{'metric':<18}{'teacher':>11}{'before':>11}{'after':>11}{'retention':>11}{'docs':>6}"]
+    for s in b.scores:
+        v = s.values
+        out.append(f"  {s.task:<18}{s.metric + (' ↑' if s.higher_is_better else ' ↓'):<18}"
+                   f"{_g(v.get('teacher')):>11}{_g(v.get('student_before')):>11}{_g(v.get('student_after')):>11}"
+                   f"{_g(s.retention):>11}{docs.get(s.task, '?'):>6}")
+    return out
+
+
 def show_run(run_dir: Path) -> str:
     """A readable summary of one run folder (status, models, training, eval table, falsifiers, integrity)."""
     m = load_manifest(run_dir)
@@ -51,6 +68,13 @@ def show_run(run_dir: Path) -> str:
     if t is not None:
         out.append(f"  training: {t.steps} steps, {t.tokens} tokens, loss {_g(t.initial_loss)} → {_g(t.final_loss)}, "
                    f"{t.tokens_per_s:.0f} tok/s, {t.wall_s:.1f} s, peak {t.peak_memory_bytes / 2**20:.0f} MiB")
+    op = getattr(t, "on_policy", None) if t is not None else None
+    if op:  # issue 17: what the policy was and what it generated
+        st, b = op["settings"], op["batches"]
+        out.append(f"  on-policy: fraction {st['fraction']:g}{' + seq_kd' if st['seq_kd'] else ''}, {st['divergence']} "
+                   f"at T={st['loss_temperature']:g}; batches on/off/seq_kd {b['on_policy']}/{b['off_policy']}/"
+                   f"{b['seq_kd']}; {op['samples']} samples, {op['generated_tokens']} tokens generated at "
+                   f"{op['gen_tokens_per_s']:.1f} tok/s, {100 * op['gen_share']:.0f}% of step time")
     if m.checkpoint is not None:
         out.append(f"  checkpoint: {m.checkpoint.path} (sha256 {m.checkpoint.sha256[:12]}…)")
     rows = _eval_rows(m)
@@ -59,6 +83,15 @@ def show_run(run_dir: Path) -> str:
                 "entropy": "entropy", "top_token_share": "top share", "tokens": "tokens"}
         out.append(f"  {'eval':<15}" + "".join(f"{label:>11}" for label in cols.values()))
         out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>11}" for c in cols) for name, row in rows.items()]
+    sampled = getattr(m.eval, "on_samples", None) if m.eval is not None else None
+    if sampled is not None:  # issue 17: each student on its own seeded samples of held-out prompts
+        out.append(f"  on own samples ({sampled.prompts} held-out prompts, T=1, <= {sampled.max_new_tokens} new tokens, "
+                   f"seed {sampled.seed}):")
+        for name in ("before", "after"):
+            e = getattr(sampled, name)
+            out.append(f"    student-{name:<7} reverse KL {_g(e.reverse_kl):>9}  teacher NLL {_g(e.teacher_nll):>9}  "
+                       f"tokens {e.tokens}, stopped at EOS {e.stopped}/{e.samples}")
+    out += _benchmark_lines(m)
     out.append("  falsifiers:")
     for f in m.falsifiers:
         verdict = recomputed.get(f.id, f.verdict)
@@ -89,6 +122,13 @@ def _metrics(m: Manifest) -> dict[str, object]:
             out[f"training.{k}"] = getattr(m.training, k)
     for name, row in _eval_rows(m).items():
         out.update({f"eval.{name}.{k}": v for k, v in row.items()})
+    sampled = getattr(m.eval, "on_samples", None) if m.eval is not None else None
+    if sampled is not None:
+        for name in ("before", "after"):
+            out.update({f"eval.on_samples.{name}.{k}": v for k, v in getattr(sampled, name).model_dump().items()})
+    if m.eval is not None and m.eval.benchmarks is not None:
+        for sc in m.eval.benchmarks.scores:
+            out.update({f"benchmarks.{sc.task}.{sc.metric}.{k}": v for k, v in sc.values.items()})
     out.update({f"falsifier.{f.id}": f.verdict for f in m.falsifiers})
     for role in ("teacher", "student"):
         s = getattr(m.models, role)

@@ -73,7 +73,36 @@ def memory_estimate(student_params: int, teacher_params: int, cfg: RunConfig, hi
     tokens = cfg.train.batch_size * cfg.data.seq_len
     activations = tokens * hidden * 4 * 40  # rough: ~40 hidden-sized fp32 tensors per token kept for backward
     chunk_logits = cfg.kd.chunk_size * 4 * 4 * 160_000  # a few (chunk, V) fp32 buffers, V ≤ ~160k
-    return student_params * BYTES_PER_PARAM_TRAINED + teacher_params * BYTES_PER_PARAM_FROZEN + activations + chunk_logits
+    total = student_params * BYTES_PER_PARAM_TRAINED + teacher_params * BYTES_PER_PARAM_FROZEN + activations + chunk_logits
+    return total + generation_memory(cfg, hidden)
+
+
+def on_policy_plan(cfg: RunConfig) -> str | None:
+    """The plan's policy line: what generates, how often, with which loss; None when off-policy only."""
+    op = cfg.kd.on_policy
+    if not op.enabled:
+        return None
+    parts = []
+    if op.fraction > 0:
+        parts.append(f"{op.fraction:g} of micro-batches sampled by the student")
+    if op.seq_kd:
+        parts.append(f"{1 - op.fraction:g} completed by the teacher (seq_kd)")
+    elif op.fraction < 1:
+        parts.append(f"{1 - op.fraction:g} prepared text")
+    return (f"{', '.join(parts)}; {op.generator} generate, <= {op.max_new_tokens} new tokens, T={op.temperature:g}, "
+            f"top_p={op.top_p:g}; generated batches: {op.divergence} at T={op.loss_temperature:g}, no CE")
+
+
+def generation_memory(cfg: RunConfig, hidden: int, layers: int = 32) -> int:
+    """kd.on_policy: the KV cache of one generation (K and V, fp32, every layer, prompt + new tokens) and the
+    longer training sequence it becomes (its activations beyond data.seq_len); 0 when off."""
+    op = cfg.kd.on_policy
+    if not op.enabled:
+        return 0
+    length = op.max_prompt_tokens + op.max_new_tokens
+    kv = cfg.train.batch_size * length * hidden * 2 * 4 * layers
+    extra = max(0, length - cfg.data.seq_len) * cfg.train.batch_size * hidden * 4 * 40
+    return kv + extra
 
 
 def _writable(path: Path) -> tuple[bool, str]:
@@ -103,8 +132,13 @@ def _model_info(ref: ModelRef) -> dict:
 
         size = remote_download_bytes(ref)
         info.update(download_bytes=size, params=None if size is None else size // 4)
-    elif ref.kind == "tiny":
-        info.update(params=None, download_bytes=0, note="generated locally on first use (~15 s)")
+    elif ref.kind == "tiny":  # not generated yet: sized from the config make_tiny will use
+        from kd.tiny import tiny_config
+
+        cj = tiny_config(ref.repo.removeprefix("tiny:"))
+        info.update(vocab_size=cj["vocab_size"], hidden_size=cj["hidden_size"], params=estimate_params(cj),
+                    max_positions=cj.get("max_position_embeddings"), layers=cj.get("num_hidden_layers"),
+                    download_bytes=0, note="generated locally on first use (~15 s)")
     return info
 
 
@@ -181,6 +215,7 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
     Cheap checks first (no torch/transformers import); the architecture checks only once they pass."""
     inputs = _Inputs()
     inputs.run("run-name", check_run_name, cfg)
+    inputs.run("on-policy", check_on_policy, cfg)
     if cfg.train.resume_from:  # files only: a planted trainer_state.pt is named, never opened (kd/trainer_state.py)
         inputs.run("resume-from", check_resume_dir, cfg.train.resume_from)
     folders: dict[str, Path] = {}
@@ -190,6 +225,8 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
             inputs.run(f"{role}-gguf", _inspect_gguf, Path(ref.repo).expanduser())
         elif d is not None and inputs.run(f"{role}-model", inspect_model_folder, d, role, deep=False):
             folders[role] = d
+    if cfg.eval.benchmarks.tasks:  # lm-eval tasks: known and with offline data (issue 20), else exit 2 naming it
+        inputs.run("benchmarks", _check_benchmarks, cfg.eval.benchmarks)
     files = inputs.run("data-files", data_files, cfg.data)
     docs = inputs.run("data-decode", _decode, cfg.data, files) if files else None
     if docs and "student" in folders:
@@ -200,6 +237,39 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
             inputs.run(f"{role}-architecture", _architecture, folders[role], ref.trust_remote_code)
     inputs.raise_failed()
     return inputs.checks
+
+
+def check_on_policy(cfg: RunConfig) -> str:
+    """kd.on_policy: generated completions need the teacher online (the offline cache holds only the prepared
+    tokens' top-k); a prompt and its completion must fit the student's context."""
+    op = cfg.kd.on_policy
+    if not op.enabled:
+        return "off-policy only (kd.on_policy.fraction 0)"
+    knob = "kd.on_policy.fraction" if op.fraction > 0 else "kd.on_policy.seq_kd"
+    if cfg.kd.teacher_mode == "offline":
+        raise ConfigError(f"kd.teacher_mode=offline and {knob}={getattr(op, knob.rsplit('.', 1)[1])} cannot go "
+                          "together: the offline teacher cache scores only the prepared tokens, not generated "
+                          "completions; set kd.teacher_mode=online or kd.on_policy.fraction=0 / seq_kd=false")
+    who = "student" + (" + teacher (seq_kd)" if op.seq_kd else "") if op.fraction > 0 else "teacher (seq_kd)"
+    return (f"{who} generate with {op.generator} on {op.fraction:g} of micro-batches, up to {op.max_new_tokens} "
+            f"new tokens (T={op.temperature:g}, top_p={op.top_p:g}), loss {op.divergence} at T={op.loss_temperature:g}")
+
+
+def _check_benchmarks(bench_cfg) -> str:
+    from kd.evaluate.benchmarks import check_tasks
+
+    return check_tasks(bench_cfg)
+
+
+def _benchmark_plan(cfg: RunConfig, student: dict, cuda: bool) -> dict:
+    from kd.evaluate.benchmarks import plan_estimate
+
+    try:
+        files = data_files(cfg.data)
+        held = int(sum(f.stat().st_size for f in files) * cfg.data.heldout_fraction)
+    except (InputError, OSError):
+        held = None
+    return plan_estimate(cfg.eval.benchmarks, heldout_bytes=held, params=student.get("params"), cuda=cuda)
 
 
 def _inspect_gguf(path: Path) -> str:
@@ -275,6 +345,12 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         paths_ok &= ok
         check(f"writable-{label}", ok, detail)
 
+    storage = None
+    if cfg.train.rendezvous.nnodes > 1:  # every node reads/writes both folders (issue 19)
+        storage = shared_storage(cfg)
+        for c in storage["checks"]:
+            check(c["name"], c["ok"], c["detail"])
+
     download = sum(m.get("download_bytes") or 0 for m in (teacher, student))
     unknown = [role for role, m in (("teacher", teacher), ("student", student))
                if m.get("params") is None and m["kind"] != "tiny"]
@@ -295,9 +371,16 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         "steps": cfg.train.steps,
         "tokens_per_step": cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len,
         "objective": f"{cfg.kd.alpha}*CE + {1 - cfg.kd.alpha:g}*T^2*{cfg.kd.divergence} (T={cfg.kd.temperature})",
+        "on_policy": on_policy_plan(cfg),
         "training": cfg.orchestration.train_deployment or "in-process",
+        **({} if storage is None else {
+            "nodes": f"{cfg.train.rendezvous.nnodes} x {cfg.orchestration.node_deployment} runs, "
+                     f"{cfg.train.nproc_per_node} rank(s) each",
+            "storage": storage["summary"]}),
         "evidence": str(Path(cfg.evidence_dir) / (cfg.name or "<run name>")),
     }
+    if cfg.eval.benchmarks.tasks:  # documents per task and a rough time (issue 20)
+        plan["benchmarks"] = _benchmark_plan(cfg, student, cuda)
     return PreflightReport(
         ok=all(c["ok"] for c in checks),
         python=platform.python_version(), torch=torch.__version__, transformers=package_version("transformers") or "?",
@@ -305,6 +388,51 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         device=device, cuda_available=cuda, bf16_supported=bf16,
         free_disk_bytes=free, needed_disk_bytes=needed, memory_estimate_bytes=mem, checks=checks, plan=plan,
     )
+
+
+# file systems every node of a cluster can mount at the same path (FUSE mounts are assumed shared too)
+SHARED_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "cephfs", "lustre", "gpfs", "beegfs", "glusterfs",
+             "orangefs", "wekafs", "panfs", "virtiofs", "afs"}
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(mount point, file system type) holding `path` (its nearest existing ancestor)."""
+    import psutil
+
+    p = path.expanduser().resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    best = ("/", "?")
+    for part in psutil.disk_partitions(all=True):
+        mp = part.mountpoint
+        if (str(p) == mp or str(p).startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[0]):
+            best = (mp, part.fstype)
+    return best
+
+
+def shared_storage(cfg: RunConfig) -> dict:
+    """Multi-node: are work_dir and evidence_dir on storage every node sees? One host (a loopback
+    rendezvous): the same path, trivially. Several hosts: the file system must be a network/cluster one.
+    Each node also checks, before torchrun starts, that it sees the step's probe files there."""
+    r = cfg.train.rendezvous
+    host = (r.endpoint.rsplit(":", 1)[0].strip("[]") if r.endpoint else r.host)
+    one_host = host in ("127.0.0.1", "localhost", "::1")
+    checks, parts = [], []
+    for field in ("work_dir", "evidence_dir"):
+        path = Path(getattr(cfg, field)).expanduser().resolve()
+        mount, fstype = _mount_of(path)
+        if one_host:
+            ok, detail = True, (f"{field} {path}: every node runs on this host (rendezvous {host}), so all see "
+                                f"the same path ({fstype} at {mount})")
+        else:
+            ok = fstype in SHARED_FS or fstype.startswith("fuse")
+            detail = (f"{field} {path} is on {fstype} at {mount}" + (", shared storage every node can mount" if ok else
+                      f", local to this host: nodes on other hosts will not see it; put {field} on shared storage "
+                      "(NFS, CephFS, Lustre, a ReadWriteMany volume) mounted at the same path on every node"))
+        checks.append({"name": f"shared-{field}", "ok": ok, "detail": detail})
+        parts.append(f"{field} {path} ({fstype})")
+    where = "one host: same path on every node" if one_host else "several hosts: shared file system required"
+    return {"checks": checks, "summary": f"{where}; {', '.join(parts)}; each node re-checks it sees them"}
 
 
 def raise_if_failed(report: PreflightReport) -> None:
@@ -336,12 +464,20 @@ def format_plan(report: PreflightReport) -> str:
         f"  data     {p['data']['source']} (seq_len {p['data']['seq_len']})",
         f"  steps    {p['steps']} x {p['tokens_per_step']} tokens",
         f"  loss     {p['objective']}",
+        *([f"  policy   {p['on_policy']}"] if p.get("on_policy") else []),
         f"  training {p['training']} on {report.device}",
+        *([f"  nodes    {p['nodes']}", f"  storage  {p['storage']}"] if p.get("storage") else []),
         "  memory   " + ("unknown (model sizes unknown)" if report.memory_estimate_bytes is None
                          else f"~{report.memory_estimate_bytes / 2**30:.2f} GiB peak (estimate)"),
         f"  disk     ~{report.needed_disk_bytes / 2**30:.2f} GiB needed, {report.free_disk_bytes / 2**30:.1f} GiB free",
         f"  evidence {p['evidence']}",
-        "checks:",
     ]
+    if p.get("benchmarks"):
+        b = p["benchmarks"]
+        docs = ", ".join(f"{t} {'?' if n is None else f'~{n}'}" for t, n in b["docs"].items())
+        est = "unknown" if b.get("estimate_s") is None else f"~{b['estimate_s']:.0f} s (rough)"
+        total = sum(n or 0 for n in b["docs"].values())
+        lines.append(f"  benchmarks {docs} docs (~{total} in all) x 3 models, {est}")
+    lines.append("checks:")
     lines += [f"  [{'ok' if c['ok'] else 'FAIL'}] {c['name']}: {c['detail']}" for c in report.checks]
     return "\n".join(lines)

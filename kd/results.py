@@ -59,6 +59,14 @@ class PrunedInit(_Result):
     layers: list[int] = Field(description="Teacher decoder layers kept, in order")
 
 
+class Provenance(_Result):
+    """Which run produced a result: a cached result keeps naming the run that computed it."""
+
+    run_name: str | None = None
+    flow_run_id: str | None = None
+    task_run_id: str | None = None
+
+
 class ModelSnapshot(_Result):
     """A model folder on local disk, with where it came from and a hash of every file."""
 
@@ -72,6 +80,7 @@ class ModelSnapshot(_Result):
     total_bytes: int
     gguf: GGUFSource | None = Field(None, description="The GGUF file this folder was converted from, if any")
     init: PrunedInit | None = Field(None, description="How this student was built from the teacher, if it was")
+    produced_by: Provenance | None = Field(None, description="The run whose pull made this snapshot (kept when cached)")
 
     @property
     def content_hash(self) -> str:
@@ -97,6 +106,11 @@ class VocabAlignment(_Result):
     dropped_mass_mean: float | None = Field(None, description="Mean teacher probability on the cut rows")
     dropped_mass_max: float | None = None
     special_tokens: dict[str, int | None] = Field(default_factory=dict)
+    produced_by: Provenance | None = Field(None, description="The run that checked the vocabularies (kept when cached)")
+
+    def identity(self) -> dict:
+        """What the alignment is, without who computed it: the part later cache keys depend on."""
+        return self.model_dump(exclude={"produced_by"})
 
 
 class PreparedData(_Result):
@@ -119,14 +133,7 @@ class PreparedData(_Result):
     wall_s: float = Field(0.0, description="Seconds the preparation took (0 when an existing set was reused)")
     tokens_per_s: float = 0.0
     reused: bool = Field(False, description="An identical prepared set already existed and was reused")
-
-
-class Provenance(_Result):
-    """Which run produced a result: a cached result keeps naming the run that computed it."""
-
-    run_name: str | None = None
-    flow_run_id: str | None = None
-    task_run_id: str | None = None
+    produced_by: Provenance | None = Field(None, description="The run that prepared it (kept when cached)")
 
 
 class StepLineage(_Result):
@@ -188,6 +195,9 @@ class TrainResult(_Result):
     teacher_cache: TeacherCacheResult | None = Field(
         None, description="Offline mode (kd.teacher_mode=offline): the teacher cache the student was trained from; "
         "the teacher itself was never loaded")
+    on_policy: dict | None = Field(
+        None, description="kd.on_policy enabled: its settings, samples and tokens generated, batches by kind "
+        "(off_policy / on_policy / seq_kd), generation tokens/s and share of step time (from metrics.jsonl)")
 
 
 class ModelEval(_Result):
@@ -218,6 +228,64 @@ class SampleGeneration(_Result):
     completions: dict[str, str] = Field(description="model (teacher, student_before, student_after) -> completion")
 
 
+class SampleEval(_Result):
+    """One model's completions of held-out prompts, scored by the teacher (kd/evaluate/on_samples.py)."""
+
+    reverse_kl: float = Field(description="Mean per-token KL(model||teacher) at T=1 at each generated position, "
+                              "exact over the valid vocabulary")
+    teacher_nll: float = Field(description="Mean teacher negative log-likelihood of the generated tokens")
+    tokens: int = Field(description="Generated tokens scored (prompts and padding excluded)")
+    samples: int
+    stopped: int = Field(description="Completions that ended with EOS / end of turn (not the length budget)")
+
+
+class OnSampleReport(_Result):
+    """eval.on_sample_prompts > 0: student-before and student-after on their own samples."""
+
+    before: SampleEval
+    after: SampleEval
+    prompts: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+class BenchmarkTask(_Result):
+    """One lm-eval task as it was run (kd/evaluate/benchmarks.py)."""
+
+    task: str
+    n_docs: int = Field(description="Documents scored (after the limit)")
+    n_available: int = Field(description="Documents the task has")
+    limit: int | None = Field(description="Per-task document limit (None: all)")
+    version: str = Field(description="The task's own version (its YAML metadata)")
+    definition_sha256: str = Field(description="sha256 of the task's full config as lm-eval ran it")
+    bundled: bool = Field(description="A kdflow bundled task (kd/evaluate/bundled_tasks.py)")
+
+
+class BenchmarkScore(_Result):
+    """One metric of one task for the three models, and the student's retention of the teacher's score."""
+
+    task: str
+    metric: str
+    higher_is_better: bool
+    values: dict[str, float] = Field(description="model (teacher, student_before, student_after) -> value")
+    stderr: dict[str, float | None] = Field(description="model -> lm-eval's standard error (None: not computed)")
+    retention: float | None = Field(
+        description="after ÷ teacher (teacher ÷ after when lower is better): 1 = as good as the teacher")
+
+
+class BenchmarkReport(_Result):
+    """lm-eval benchmarks of teacher, student-before and student-after."""
+
+    lm_eval_version: str
+    tasks: list[BenchmarkTask]
+    scores: list[BenchmarkScore]
+    wall_s: dict[str, float] = Field(description="Seconds per model and `total`")
+    bundled_dir: str | None = Field(None, description="Folder of the bundled tasks' YAML and data (rerun with lm_eval)")
+    max_length: int
+
+
 class EvalReport(_Result):
     teacher: ModelEval
     student_before: ModelEval
@@ -227,6 +295,11 @@ class EvalReport(_Result):
     produced_by: Provenance | None = Field(None, description="The run that evaluated (kept when cached)")
     samples: list[SampleGeneration] = Field(
         default_factory=list, description="Greedy completions of eval.sample_prompts by the three models")
+    on_samples: OnSampleReport | None = Field(
+        None, description="Student-before / student-after on completions they sample from held-out prompts: "
+        "per-token reverse KL to the teacher and the teacher's NLL (eval.on_sample_prompts > 0)")
+    benchmarks: BenchmarkReport | None = Field(
+        None, description="lm-eval downstream benchmarks (eval.benchmarks), when any were listed")
 
     @property
     def passed(self) -> bool:

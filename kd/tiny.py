@@ -11,6 +11,7 @@ Everything is a function of the seed: the same seed gives byte-identical files.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -53,10 +54,10 @@ def _save_tokenizer(tok, out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def _qwen2(vocab_rows: int, hidden: int, layers: int, heads: int, tie: bool, eos_id: int, seed: int):
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+def _qwen2_config(vocab_rows: int, hidden: int, layers: int, heads: int, tie: bool, eos_id: int):
+    from transformers import Qwen2Config
 
-    cfg = Qwen2Config(
+    return Qwen2Config(
         vocab_size=vocab_rows,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -69,6 +70,11 @@ def _qwen2(vocab_rows: int, hidden: int, layers: int, heads: int, tie: bool, eos
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
+
+
+def _qwen2(cfg, eos_id: int, seed: int):
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
@@ -98,31 +104,22 @@ def make_tiny(
     student_steps: int = 60,
 ):
     """Write `out_dir/teacher` and `out_dir/student`; returns their paths."""
-    from tokenizers import AddedToken
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise in a smoke run's output
     out = Path(out_dir)
     corpus = CORPUS.read_text()
     with _single_thread():
-        tok = _train_tokenizer(corpus)
-        student_tokens = tok.get_vocab_size(with_added_tokens=True)
-        eos_id = tok.token_to_id(EOS)
-
+        tok, (teacher_cfg, student_cfg), (teacher_tokens, student_tokens) = _tokenizers_and_configs(
+            corpus, extra_teacher_tokens, out)
+        eos_id, teacher_rows, student_rows = tok.token_to_id(EOS), teacher_cfg.vocab_size, student_cfg.vocab_size
         student_dir, teacher_dir = out / "student", out / "teacher"
-        _save_tokenizer(tok, student_dir)
-        tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra_teacher_tokens)])
-        teacher_tokens = tok.get_vocab_size(with_added_tokens=True)
-        _save_tokenizer(tok, teacher_dir)
-
-        student_rows = _round_up(student_tokens, ROW_MULTIPLE)
-        teacher_rows = max(_round_up(teacher_tokens, ROW_MULTIPLE), student_rows + extra_teacher_tokens)
-        teacher = _qwen2(teacher_rows, hidden=128, layers=2, heads=4, tie=False, eos_id=eos_id, seed=seed)
+        teacher = _qwen2(teacher_cfg, eos_id=eos_id, seed=seed)
         ids = torch.tensor(
             [i for line in corpus.splitlines() for i in tok.encode(line).ids + [eos_id]], dtype=torch.long
         )
         teacher_loss = _pretrain(teacher, ids, steps=teacher_steps, seed=seed)
-        student = _qwen2(student_rows, hidden=64, layers=2, heads=4, tie=True, eos_id=eos_id, seed=seed + 1)
+        student = _qwen2(student_cfg, eos_id=eos_id, seed=seed + 1)
         student_loss = _pretrain(student, ids, steps=student_steps, seed=seed + 1)
         teacher.save_pretrained(teacher_dir)
         student.save_pretrained(student_dir)
@@ -136,6 +133,39 @@ def make_tiny(
         + "\n"
     )
     return teacher_dir, student_dir
+
+
+def _tokenizers_and_configs(corpus: str, extra_teacher_tokens: int, out: Path | None):
+    """The trained tokenizer (student vocab + the teacher's extra tokens), both model configs and both
+    tokenizer sizes; tokenizers are saved under `out` when given. No weights: about a second."""
+    from tokenizers import AddedToken
+
+    tok = _train_tokenizer(corpus)
+    student_tokens = tok.get_vocab_size(with_added_tokens=True)
+    eos_id = tok.token_to_id(EOS)
+    if out is not None:
+        _save_tokenizer(tok, out / "student")
+    tok.add_special_tokens([AddedToken(f"<|extra_{i}|>", special=True) for i in range(extra_teacher_tokens)])
+    teacher_tokens = tok.get_vocab_size(with_added_tokens=True)
+    if out is not None:
+        _save_tokenizer(tok, out / "teacher")
+    student_rows = _round_up(student_tokens, ROW_MULTIPLE)
+    teacher_rows = max(_round_up(teacher_tokens, ROW_MULTIPLE), student_rows + extra_teacher_tokens)
+    configs = (_qwen2_config(teacher_rows, hidden=128, layers=2, heads=4, tie=False, eos_id=eos_id),
+               _qwen2_config(student_rows, hidden=64, layers=2, heads=4, tie=True, eos_id=eos_id))
+    return tok, configs, (teacher_tokens, student_tokens)
+
+
+def tiny_config(role: str) -> dict:
+    """config.json of the tiny `role` ("teacher" | "student") before it is generated, so the first
+    plan can size it: the same tokenizer training and config as `make_tiny`, without any weights."""
+    return _planned_configs()[0 if role == "teacher" else 1]
+
+
+@functools.lru_cache(maxsize=1)
+def _planned_configs() -> tuple[dict, dict]:
+    _, configs, _ = _tokenizers_and_configs(CORPUS.read_text(), 16, None)
+    return tuple(c.to_dict() for c in configs)
 
 
 def tiny_dir(root: str | Path | None = None, seed: int = 0) -> Path:

@@ -36,6 +36,7 @@ from kd.data import Batch, PackedData, train_batch
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
 from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from kd.on_policy.objective import generation_row, on_policy_summary
 from kd.results import TeacherCacheResult, TrainResult, VocabAlignment
 from kd.trainer_state import STATE_JSON, is_checkpoint, load_trainer_state, save_trainer_state
 
@@ -217,6 +218,15 @@ class _OfflineObjective:
         )
 
 
+def on_policy_objective(cfg: RunConfig, objective, student, teacher, alignment: VocabAlignment, packed,
+                        student_dir, *, autocast: bool, device: str, rank: int = 0, synced: bool = False):
+    """kd.on_policy enabled: GKD's objective around `objective` (kd/on_policy/objective.py); else `objective`."""
+    from kd.on_policy.objective import wrap_objective
+
+    return wrap_objective(cfg, objective, lambda c: _Objective(c, student, teacher, alignment, autocast, device),
+                          student, teacher, alignment, packed, student_dir, autocast=autocast, rank=rank, synced=synced)
+
+
 def train_student(
     cfg: RunConfig,
     teacher_dir: str | Path,
@@ -263,6 +273,8 @@ def train_student(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     objective = (_Objective(cfg, student, teacher, alignment, autocast, device) if offline is None
                  else _OfflineObjective(cfg, student, offline, alignment, autocast, device))
+    step_objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
+                                         autocast=autocast, device=device)
     log.info("teacher: %s", "online (loaded, runs every step)" if offline is None else
              f"offline cache {offline.folder} (top-k {offline.spec.k}, {offline.spec.encoding}); teacher not loaded")
 
@@ -301,7 +313,9 @@ def train_student(
             for micro in range(tc.grad_accum):
                 ids = train_batch(packed.train, step=step, micro=micro, batch_size=tc.batch_size,
                                   grad_accum=tc.grad_accum, seed=tc.seed)
-                out = objective(ids)
+                if step_objective is not objective:
+                    step_objective.at(step, micro)
+                out = step_objective(ids)
                 (out.loss / tc.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
                 ce_sum += float(out.ce)
@@ -314,6 +328,8 @@ def train_student(
             row = {"step": step + 1, "loss": loss_sum / tc.grad_accum, "ce": ce_sum / tc.grad_accum,
                    "kd": kd_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_step / dt, "step_s": dt}
+            if step_objective is not objective:
+                row.update(generation_row(step_objective.take_stats(), dt))
             if not math.isfinite(row["loss"]):
                 log.error("non-finite loss at step %d: %s", step + 1, row)
             if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
@@ -321,6 +337,9 @@ def train_student(
                 metrics.flush()
                 log.info("step %d/%d loss=%.5f ce=%.5f kd=%.5f lr=%.3g grad_norm=%.4g tok/s=%.0f",
                          step + 1, tc.steps, row["loss"], row["ce"], row["kd"], lr, grad_norm, row["tokens_per_s"])
+                if "gen_s" in row:
+                    log.info("step %d generation: %d samples, %d tokens, %.1f tok/s, %.0f%% of the step", step + 1,
+                             row["samples"], row["gen_tokens"], row["gen_tokens_per_s"], 100 * row["gen_share"])
             done = step + 1
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir,
@@ -351,4 +370,5 @@ def train_student(
         tokens_per_s=tokens_per_step * trained_steps / max(wall, 1e-9), wall_s=wall,
         peak_memory_bytes=int(peak), device=device, dtype="bfloat16-autocast" if autocast else "float32",
         teacher_cache=teacher_cache if offline is not None else None,
+        on_policy=on_policy_summary(cfg, metrics_path) if step_objective is not objective else None,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from kd.config import EvalConfig
 from kd.evaluate import eval_gates
+from kd.evaluate.benchmarks import benchmark_gates
 from kd.results import EvalReport, Falsifier, TrainResult, VocabAlignment
 
 SMOKE_ID = "F-DISTILL-SMOKE-001"
@@ -63,7 +64,9 @@ def recompute_falsifiers(
         out += vocab_falsifiers(vocab, max_dropped_mass)
     if eval_report is not None:
         e = eval_report
-        out += eval_gates(e.teacher, e.student_before, e.student_after, e.vocab_size, eval_cfg)
+        out += eval_gates(e.teacher, e.student_before, e.student_after, e.vocab_size, eval_cfg,
+                          on_samples=getattr(e, "on_samples", None))
+        out += benchmark_gates(e.benchmarks, eval_cfg.benchmarks)  # optional lm-eval falsifiers (issue 20)
     return out
 
 

@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
-from prefect.logging import get_run_logger
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -102,7 +101,7 @@ def pull_files(teacher, student, reused_from: str | None = None) -> None:
 
 def vocab_alignment(alignment, reused_from: str | None = None) -> None:
     rows = [{"field": k, "value": sig(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)}
-            for k, v in alignment.model_dump().items()]
+            for k, v in alignment.identity().items()]
     create_table_artifact(key="vocab-alignment", table=rows,
                           description=f"Vocabulary alignment: {alignment.verdict}{reused(reused_from)}")
 
@@ -131,13 +130,21 @@ def progress_text(row: dict, elapsed_s: float, first_step: int) -> str:
     done = row["step"] - first_step
     eta = elapsed_s / done * (row["total_steps"] - row["step"]) if done > 0 else None
     return (f"step {row['step']}/{row['total_steps']} · loss {sig(row['loss'])} · "
-            f"{sig(row['tokens_per_s'])} tok/s · ETA {duration(eta)}")
+            f"{sig(row['tokens_per_s'])} tok/s{generation_text(row)} · ETA {duration(eta)}")
+
+
+def generation_text(row: dict) -> str:
+    """kd.on_policy runs: ` · generating 412 tok/s, 63% of the step` (empty otherwise)."""
+    if "gen_s" not in row:
+        return ""
+    return f" · generating {sig(row['gen_tokens_per_s'])} tok/s, {100 * row['gen_share']:.0f}% of the step"
 
 
 def step_line(row: dict) -> str:
     return (f"step {row['step']}/{row['total_steps']} loss={sig(row['loss'])} ce={sig(row['ce'])} "
             f"kd={sig(row['kd'])} lr={sig(row['lr'], 3)} grad_norm={sig(row['grad_norm'])} "
-            f"tok/s={sig(row['tokens_per_s'])}")
+            f"tok/s={sig(row['tokens_per_s'])}" + (f" gen_tok/s={sig(row['gen_tokens_per_s'])} "
+                                                   f"gen_share={row['gen_share']:.2f}" if "gen_s" in row else ""))
 
 
 EVAL_COLUMNS = (("loss", "loss"), ("perplexity", "perplexity"), ("kl_to_teacher", "KL to teacher"),
@@ -154,9 +161,33 @@ def eval_comparison(report, reused_from: str | None = None) -> None:
     before, after = report.student_before, report.student_after
     delta = {k: _diff(getattr(after, k), getattr(before, k)) for k, _ in EVAL_COLUMNS}
     rows.append({"model": "after − before", **delta, "tokens": None})
+    sampled = getattr(report, "on_samples", None)
+    if sampled is not None:  # issue 17: each student on its own samples, scored by the teacher
+        for name in ("before", "after"):
+            e = getattr(sampled, name)
+            rows.append({"model": f"student-{name} on own samples", "reverse KL to teacher": _cell(e.reverse_kl),
+                         "teacher NLL": _cell(e.teacher_nll), "tokens": e.tokens})
+        rows.append({"model": "on own samples: after − before",
+                     "reverse KL to teacher": _diff(sampled.after.reverse_kl, sampled.before.reverse_kl),
+                     "teacher NLL": _diff(sampled.after.teacher_nll, sampled.before.teacher_nll), "tokens": None})
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        rows = [{k: row.get(k) for k in keys} for row in rows]  # one column set for every row
     gates = ", ".join(f"{g.id}={g.verdict}" for g in report.gates)
     create_table_artifact(key="eval-comparison", table=rows,
                           description=f"Held-out metrics; gates: {gates}{reused(reused_from)}")
+
+
+def benchmarks_table(bench, reused_from: str | None = None) -> None:
+    """lm-eval benchmarks: one row per task metric, teacher / before / after / retention (kd/evaluate/benchmarks.py)."""
+    docs = {t.task: t.n_docs for t in bench.tasks}
+    rows = [{"task": s.task, "metric": s.metric + (" ↑" if s.higher_is_better else " ↓"),
+             "teacher": _cell(s.values.get("teacher")), "student-before": _cell(s.values.get("student_before")),
+             "student-after": _cell(s.values.get("student_after")), "retention": _cell(s.retention),
+             "docs": docs.get(s.task)} for s in bench.scores]
+    wall = bench.wall_s.get("total")
+    create_table_artifact(key="benchmarks", table=rows,
+                          description=f"lm-eval {bench.lm_eval_version} benchmarks ({duration(wall)}); retention = "
+                          f"after ÷ teacher (teacher ÷ after when lower is better){reused(reused_from)}")
 
 
 def _cell(x: float | None) -> float | str | None:
@@ -210,75 +241,16 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def cached_steps(flow_run_id, expect: set[str], wait_s: float = 15.0) -> dict:
-    """{step: task run} for the steps of this flow run whose task run is `Cached` on the server.
-
-    The server records task states from events, a moment after the task finished: wait until each step
-    in `expect` (those that returned a result) has a final state there."""
-    import time
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline = time.monotonic() + wait_s
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(flow_run_id))])))
-            final = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state is not None and r.state.is_final()}
-            if expect <= set(final) or time.monotonic() > deadline:
-                return {r.name.rsplit("-", 1)[0]: r for r in runs if r.state is not None and r.state.name == "Cached"}
-            time.sleep(0.25)
-
-
-def producer_run(cached_task_run) -> str | None:
-    """The flow run that computed a cached result: the latest Completed task run of the same task with the
-    same cache key (a cached result does not say where it came from; the server's task runs do)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        TaskRunFilter, TaskRunFilterName, TaskRunFilterState, TaskRunFilterStateName,
-    )
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    step = cached_task_run.name.rsplit("-", 1)[0]
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=f"{step}-"),
-                                          state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Completed"]))),
-            sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
-        for r in runs:
-            if r.cache_key == cached_task_run.cache_key and r.flow_run_id and r.id != cached_task_run.id:
-                return client.read_flow_run(r.flow_run_id).name
-    return None
-
-
 def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None, training=None,
-                   evaluation=None, prepared=None, flow_run_id=None) -> list[str]:
+                   evaluation=None, prepared=None) -> list[str]:
     """Recreate the artifacts of the steps this run took from the cache; returns the steps rebuilt.
 
-    Which steps were cached: the task states on the server (else the lineage); who produced each: the
-    lineage, else the result's own `produced_by`."""
-    lineage = lineage or {}
-    results = {"pull_models": teacher, "check_vocab": alignment, "train_student": training, "evaluate": evaluation,
-               "prepare_data": prepared}
-    cached = {step: None for step, lin in lineage.items() if getattr(lin, "cached", False)}
-    try:  # training delegated to kd-train/gpu has no task here: its lineage (the result's producer) says
-        expect = {step for step, result in results.items() if result is not None} - {"train_student"}
-        cached.update(cached_steps(flow_run_id, expect) if flow_run_id else {})
-    except Exception as err:  # noqa: BLE001 - the lineage still answers
-        get_run_logger().warning("could not read this run's task states (%s): using the lineage", err)
+    Which steps were cached and who produced each: the lineage (what the flow saw, tasks/lineage.py)."""
     done = []
-    for step, task_run in sorted(cached.items()):
-        lin = lineage.get(step)
-        prov = getattr(results.get(step), "produced_by", None)
-        src = (lin.produced_by_run if lin is not None and lin.cached else None) or getattr(prov, "run_name", None)
-        if src is None and task_run is not None:
-            try:
-                src = producer_run(task_run)
-            except Exception:  # noqa: BLE001 - said as unknown below
-                src = None
-        src = src or "an earlier run (unknown)"
+    for step, lin in sorted((lineage or {}).items()):
+        if not getattr(lin, "cached", False):
+            continue
+        src = lin.produced_by_run or "an earlier run (unknown)"
         if step == "pull_models" and teacher is not None and student is not None:
             pull_files(teacher, student, src)
         elif step == "check_vocab" and alignment is not None:
@@ -288,6 +260,8 @@ def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None,
             train_metrics(training, src)
         elif step == "evaluate" and evaluation is not None:
             eval_comparison(evaluation, src)
+            if getattr(evaluation, "benchmarks", None) is not None:  # lm-eval benchmarks (issue 20)
+                benchmarks_table(evaluation.benchmarks, src)
             if getattr(evaluation, "samples", None):  # greedy completions (kd/samples.py), when eval made them
                 from kd.samples import samples_markdown
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
 from safetensors.torch import load_file
 from tasks import artifacts
 
@@ -18,6 +19,7 @@ from kd.config import RunConfig
 from kd.data import data_fingerprint, open_prepared
 from kd.errors import ModelError
 from kd.evaluate import evaluate_run
+from kd.evaluate.benchmarks import benchmark_eval, definitions_fingerprint
 from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.samples import generate_samples, samples_markdown
 from kd.train import resolve_device
@@ -27,9 +29,16 @@ from tasks.policy import content_key, provenance, retry_transient
 def _eval_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
     return content_key("eval", parameters["training"].checkpoint_sha256, parameters["teacher"].content_hash,
-                       parameters["student"].content_hash, parameters["alignment"].model_dump(),
+                       parameters["student"].content_hash, parameters["alignment"].identity(),
                        cfg.eval.model_dump(), cfg.data.model_dump(exclude={"num_proc"}), _data_key(parameters),
-                       cfg.kd.chunk_size)
+                       cfg.kd.chunk_size, *_bench_key(cfg),
+                       *([cfg.kd.on_policy.prompt_tokens, cfg.kd.on_policy.max_prompt_tokens]
+                         if cfg.eval.on_sample_prompts else []))  # the on-sample eval's prompts
+
+
+def _bench_key(cfg: RunConfig) -> list:
+    # lm-eval benchmarks: task definitions, their data files, the bundled tasks' code, the lm-eval version
+    return [definitions_fingerprint(cfg.eval.benchmarks)] if cfg.eval.benchmarks.tasks else []
 
 
 def _data_key(parameters):
@@ -37,6 +46,22 @@ def _data_key(parameters):
     if prepared is not None:
         return [prepared.content_hash, Path(prepared.path, "manifest.json").is_file()]
     return data_fingerprint(parameters["config"].data)
+
+
+def sample_spec(config: RunConfig, student_dir, heldout):
+    """eval.on_sample_prompts > 0: what the on-sample eval samples (kd/evaluate/on_samples.py); else None."""
+    ev = config.eval
+    if ev.on_sample_prompts == 0:
+        return None
+    from kd.evaluate.on_samples import SampleSpec
+    from kd.on_policy import stop_ids_of
+
+    stops = stop_ids_of(student_dir)
+    fmt = open_prepared(Path(heldout.root).parent).manifest.get("format", "text") if hasattr(heldout, "root") else "text"
+    op = config.kd.on_policy
+    return SampleSpec(stop_ids=frozenset(stops), pad_id=min(stops), fmt=fmt, prompts=ev.on_sample_prompts,
+                      max_new_tokens=ev.on_sample_max_new_tokens, prompt_tokens=op.prompt_tokens,
+                      max_prompt_tokens=op.max_prompt_tokens, seed=config.train.seed, batch_size=ev.batch_size)
 
 
 @task(name="evaluate", cache_key_fn=_eval_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
@@ -59,7 +84,7 @@ def evaluate(
               "student_after": load(training.checkpoint_dir, config.student)}
     report = evaluate_run(
         models["teacher"], models["student_before"], models["student_after"], heldout, alignment, config.eval,
-        chunk_size=config.kd.chunk_size, device=device,
+        chunk_size=config.kd.chunk_size, device=device, on_samples=sample_spec(config, student.local_dir, heldout),
     )
     # what the numbers mean, readable: greedy completions of fixed prompts by the three models (kd/samples.py)
     samples = generate_samples(models, student.local_dir, config.eval.sample_prompts,
@@ -69,5 +94,11 @@ def evaluate(
     if samples:
         create_markdown_artifact(key="sample-generations", markdown=samples_markdown(samples),
                                  description="Greedy completions: teacher, student-before, student-after")
+    # lm-eval downstream benchmarks on the same three models (eval.benchmarks; kd/evaluate/benchmarks.py)
+    report = benchmark_eval(report, models, {"teacher": teacher.local_dir, "student_before": student.local_dir,
+                                             "student_after": student.local_dir}, config.eval,
+                            heldout_path=training.heldout_path, device=device, log=get_run_logger().info)
     artifacts.eval_comparison(report)  # 4 significant figures and an `after − before` row
+    if report.benchmarks is not None:
+        artifacts.benchmarks_table(report.benchmarks)
     return report.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run

@@ -1,7 +1,8 @@
 """Task `write_evidence`: the evidence folder and its manifest. Never cached: each run writes its own.
 
 The manifest's `lineage` says, per cached step, whether this run reused a cached result and which
-run produced it (task states read back from the server; results carry their producer). When
+run produced it: from the States the flow saw and the results' own provenance (tasks/lineage.py),
+never from reading task states back from the server. When
 `orchestration.evidence_signing_key_block` names an existing Prefect Secret block (an Ed25519
 private key in PEM), the manifest is signed (manifest.sig, kd/signing.py):
 
@@ -23,10 +24,9 @@ from prefect.cache_policies import NO_CACHE
 from kd.config import RunConfig
 from kd.manifest import Manifest, write_evidence
 from tasks import artifacts
-from kd.results import (EvalReport, Falsifier, ModelSnapshot, PreflightReport, PreparedData, StepLineage,
+from kd.results import (EvalReport, Falsifier, ModelSnapshot, PreflightReport, PreparedData, TeacherCacheResult,
                         TrainResult, VocabAlignment)
-
-CACHED_STEPS = ("pull_models", "check_vocab", "prepare_data", "cache_teacher_logits", "train_student", "evaluate")
+from tasks.lineage import step_lineage
 
 
 @task(name="write_evidence", cache_policy=NO_CACHE, retries=1)
@@ -35,6 +35,7 @@ def write_evidence_task(
     teacher: ModelSnapshot | None, student: ModelSnapshot | None, alignment: VocabAlignment | None,
     training: TrainResult | None, evaluation: EvalReport | None, failure: str | None = None,
     flow_run_id: str | None = None, flow_run_url: str | None = None, prepared: PreparedData | None = None,
+    cached_steps: dict[str, bool] | None = None, teacher_cache: TeacherCacheResult | None = None,
 ) -> Manifest:
     falsifiers = []
     if failure is not None:
@@ -42,8 +43,10 @@ def write_evidence_task(
                                     observed=failure[:2000], verdict="fail"))
     run_dir = Path(config.evidence_dir).expanduser().resolve() / run_name
     models = {k: v for k, v in (("teacher", teacher), ("student", student)) if v is not None}
-    lineage = step_lineage(flow_run_id, run_name, {"train_student": training, "evaluate": evaluation,
-                                                   "cache_teacher_logits": getattr(training, "teacher_cache", None)})
+    results = {"pull_models": (teacher, student), "check_vocab": alignment, "prepare_data": prepared,
+               "cache_teacher_logits": teacher_cache or getattr(training, "teacher_cache", None),
+               "train_student": training, "evaluate": evaluation}
+    lineage = step_lineage(cached_steps or {}, run_name, flow_run_id, results)
     manifest = write_evidence(
         run_dir, config=config.model_copy(update={"name": run_name}), preflight=preflight, models=models,
         vocab=alignment, training=training, eval_report=evaluation, falsifiers=falsifiers,
@@ -53,7 +56,7 @@ def write_evidence_task(
     signed = sign_with_secret_block(run_dir, config.orchestration.evidence_signing_key_block)
     # the run page: cached steps' artifacts rebuilt (naming their producer), loss curve, verdicts (also logged)
     artifacts.rebuild_cached(manifest.lineage, teacher=teacher, student=student, alignment=alignment,
-                             training=training, evaluation=evaluation, prepared=prepared, flow_run_id=flow_run_id)
+                             training=training, evaluation=evaluation, prepared=prepared)
     trained = manifest.lineage.get("train_student")
     artifacts.loss_curve(run_dir, training.metrics_path if training else None, run_name,
                          trained.produced_by_run if trained is not None and trained.cached else None)
@@ -66,41 +69,6 @@ def write_evidence_task(
     create_link_artifact(key="evidence-folder", link=run_dir.resolve().as_uri(), link_text=str(run_dir),
                          description="This run's evidence folder: manifest.json and every file it hashes")
     return manifest
-
-
-def step_lineage(flow_run_id: str | None, run_name: str, results: dict) -> dict[str, StepLineage]:
-    """{step: StepLineage} for the cached steps this flow run ran: `cached` from the task run's
-    state on the server (a child training flow's result says who produced it instead)."""
-    from tasks.policy import STALE_REASONS
-
-    states: dict[str, str] = {}
-    if flow_run_id:
-        try:
-            from uuid import UUID
-
-            from prefect.client.orchestration import get_client
-            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-            with get_client(sync_client=True) as client:
-                runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
-            for r in sorted(runs, key=lambda r: r.expected_start_time or r.created):
-                states[r.name.rsplit("-", 1)[0]] = r.state.name if r.state else "?"
-        except Exception:  # no server (a unit test): the results' own provenance still answers
-            states = {}
-    out: dict[str, StepLineage] = {}
-    for step in CACHED_STEPS:
-        result = results.get(step)
-        prov = getattr(result, "produced_by", None)
-        if step not in states and prov is None:
-            continue
-        cached = states[step] == "Cached" if step in states else prov.run_name != run_name
-        out[step] = StepLineage(
-            cached=cached,
-            produced_by_run=prov.run_name if prov else (None if cached else run_name),
-            flow_run_id=prov.flow_run_id if prov else (None if cached else flow_run_id),
-            rerun_reason=STALE_REASONS.pop((str(flow_run_id), step), None),
-        )
-    return out
 
 
 def sign_with_secret_block(run_dir: Path, block_name: str | None) -> str:

@@ -1,8 +1,9 @@
 """Task `prepare_data`: tokenise, split by document and pack `data.source` once, for every later step.
 
 Cached on the source files' content, the student tokenizer's files, the data config and the code
-version; a hit whose prepared folder has since been deleted is a miss (the folder's existence is
-part of the key). The artifact shows counts, the length histogram and two decoded samples with
+version; a hit whose prepared folder has since been deleted or changed is a miss (checked on the hit,
+not put into the key: a key that says "the folder exists" differs between the run that makes the
+folder and every later one, so the first result could never be hit). The artifact shows counts, the length histogram and two decoded samples with
 the part that carries no loss marked.
 """
 
@@ -17,15 +18,30 @@ from kd.config import RunConfig
 from kd.data import fingerprint, model_max_positions, prepare_data, prepared_base
 from kd.hashing import code_version
 from kd.results import ModelSnapshot, PreparedData
-from tasks.policy import content_key, retry_transient
+from tasks.policy import content_key, fresh_key, provenance, retry_transient
 
 
 def _prepare_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
     student: ModelSnapshot = parameters["student"]
     fp = fingerprint(cfg.data, student.local_dir)  # source content + tokenizer + data config + kd/data code
-    exists = (prepared_base(cfg.data) / fp / "manifest.json").is_file()
-    return content_key("prepare", fp, str(prepared_base(cfg.data)), exists, cfg.train.batch_size, code_version())
+    key = content_key("prepare", fp, str(prepared_base(cfg.data)), cfg.train.batch_size, code_version())
+    return fresh_key(context, key, prepared_problems, "prepare_data")
+
+
+def prepared_problems(result: PreparedData) -> list[str]:
+    """Why a cached PreparedData cannot be reused: its folder or manifest is gone, or the manifest no
+    longer records the content hash the result carries (the set was rebuilt or edited since)."""
+    import json
+
+    manifest = Path(result.path) / "manifest.json"
+    if not manifest.is_file():
+        return [f"prepared set {result.path} is gone"]
+    try:
+        recorded = json.loads(manifest.read_text()).get("content_hash")
+    except (OSError, ValueError) as err:
+        return [f"prepared manifest {manifest} is unreadable ({err})"]
+    return [] if recorded == result.content_hash else [f"prepared set {result.path} changed since it was cached"]
 
 
 def _markdown(r: PreparedData) -> str:
@@ -49,4 +65,4 @@ def prepare_data_task(config: RunConfig, student: ModelSnapshot) -> PreparedData
                           min_train_blocks=config.train.batch_size)
     create_markdown_artifact(key="prepared-data", markdown=_markdown(result),
                              description="Documents, tokens, skipped/truncated/dropped counts, samples")
-    return result
+    return result.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run

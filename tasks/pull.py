@@ -11,41 +11,33 @@ from kd.config import ModelRef, RunConfig
 from kd.gguf import gguf_dtype
 from kd.hub import pull_model, resolve_commit
 from kd.results import ModelSnapshot
-from tasks.policy import content_key, retry_transient
+from tasks.policy import content_key, fresh_key, provenance, retry_transient
 
 
 def source_fingerprint(ref: ModelRef, dtype: str = "float32") -> str:
     """What identifies a source's content without downloading it, and where it lives: the tiny
     models' folder, a local folder's listing (names, sizes, mtimes), or the hub commit the revision
-    resolves to now (the cached one when offline). Whether the files are still on disk is part of
-    the key, so a cache hit never hands eval a snapshot folder that has since been deleted.
-    GGUF sources: the file's sha256 and whether its converted folder (at `dtype`) exists; pruned
-    students: the pruned folders present (the teacher's fingerprint is in the key beside it)."""
+    resolves to now (the cached one when offline). GGUF sources: the file's sha256 and the dtype it
+    is converted to; pruned students: how they are pruned (the teacher's fingerprint is in the key
+    beside it). Whether the files are on disk is *not* part of the key (it would differ between the
+    run that makes them and every later one): a hit whose folders are gone is a miss (`_pull_key`)."""
     if ref.kind == "pruned":
-        from kd.gguf import kdflow_home
-
-        made = sorted(p.parent.name for p in (kdflow_home() / "pruned").glob("*/kdflow-pruned.json"))
-        return f"pruned:{ref.init.model_dump_json()}:{made}"
+        return f"pruned:{ref.init.model_dump_json()}"
     if ref.is_gguf:
         return _gguf_fingerprint(ref, dtype)
     if ref.kind == "tiny":
         from kd.tiny import tiny_dir
 
         folder = tiny_dir() / ref.repo.removeprefix("tiny:")
-        return f"{ref.repo}@{folder}:{(folder / 'model.safetensors').is_file()}"
+        return f"{ref.repo}@{folder}"
     if ref.kind == "local":
         root = Path(ref.repo).expanduser().resolve()
         return str([str(root)] + sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
                                         for p in root.rglob("*") if p.is_file()))
-    from huggingface_hub import try_to_load_from_cache
-
-    commit = resolve_commit(ref)
-    cached = try_to_load_from_cache(ref.repo, "config.json", revision=commit)
-    return f"{ref.repo}@{commit}:{isinstance(cached, str)}"
+    return f"{ref.repo}@{resolve_commit(ref)}"
 
 
 def _gguf_fingerprint(ref: ModelRef, dtype: str) -> str:
-    from kd.gguf import converted_dir
     from kd.hashing import sha256_memo
 
     if ref.kind == "local":
@@ -57,13 +49,27 @@ def _gguf_fingerprint(ref: ModelRef, dtype: str) -> str:
         cached = try_to_load_from_cache(ref.repo, str(ref.gguf_file), revision=commit)
         path, where = Path(cached) if isinstance(cached, str) else None, f"{ref.repo}@{commit}:{ref.gguf_file}"
     sha = sha256_memo(path) if path is not None and path.is_file() else None
-    return f"gguf:{where}:{sha}:{dtype}:{sha is not None and converted_dir(sha, dtype).is_dir()}"
+    return f"gguf:{where}:{sha}:{dtype}"
 
 
 def _pull_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
     dtype = gguf_dtype(cfg.train.dtype, cfg.train.device)
-    return content_key("pull", source_fingerprint(cfg.teacher, dtype), source_fingerprint(cfg.student, dtype))
+    key = content_key("pull", source_fingerprint(cfg.teacher, dtype), source_fingerprint(cfg.student, dtype))
+    return fresh_key(context, key, snapshots_problems, "pull_models")
+
+
+def snapshots_problems(result: tuple[ModelSnapshot, ModelSnapshot]) -> list[str]:
+    """Why cached snapshots cannot be reused: a model folder, or a file it listed, is gone."""
+    out = []
+    for snap in result:
+        root = Path(snap.local_dir)
+        missing = [f for f in snap.files if not (root / f).is_file()] if root.is_dir() else None
+        if missing is None:
+            out.append(f"{snap.role} folder {root} is gone")
+        elif missing:
+            out.append(f"{snap.role} files {', '.join(sorted(missing)[:3])} are gone from {root}")
+    return out
 
 
 @task(name="pull_models", cache_key_fn=_pull_key, persist_result=True, retries=2, retry_delay_seconds=5,
@@ -73,4 +79,5 @@ def pull_models(config: RunConfig) -> tuple[ModelSnapshot, ModelSnapshot]:
     teacher = pull_model(config.teacher, "teacher", dtype=dtype)
     student = pull_model(config.student, "student", teacher=teacher, dtype=dtype)
     artifacts.pull_files(teacher, student)  # sizes in MB/GB, GGUF sources too
-    return teacher, student
+    made = {"produced_by": provenance()}  # a cache hit keeps naming this run
+    return teacher.model_copy(update=made), student.model_copy(update=made)

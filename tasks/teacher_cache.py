@@ -17,6 +17,7 @@ from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, VocabAli
 from kd.teacher_cache.step import cache_problems, cache_root, identity_for
 from kd.teacher_cache.step import cache_teacher_logits as build_cache
 from kd.teacher_cache.store import cache_key
+from tasks.lineage import StepStates
 from tasks.policy import content_key, fresh_key, provenance, retry_transient
 
 STEP = "cache_teacher_logits"
@@ -63,15 +64,16 @@ def cache_teacher_logits_task(config: RunConfig, teacher: ModelSnapshot, alignme
 
 
 def cache_step(config: RunConfig, teacher: ModelSnapshot, alignment: VocabAlignment, prepared: PreparedData,
-               run_name: str, **opts) -> TeacherCacheResult:
+               run_name: str, steps: StepStates | None = None, **opts) -> TeacherCacheResult:
     """Run the step (in-process or on its deployment); a Prefect cache hit is reported as `reused` with
     zero teacher forwards, still naming the run that built the cache."""
     if config.orchestration.cache_deployment:
         from flows.teacher_cache import cache_via_deployment
 
         return cache_via_deployment(config, teacher, alignment, prepared, run_name)
-    state = cache_teacher_logits_task.with_options(**opts)(config, teacher, alignment, prepared, run_name,
-                                                           return_state=True)
+    steps = steps or StepStates()
+    state = steps.run_state(STEP, cache_teacher_logits_task.with_options(**opts), config, teacher, alignment,
+                            prepared, run_name)
     result = state.result()
     if state.name == "Cached":
         result = result.model_copy(update={"status": "reused", "shards_built": 0, "teacher_forwards": 0})

@@ -33,7 +33,7 @@ def _train_key(context, parameters) -> str:
     # the prepared files' sha256 (and whether they are still there), else the raw sources' content
     data = ([prepared.content_hash, Path(prepared.path, "manifest.json").is_file()] if prepared is not None
             else data_fingerprint(cfg.data))
-    key = content_key("train", t.content_hash, s.content_hash, parameters["alignment"].model_dump(),
+    key = content_key("train", t.content_hash, s.content_hash, parameters["alignment"].identity(),
                       data, cfg.data.model_dump(exclude={"num_proc"}), cfg.kd.model_dump(), train_cfg,
                       code_version(), resume_fingerprint(cfg.train.resume_from), _cache_part(parameters))
     # a hit whose checkpoint/metrics/log are gone or changed (or held relative paths) runs again
@@ -74,6 +74,14 @@ def train_student_task(
                                                                          first[0]))
 
     run_dir = Path(config.work_dir).expanduser().resolve() / run_name  # results hold absolute paths
+    if config.train.rendezvous.nnodes > 1:  # one flow run per node on the node deployment's pool (issue 19)
+        from flows.multinode import train_multinode
+
+        result = train_multinode(config, teacher, student, alignment, run_name, prepared, teacher_cache, run_dir,
+                                 _rank0_logger(get_run_logger(), on_step))
+        result = result.model_copy(update={"produced_by": provenance(run_name)})
+        artifacts.train_metrics(result)
+        return result
     with gpu_slot(config.orchestration.gpu_slots):
         if config.train.distributed != "none":  # torchrun, N ranks: kd/distributed (issue 14)
             result = _train_with_torchrun(config, teacher, student, alignment, packed,
@@ -93,11 +101,16 @@ def _train_with_torchrun(config: RunConfig, teacher: ModelSnapshot, student: Mod
     artifact. A dead or silent rank raises TransientError within train.rank_timeout_s (the job is
     killed), so the task's retry resumes from the last distributed checkpoint; bad input raises the
     InputError the worker reported (no retry)."""
-    from prefect.logging import get_run_logger
-
     from kd.distributed.launch import run_torchrun
 
-    log = get_run_logger()
+    on_event = _rank0_logger(get_run_logger(), on_step)
+    return run_torchrun(config, teacher.local_dir, student.local_dir, alignment, run_dir,
+                        prepared_dir=getattr(packed, "root", None), teacher_cache=teacher_cache, on_event=on_event,
+                        on_line=lambda line: get_run_logger().info("torchrun | %s", line))
+
+
+def _rank0_logger(log, on_step):
+    """Rank 0's KDFLOW events -> the run log and the progress artifact."""
 
     def on_event(event: dict) -> None:
         kind = event.get("kind")
@@ -111,6 +124,4 @@ def _train_with_torchrun(config: RunConfig, teacher: ModelSnapshot, student: Mod
         elif kind == "log":
             log.info("rank 0: %s", event.get("msg"))
 
-    return run_torchrun(config, teacher.local_dir, student.local_dir, alignment, run_dir,
-                        prepared_dir=getattr(packed, "root", None), teacher_cache=teacher_cache, on_event=on_event,
-                        on_line=lambda line: log.info("torchrun | %s", line))
+    return on_event

@@ -12,7 +12,7 @@ from kd.errors import VocabError
 from kd.preflight import inspect_model_folder
 from kd.results import ModelSnapshot, VocabAlignment
 from kd.vocab import align_vocab, measure_dropped_mass
-from tasks.policy import content_key
+from tasks.policy import content_key, provenance
 
 VOCAB_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "generation_config.json", "vocab.json", "merges.txt")
@@ -45,4 +45,4 @@ def check_vocab(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapsho
                 "those rows carry real signal, the vocabularies do not align"
             )
     artifacts.vocab_alignment(alignment)
-    return alignment
+    return alignment.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run

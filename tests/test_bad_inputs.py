@@ -664,7 +664,7 @@ KDFLOW = Path(sys.executable).parent / "kdflow"
 
 def _kdflow(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     cmd = [str(KDFLOW)] if KDFLOW.exists() else [sys.executable, "-m", "kd.cli"]
-    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 def _cfg_file(text: bytes):

@@ -103,3 +103,72 @@ def test_stale_cache_hits_get_a_new_key(tmp_path):
     shutil.rmtree(tmp_path / "ckpt")
     assert "is gone" in train_outputs_problems(good)[0]
     assert fresh_key(ctx, "k", train_outputs_problems, "train_student") not in ("k", moved)
+
+
+def _task_states(flow_run_id: str, want: set[str], wait_s: float = 60.0) -> dict[str, str]:
+    """{step: final state name} of a finished flow run's task runs, read from the API (the test waits
+    for Prefect's asynchronous state delivery; the product never reads these back)."""
+    import time
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+            states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.state and r.state.is_final()}
+            if want <= set(states) or time.monotonic() > deadline:
+                return states
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_lineage_is_what_the_flow_saw_not_a_lagging_server_read(prefect_server, tiny_pair, tmp_path, monkeypatch,
+                                                                  capsys):
+    """Issue 21.1 + 21.6. Prefect delivers task-run states to the server asynchronously; on a busy server a
+    read right after a step returns an older state. Here every read of task runs during the two runs
+    returns them `Running` (the worst lag). The second of two identical-data runs must still say, in its
+    manifest and on its run page, that every step was a cache hit produced by the first run; read from the
+    API afterwards, every data-side step of run 2 is `Cached` (a key that differs between the run that
+    makes a folder and later runs would show `Completed` here)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.states import Running
+
+    real = SyncPrefectClient.read_task_runs
+
+    def lagging(self, *args, **kwargs):
+        return [r.model_copy(update={"state": Running()}) for r in real(self, *args, **kwargs)]
+
+    monkeypatch.setattr(SyncPrefectClient, "read_task_runs", lagging)
+    manifests = []
+    for i in range(2):
+        folder = tmp_path / f"run-{i}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        extra = ["--no-cache"] if i == 0 else []  # the first computes every step (earlier tests share the cache)
+        assert main(["smoke", *SMOKE_ARGS, "--set", "train.lr=2e-3", *extra]) == 0, capsys.readouterr().err[-2000:]
+        (run_dir,) = (folder / "evidence").iterdir()
+        manifests.append(json.loads((run_dir / "manifest.json").read_text()))
+    monkeypatch.setattr(SyncPrefectClient, "read_task_runs", real)
+    first, second = manifests
+    steps = ("pull_models", "check_vocab", "prepare_data", "train_student", "evaluate")
+    for step in steps:
+        assert first["lineage"][step]["cached"] is False, (step, first["lineage"][step])
+        assert second["lineage"][step] == {"cached": True, "produced_by_run": first["run"]["name"],
+                                           "flow_run_id": first["run"]["flow_run_id"], "rerun_reason": None}, step
+    states = _task_states(second["run"]["flow_run_id"], set(steps))
+    assert {s: states.get(s) for s in steps} == {s: "Cached" for s in steps}, states
+
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:  # artifacts of cached steps rebuilt, naming the producer
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(second["run"]["flow_run_id"])])))
+    by_key = {a.key: a for a in arts}
+    for key in ("prepared-data", "vocab-alignment", "pull-files", "eval-comparison"):
+        assert key in by_key and first["run"]["name"] in (by_key[key].description or ""), (key, sorted(by_key))

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from kd.config import EvalConfig
 from kd.errors import DataError, VocabError
 from kd.evaluate import (
-    COLLAPSE_ID, FINITE_ID, KL_ID, collapse_gate, evaluate_model, evaluate_run, finite_gate,
+    COLLAPSE_ID, FINITE_ID, KL_ID, UNIFORM_ID, collapse_gate, evaluate_model, evaluate_run, finite_gate,
+    uniform_gate,
 )
 from kd.results import EvalReport, ModelEval, VocabAlignment
 
@@ -73,7 +74,8 @@ def _verdicts(report: EvalReport) -> dict[str, str]:
 def test_healthy_pair_passes_every_gate(setup):
     teacher, before, after, heldout, va = setup
     report = evaluate_run(teacher, before, after, heldout, va, EvalConfig(batch_size=4), chunk_size=64)
-    assert _verdicts(report) == {FINITE_ID: "pass", COLLAPSE_ID: "pass", KL_ID: "pass"}, report.gates
+    assert _verdicts(report) == {FINITE_ID: "pass", UNIFORM_ID: "pass", COLLAPSE_ID: "pass", KL_ID: "pass"}, \
+        report.gates
     assert report.passed
     n = heldout.shape[0] * (SEQ - 1)
     assert report.teacher.tokens == report.student_before.tokens == report.student_after.tokens == n
@@ -131,7 +133,7 @@ def test_nan_student_fails_finite_and_nothing_passes(setup, tmp_path):
     report = evaluate_run(teacher, before, broken, heldout[:4], va, EvalConfig(batch_size=4))
     v = _verdicts(report)
     assert v[FINITE_ID] == "fail" and "student_after.loss=nan" in report.gates[0].observed
-    assert v[COLLAPSE_ID] == "fail" and v[KL_ID] == "fail"  # fail-closed: NaN satisfies no claim
+    assert v[COLLAPSE_ID] == v[UNIFORM_ID] == v[KL_ID] == "fail"  # fail-closed: NaN satisfies no claim
     assert not report.passed
     # NaN survives the JSON round trip (written as "NaN", not null), so the evidence stays valid.
     again = EvalReport.model_validate_json(report.model_dump_json())
@@ -163,7 +165,8 @@ def test_collapsed_student_fails_collapse_gate(setup):
     assert v[FINITE_ID] == "pass"
     assert v[COLLAPSE_ID] == "fail"
     gate = next(g for g in report.gates if g.id == COLLAPSE_ID)
-    assert "perplexity" in gate.observed and "entropy" in gate.observed and "top-token share" in gate.observed
+    assert gate.observed.startswith("COLLAPSED: ") and "entropy" in gate.observed and "top-token share" in gate.observed
+    assert "train.lr" in gate.observed  # says what to try next
     assert report.student_after.perplexity == pytest.approx(va.valid_vocab, rel=1e-4)
     assert report.student_after.top_token_share == 1.0
 
@@ -190,8 +193,26 @@ def test_top_token_share_is_judged_against_the_teacher():
     assert collapse_gate(_ev(top_token_share=0.999), _ev(top_token_share=0.97), 360, cfg).verdict == "fail"
     assert collapse_gate(_ev(top_token_share=0.5), _ev(), 360, cfg).verdict == "pass"
     assert collapse_gate(_ev(entropy=float("nan")), _ev(), 360, cfg).verdict == "fail"
-    assert collapse_gate(_ev(perplexity=200.0), _ev(), 360, cfg).verdict == "fail"  # ≥ 0.5 × 360
+    # a high perplexity alone is not collapse: that is the uniform gate's claim
+    assert collapse_gate(_ev(perplexity=200.0), _ev(), 360, cfg).verdict == "pass"
     assert collapse_gate(_ev(entropy=0.995 * math.log(360)), _ev(), 360, cfg).verdict == "fail"
+
+
+def test_worse_than_uniform_is_its_own_verdict_not_collapse():
+    """Issue 21.3: a pruned student still above a uniform guess (perplexity 109,187 over V=49,152, healthy
+    entropy and no dominant token) fails the uniform gate, with a message that says so, and is not collapsed."""
+    cfg, v = EvalConfig(), 49_152
+    still_learning = _ev(perplexity=109_187.0, loss=math.log(109_187.0), entropy=6.0, top_token_share=0.2)
+    u = uniform_gate(still_learning, v, cfg, before=_ev(perplexity=1.7e5))
+    assert u.id == UNIFORM_ID and u.verdict == "fail"
+    assert u.observed.startswith("WORSE THAN UNIFORM: ") and "not collapsed" in u.observed
+    assert "more steps" in u.observed and "diverged" not in u.observed
+    diverged = uniform_gate(_ev(perplexity=float("inf")), v, cfg, before=_ev(perplexity=30.0))
+    assert diverged.verdict == "fail" and "diverged" in diverged.observed and "lower train.lr" in diverged.observed
+    assert collapse_gate(still_learning, _ev(), v, cfg).verdict == "pass"
+    assert uniform_gate(_ev(perplexity=0.49 * v), v, cfg).verdict == "pass"
+    assert uniform_gate(_ev(perplexity=0.5 * v), v, cfg).verdict == "fail"  # the limit itself is not below it
+    assert uniform_gate(_ev(perplexity=float("nan")), v, cfg).verdict == "fail"
 
 
 def test_finite_gate_names_the_bad_metric():

@@ -109,7 +109,7 @@ def test_healthy_run_writes_complete_verifiable_evidence(run_dir):
     assert raw["config"]["train"]["lr"] == 1e-3
     ids = {f["id"]: f["verdict"] for f in raw["falsifiers"]}
     assert ids == {"F-DISTILL-SMOKE-001": "pass", "F-DISTILL-VOCAB-001": "pass", "F-DISTILL-FINITE-001": "pass",
-                   "F-DISTILL-COLLAPSE-001": "pass", "F-DISTILL-EVAL-001": "pass"}
+                   "F-DISTILL-UNIFORM-001": "pass", "F-DISTILL-COLLAPSE-001": "pass", "F-DISTILL-EVAL-001": "pass"}
     on_disk = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert set(raw["files"]) == on_disk - {"manifest.json"}
     assert {"train.log", "metrics.jsonl", "eval.json", "loss_curve.png", "checkpoint/model.safetensors",

@@ -17,7 +17,8 @@ from kd.config import RunConfig, load_config
 from tests.conftest import REPO
 
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
-DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"]}
+NODE_DEPLOYMENTS = [d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/multinode.py:kd_train_node"]
+DEPLOYMENTS = {d["name"]: d for d in PREFECT_YAML["deployments"] if d not in NODE_DEPLOYMENTS}
 K8S_TEMPLATE = json.loads((REPO / "deploy" / "k8s-gpu-job-template.json").read_text())
 
 
@@ -36,6 +37,9 @@ def test_deployments_pools_and_entrypoints():
         assert _flow(d["entrypoint"]).name == flow_name, name
         assert d["work_pool"]["name"] == pool
         assert d["enforce_parameter_schema"] is True  # the server refuses invalid parameters before a run
+    (node,) = NODE_DEPLOYMENTS  # kd-train-node/gpu: the per-node flow of a multi-node training (issue 19)
+    assert _flow(node["entrypoint"]).name + "/" + node["name"] == "kd-train-node/gpu"
+    assert node["work_pool"]["name"] == "gpu" and node["enforce_parameter_schema"] is True
 
 
 def test_nightly_smoke_is_the_smoke_preset_on_a_cron_with_a_timezone():

@@ -266,7 +266,7 @@ def ui_server(prefect_server, tmp_path):
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             assert proc.poll() is None, (tmp_path / "ui-server.log").read_text()[-3000:]
             try:
@@ -274,7 +274,7 @@ def ui_server(prefect_server, tmp_path):
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "UI server not healthy after 120 s"
+            assert time.monotonic() < deadline, "UI server not healthy after 300 s"
             time.sleep(0.5)
         yield base
     finally:
@@ -295,7 +295,7 @@ def test_ui_shows_a_cached_runs_artifacts_and_loss_curve(cached_run, ui_server, 
         profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
         flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--window-size")] + [f"--window-size={size}"]
         return subprocess.run([str(CHROMIUM), *flags, f"--user-data-dir={profile}", *mode, url],
-                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
     def visible_text(html: str) -> str:
         return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", "", html, flags=re.S)))

@@ -24,6 +24,22 @@ def test_local_models_are_sized_from_config(tmp_path, tiny_pair):
     assert report.memory_estimate_bytes > real * 16
 
 
+def test_the_first_plan_sizes_tiny_models_not_generated_yet(tmp_path, tiny_pair, monkeypatch):
+    """Issue 21.4: on a fresh KDFLOW_HOME the tiny models are made after the plan; the plan must still
+    give their real size and vocab (the config make_tiny will use), not `params ~?, vocab ?`."""
+    import json
+
+    monkeypatch.setenv("KDFLOW_HOME", str(tmp_path / "fresh-home"))
+    report = run_preflight(_cfg(tmp_path))
+    assert not (tmp_path / "fresh-home" / "tiny").exists()  # sized without generating anything
+    plan = format_plan(report)
+    assert "~?" not in plan and "vocab ?" not in plan, plan
+    for role, folder in zip(("teacher", "student"), tiny_pair):
+        made = json.loads((folder / "config.json").read_text())  # the pair generated for the session
+        assert report.plan[role]["vocab_size"] == made["vocab_size"]
+        assert report.plan[role]["params"] == estimate_params(made)
+
+
 def test_qwen_parameter_estimate_matches_published_size():
     qwen05 = {"hidden_size": 896, "vocab_size": 151936, "num_hidden_layers": 24, "intermediate_size": 4864,
               "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True}

@@ -58,34 +58,48 @@ def resolve_nproc(cfg: RunConfig) -> int:
     return gpus
 
 
-def torchrun_command(cfg: RunConfig, spec_path: Path) -> list[str]:
+def torchrun_command(cfg: RunConfig, spec_path: Path, *, endpoint: str | None = None, rdzv_id: str | None = None,
+                     store_is_elsewhere: bool = False, local_addr: str | None = None) -> list[str]:
+    """The torchrun command line. nnodes > 1: `endpoint`/`rdzv_id` are the rendezvous the training step
+    handed out (default: train.rendezvous.endpoint/id); `store_is_elsewhere`: the step hosts the c10d store,
+    so no node tries to (`is_host=false`). A node that never joins fails the others after
+    train.rank_timeout_s (`join_timeout`). `local_addr`: the address this node is reached at (torchrun
+    looks it up from the host name otherwise)."""
     rdzv = cfg.train.rendezvous
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(resolve_nproc(cfg)),
            "--max-restarts", "0", "--monitor-interval", "0.5"]
     if rdzv.nnodes == 1:
         cmd.append("--standalone")
     else:
-        if not rdzv.endpoint:
+        endpoint = endpoint or rdzv.endpoint
+        if not endpoint:
             raise ConfigError(f"train.rendezvous.endpoint: needed when nnodes = {rdzv.nnodes} (host:port every "
                               "node can reach)")
-        cmd += ["--nnodes", str(rdzv.nnodes), "--rdzv-backend", rdzv.backend, "--rdzv-endpoint", rdzv.endpoint,
-                "--rdzv-id", rdzv.id]
+        conf = f"join_timeout={max(1, int(cfg.train.rank_timeout_s))}" + (",is_host=false" if store_is_elsewhere else "")
+        cmd += ["--nnodes", str(rdzv.nnodes), "--rdzv-backend", rdzv.backend, "--rdzv-endpoint", endpoint,
+                "--rdzv-id", rdzv_id or rdzv.id, "--rdzv-conf", conf]
+        if local_addr:
+            cmd += ["--local-addr", local_addr]
     return cmd + ["-m", WORKER_MODULE, str(spec_path)]
 
 
 def write_spec(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Path, alignment: VocabAlignment,
-               run_dir: Path, prepared_dir: str | Path | None = None, teacher_cache=None) -> Path:
-    """The worker's input (JSON, no pickle): config, model folders, alignment, where to write."""
+               run_dir: Path, prepared_dir: str | Path | None = None, teacher_cache=None, *,
+               name: str = "spec.json", clear_result: bool = True) -> Path:
+    """The worker's input (JSON, no pickle): config, model folders, alignment, where to write.
+    `name`: the spec's file name under run_dir/launch (one per node when several nodes share run_dir);
+    `clear_result`: remove a previous result.json (the multi-node step does that once, before any node starts)."""
     launch = run_dir / "launch"
     launch.mkdir(parents=True, exist_ok=True)
     result_path = launch / "result.json"
-    result_path.unlink(missing_ok=True)
+    if clear_result:
+        result_path.unlink(missing_ok=True)
     spec = {"config": cfg.model_dump(mode="json"), "teacher_dir": str(Path(teacher_dir).resolve()),
             "student_dir": str(Path(student_dir).resolve()), "alignment": alignment.model_dump(mode="json"),
             "run_dir": str(run_dir.resolve()), "result_path": str(result_path.resolve()),
             "prepared_dir": str(Path(prepared_dir).resolve()) if prepared_dir else None,
             "teacher_cache": None if teacher_cache is None else teacher_cache.model_dump(mode="json")}
-    path = launch / "spec.json"
+    path = launch / name
     path.write_text(json.dumps(spec, indent=1) + "\n")
     return path
 
@@ -126,8 +140,11 @@ def kill_job(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
 
 def supervise(cmd: list[str], *, timeout_s: float, on_event: Callable[[dict], None],
               on_line: Callable[[str], None] = lambda line: None, env: dict | None = None,
-              cwd: str | Path | None = None, grace_s: float = KILL_GRACE_S) -> tuple[int, list[str], list[dict]]:
-    """Run `cmd`, stream its lines, enforce the silence timeout. Returns (exit code, last lines, errors)."""
+              cwd: str | Path | None = None, grace_s: float = KILL_GRACE_S,
+              progress_file: Path | None = None) -> tuple[int, list[str], list[dict]]:
+    """Run `cmd`, stream its lines, enforce the silence timeout. Returns (exit code, last lines, errors).
+    `progress_file`: also counts as progress when its modification time is recent (a node whose ranks do
+    not include rank 0 watches the events file rank 0's node appends to)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             text=True, bufsize=1, start_new_session=True, env=env, cwd=cwd,
                             preexec_fn=_set_parent_death_signal)
@@ -166,6 +183,11 @@ def supervise(cmd: list[str], *, timeout_s: float, on_event: Callable[[dict], No
                 tail.append(line)
                 on_line(line)
             silent = time.monotonic() - last_event
+            if progress_file is not None and silent > timeout_s:
+                try:
+                    silent = min(silent, time.time() - progress_file.stat().st_mtime)
+                except OSError:
+                    pass
             if silent > timeout_s:
                 kill_job(proc, grace_s)
                 raise TransientError(
@@ -187,15 +209,25 @@ def run_torchrun(cfg: RunConfig, teacher_dir: str | Path, student_dir: str | Pat
     run_dir = Path(run_dir)
     spec = write_spec(cfg, teacher_dir, student_dir, alignment, run_dir, prepared_dir, teacher_cache)
     cmd = torchrun_command(cfg, spec)
-    env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parents[2])  # the worker imports kd/ and backends/ from here
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     on_line("launch: " + " ".join(cmd))
     code, tail, errs = supervise(cmd, timeout_s=cfg.train.rank_timeout_s, on_event=on_event, on_line=on_line,
-                                 env=env)
+                                 env=worker_env())
     result_path = Path(json.loads(spec.read_text())["result_path"])
     if code == 0 and result_path.is_file():
         return TrainResult.model_validate_json(result_path.read_text())
+    raise_for_exit(code, tail, errs)
+
+
+def worker_env() -> dict:
+    """This environment, with the repository first on PYTHONPATH (the worker imports kd/ and backends/)."""
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def raise_for_exit(code: int, tail: list[str], errs: list[dict]):
+    """A failed torchrun: the InputError class rank 0 reported (no retry), else TransientError."""
     last = errs[-1] if errs else None
     # torchrun exits 1 whatever its ranks exited with, so the class rank 0 reported decides
     cls = getattr(errors, last.get("class", ""), None) if last is not None else None

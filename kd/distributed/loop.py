@@ -39,7 +39,8 @@ from kd.distributed.runtime import DistEnv, all_reduce_sum
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
 from kd.results import TrainResult, VocabAlignment
-from kd.train import HELDOUT_FILE, _Objective, lr_lambda, seed_everything, setup_log, trim_metrics
+from kd.train import (HELDOUT_FILE, _Objective, generation_row, lr_lambda, on_policy_objective, on_policy_summary,
+                      seed_everything, setup_log, trim_metrics)
 
 Emit = Callable[[str, dict], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -122,6 +123,11 @@ def train_distributed(
         from kd.train import _OfflineObjective
 
         objective = _OfflineObjective(cfg, student, offline, alignment, autocast, device_type)
+    # kd.on_policy: GKD's objective; each rank samples its own rows' prompts (the seed includes the rank);
+    # under FSDP2 generation gathers every layer once and steps the ranks together (synced)
+    objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
+                                    autocast=autocast, device=device_type, rank=env.rank, synced=mode == "fsdp")
+    policy = objective if cfg.kd.on_policy.enabled else None
     model = wrap(KDModule(objective, student, teacher, shard_teacher=shard_teacher), mode=mode,
                  reduce_dtype=DTYPES[tc.reduce_dtype], device=env.device, shard_teacher=shard_teacher)
     student = student_of(model)
@@ -136,8 +142,12 @@ def train_distributed(
                           seed=tc.seed, env=env)
 
     def probe_loss() -> float:
+        if policy is not None:
+            policy.force_off_policy = True  # the probe is the prepared batch, as in kd/train.py
         with torch.no_grad():
             loss, _, _, tokens = model(batch(0, 0, 1))
+        if policy is not None:
+            policy.force_off_policy = False
         if hasattr(model, "reshard"):
             model.reshard()  # FSDP2: a no-grad forward leaves the root unit gathered
         s = all_reduce_sum([float(loss) * float(tokens), float(tokens)], env.device)
@@ -179,6 +189,8 @@ def train_distributed(
             local = [0.0, 0.0, 0.0]  # this rank's token-weighted loss, ce, kd (already / tokens_all)
             for micro in range(tc.grad_accum):
                 last = micro == tc.grad_accum - 1
+                if policy is not None:
+                    policy.at(step, micro)
                 with no_sync(model, last):  # gradients cross ranks once per step, on the last micro-batch
                     loss, ce, kd, tokens = model(batch(step, micro, tc.grad_accum))
                     tokens_all = all_reduce_sum([float(tokens)], env.device)[0]
@@ -196,6 +208,13 @@ def train_distributed(
             row = {"step": step + 1, "loss": red[0] / tc.grad_accum, "ce": red[1] / tc.grad_accum,
                    "kd": red[2] / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_step / dt, "step_s": dt, "world_size": W}
+            if policy is not None:  # generation: tokens and samples summed over ranks, seconds their mean (the
+                st = policy.take_stats()  # ranks generate in parallel); batch kinds are the same on every rank
+                red_gen = all_reduce_sum([st["gen_s"], float(st["gen_tokens"]), float(st["samples"]),
+                                          float(st["stopped"])], env.device)
+                st.update(gen_s=red_gen[0] / W, gen_tokens=int(red_gen[1]), samples=int(red_gen[2]),
+                          stopped=int(red_gen[3]))
+                row.update(generation_row(st, dt))
             if not math.isfinite(row["loss"]):
                 log.error("non-finite loss at step %d: %s", step + 1, row)
             if metrics is not None and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
@@ -236,6 +255,7 @@ def train_distributed(
         initial_loss=initial_loss, final_loss=final_loss,
         tokens_per_s=tokens_per_step * (tc.steps - start_step) / max(wall, 1e-9), wall_s=wall,
         **({"teacher_cache": teacher_cache} if offline is not None else {}),
+        **({"on_policy": on_policy_summary(cfg, metrics_path)} if policy is not None else {}),
         peak_memory_bytes=peak, device=f"{device_type} x{W} ({mode})",
         dtype=("bfloat16-autocast" if autocast else "float32") + ("" if tc.param_dtype == "float32" else "/bf16-params"),
     )

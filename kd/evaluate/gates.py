@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 
 from kd.config import EvalConfig
-from kd.results import Falsifier, ModelEval
+from kd.results import Falsifier, ModelEval, OnSampleReport
 
 FINITE_ID = "F-DISTILL-FINITE-001"
 COLLAPSE_ID = "F-DISTILL-COLLAPSE-001"
+UNIFORM_ID = "F-DISTILL-UNIFORM-001"
 KL_ID = "F-DISTILL-EVAL-001"
+ON_SAMPLE_ID = "F-DISTILL-ONPOLICY-001"
 
 # every metric of a ModelEval row that the finite gate checks
 METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share")
@@ -42,15 +44,41 @@ def finite_gate(evals: dict[str, ModelEval]) -> Falsifier:
     )
 
 
+def uniform_gate(after: ModelEval, vocab_size: int, cfg: EvalConfig, before: ModelEval | None = None) -> Falsifier:
+    """F-DISTILL-UNIFORM-001: the trained student predicts held-out tokens better than a uniform guess.
+
+    A uniform guess over V ids has perplexity V; the gate asks for < f·V (f = `uniform_perplexity_fraction`).
+    Failing it is not the same as collapsed: the advice depends on whether training moved the student
+    towards the data (not there yet) or away from it (diverged: confidently wrong)."""
+    limit = cfg.uniform_perplexity_fraction * vocab_size
+    ok = after.perplexity < limit  # NaN compares false: fail-closed
+    observed = f"perplexity {_fmt(after.perplexity)} vs {_fmt(limit)} ({cfg.uniform_perplexity_fraction:g}×V)"
+    if not ok:
+        if before is not None and not after.perplexity < before.perplexity:
+            advice = (f"training made it worse (student-before perplexity {_fmt(before.perplexity)}): the updates "
+                      "diverged; lower train.lr, add train.warmup_steps, check the loss curve")
+        else:
+            since = "" if before is None else f" (student-before perplexity {_fmt(before.perplexity)})"
+            advice = (f"training has not taken it far enough yet{since}: train more steps or at a higher train.lr; "
+                      "a pruned or untrained student starts far from its teacher")
+        observed = (f"WORSE THAN UNIFORM: {observed}; a uniform guess over V={vocab_size} scores perplexity "
+                    f"{vocab_size}. The student is not collapsed, {advice}")
+    return Falsifier(
+        id=UNIFORM_ID,
+        claim=f"student-after predicts held-out tokens better than a uniform guess over V={vocab_size}: "
+        f"perplexity < {cfg.uniform_perplexity_fraction:g}×V",
+        observed=observed, verdict="pass" if ok else "fail",
+    )
+
+
 def collapse_gate(after: ModelEval, teacher: ModelEval, vocab_size: int, cfg: EvalConfig) -> Falsifier:
     """F-DISTILL-COLLAPSE-001: the trained student is not collapsed.
 
-    Collapsed = perplexity ≥ f·V, or one argmax token at ≥ `max_top_token_share` of positions
-    (unless the teacher is at least as peaked: then it is the data, not the student), or mean
-    entropy ≥ e·log V (near uniform). Each check is written as "healthy if <", so NaN fails.
+    Collapsed = one argmax token at ≥ `max_top_token_share` of positions (unless the teacher is at least
+    as peaked: then it is the data, not the student), or mean entropy ≥ e·log V (it predicts the uniform
+    distribution whatever the context). Each check is written as "healthy if <", so NaN fails.
     """
     log_v = math.log(vocab_size)
-    ppl_limit = cfg.collapse_perplexity_fraction * vocab_size
     ent_limit = cfg.collapse_entropy_fraction * log_v
     share_limit = cfg.max_top_token_share
     # A teacher that itself predicts one token this often says the data is that repetitive.
@@ -58,21 +86,22 @@ def collapse_gate(after: ModelEval, teacher: ModelEval, vocab_size: int, cfg: Ev
         teacher.top_token_share >= share_limit and after.top_token_share <= teacher.top_token_share
     )
     checks = {
-        f"perplexity {_fmt(after.perplexity)} < {_fmt(ppl_limit)} ({cfg.collapse_perplexity_fraction:g}×V)":
-            after.perplexity < ppl_limit,
         f"top-token share {_fmt(after.top_token_share)} < {share_limit:g} "
         f"(teacher {_fmt(teacher.top_token_share)})": share_ok,
         f"entropy {_fmt(after.entropy)} < {_fmt(ent_limit)} ({cfg.collapse_entropy_fraction:g}·log V)":
             after.entropy < ent_limit,
     }
     failed = [k for k, ok in checks.items() if not ok]
+    observed = "; ".join(checks)
+    if failed:
+        observed = ("COLLAPSED: " + "; ".join(failed) + ". The student predicts one token, or the uniform "
+                    "distribution, whatever the context: lower train.lr or add warm-up, raise kd.alpha (more CE on "
+                    "the data), and check data.train_on leaves real tokens to learn")
     return Falsifier(
         id=COLLAPSE_ID,
-        claim=f"student-after is not collapsed over V={vocab_size}: perplexity < "
-        f"{cfg.collapse_perplexity_fraction:g}×V, no single token predicted at ≥ {share_limit:g} of positions "
-        f"(unless the teacher is as peaked), entropy < {cfg.collapse_entropy_fraction:g}·log V",
-        observed="; ".join(checks) if not failed else "FAILED: " + "; ".join(failed),
-        verdict="pass" if not failed else "fail",
+        claim=f"student-after is not collapsed over V={vocab_size}: no single token predicted at ≥ {share_limit:g} "
+        f"of positions (unless the teacher is as peaked), entropy < {cfg.collapse_entropy_fraction:g}·log V",
+        observed=observed, verdict="pass" if not failed else "fail",
     )
 
 
@@ -91,17 +120,39 @@ def kl_gate(before: ModelEval, after: ModelEval) -> Falsifier:
     )
 
 
+def on_sample_gate(report: OnSampleReport | None) -> Falsifier:
+    """F-DISTILL-ONPOLICY-001: on completions each samples itself from the same held-out prompts, student-after's
+    per-token reverse KL to the teacher is below student-before's (not measured, or NaN: fail)."""
+    ok = (report is not None and report.after.tokens > 0 and report.before.tokens > 0
+          and report.after.reverse_kl < report.before.reverse_kl)
+    observed = ("not measured (eval.on_sample_prompts is 0)" if report is None else
+                f"before {_fmt(report.before.reverse_kl)} over {report.before.tokens} tokens, after "
+                f"{_fmt(report.after.reverse_kl)} over {report.after.tokens} tokens (teacher NLL "
+                f"{_fmt(report.before.teacher_nll)} → {_fmt(report.after.teacher_nll)})")
+    return Falsifier(
+        id=ON_SAMPLE_ID,
+        claim="student-after KL(student‖teacher) per generated token, on its own T=1 samples of held-out prompts, "
+        "is below student-before's on its own samples",
+        observed=observed, verdict="pass" if ok else "fail",
+    )
+
+
 def eval_gates(
-    teacher: ModelEval, before: ModelEval, after: ModelEval, vocab_size: int, cfg: EvalConfig
+    teacher: ModelEval, before: ModelEval, after: ModelEval, vocab_size: int, cfg: EvalConfig,
+    on_samples: OnSampleReport | None = None,
 ) -> list[Falsifier]:
-    """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`
-    (an unchecked claim is left out rather than written down as a pass)."""
+    """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`, the on-sample
+    gate only when `cfg.require_on_sample_improvement` (an unchecked claim is left out rather than written
+    down as a pass)."""
     gates = [
         finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
+        uniform_gate(after, vocab_size, cfg, before),
         collapse_gate(after, teacher, vocab_size, cfg),
     ]
     if cfg.require_kl_improvement:
         gates.append(kl_gate(before, after))
+    if cfg.require_on_sample_improvement:
+        gates.append(on_sample_gate(on_samples))
     return gates
 
 

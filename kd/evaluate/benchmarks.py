@@ -1,0 +1,374 @@
+"""Downstream benchmarks through EleutherAI's lm-evaluation-harness, for the models eval already holds.
+
+    report = run_benchmarks({"teacher": t, "student_before": b, "student_after": a},
+                            {"teacher": t_dir, "student_before": s_dir, "student_after": s_dir},
+                            cfg.eval.benchmarks, bundled_dir=write_bundled_tasks(prepared.path, s_dir),
+                            device="cpu", log=print)
+    gates = benchmark_gates(report, cfg.eval.benchmarks)     # optional falsifiers, recomputable
+
+Every model is wrapped in lm-eval's `HFLM(pretrained=<model in memory>, tokenizer=...)` and scored by
+`lm_eval.simple_evaluate`, so the numbers are lm-eval's own: the plain CLI on a saved folder with the
+same task YAML gives the same values (bench/benchmarks.py checks it). Tasks: the bundled ones
+(kd/evaluate/bundled_tasks.py, no download) and any lm-eval task whose data is offline (a YAML in an
+`include_paths` folder with local data files, or a registry task whose data set is in the local
+Hugging Face cache); `check_tasks` refuses the rest at preflight (exit 2, naming the task).
+
+Retention of a metric = after ÷ teacher when higher is better, teacher ÷ after when lower is better
+(perplexity, bits per byte), so 1.0 always means "as good as the teacher" and < 1 worse.
+lm-eval is imported only when benchmarks run, and `benchmark_gates` needs neither torch nor lm-eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kd.config import BenchmarksConfig
+from kd.errors import ConfigError
+from kd.evaluate.bundled_tasks import BUNDLED, code_fingerprint
+from kd.results import BenchmarkReport, BenchmarkScore, BenchmarkTask, Falsifier
+
+NO_REGRESSION_ID = "F-DISTILL-BENCH-001"
+RETENTION_ID = "F-DISTILL-BENCH-RETENTION-001"
+MODELS = ("teacher", "student_before", "student_after")
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+_STDERR_SKIP = {"N/A", None}
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm-eval")
+
+
+# ------------------------------------------------------------------------------------ preflight
+def _external(cfg: BenchmarksConfig) -> list[str]:
+    return [t for t in cfg.tasks if t not in BUNDLED]
+
+
+def _task_manager(include_paths: list[str], bundled_dir: str | Path | None = None, *, defaults: bool = True):
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(Path(p).expanduser().resolve()) for p in include_paths]
+    if bundled_dir is not None:
+        paths.insert(0, str(bundled_dir))
+    return TaskManager(include_path=paths or None, include_defaults=defaults)
+
+
+def _data_files(cfg: dict, yaml_path: Path | None) -> list[Path]:
+    files = ((cfg.get("dataset_kwargs") or {}).get("data_files")) or {}
+    vals = files.values() if isinstance(files, dict) else [files]
+    out = []
+    for v in vals:
+        for f in ([v] if isinstance(v, str) else list(v)):
+            p = Path(f).expanduser()
+            if not p.is_absolute() and yaml_path is not None and not p.exists():
+                p = yaml_path.parent / p  # relative to the YAML's folder when not to the working directory
+            out.append(p)
+    return out
+
+
+def _hub_cached(dataset: str) -> bool:
+    """The data set is in a local Hugging Face cache (hub snapshot or `datasets` cache)."""
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{dataset.replace('/', '--')}"
+    try:
+        import datasets.config
+
+        ds = Path(datasets.config.HF_DATASETS_CACHE) / dataset.replace("/", "___")
+    except Exception:  # noqa: BLE001 - no datasets cache configured
+        ds = None
+    return (hub / "snapshots").is_dir() or (ds is not None and ds.is_dir())
+
+
+def _offline_problem(name: str, entry, tm, seen: set[str]) -> str | None:
+    """Why task `name` cannot run offline, or None when it can."""
+    from lm_eval.tasks._index import Kind
+
+    if name in seen:
+        return None
+    seen.add(name)
+    if entry.kind in (Kind.GROUP, Kind.TAG):
+        members = [t for t in (entry.cfg or {}).get("task", []) if isinstance(t, str)] if entry.kind == Kind.GROUP \
+            else [n for n, e in tm.task_index.items() if name in (e.tags or ())]
+        for m in members:
+            sub = tm.task_index.get(m)
+            why = f"member {m} is not a known task" if sub is None else _offline_problem(m, sub, tm, seen)
+            if why:
+                return why
+        return None
+    cfg = entry.cfg or {}
+    dataset = cfg.get("dataset_path")
+    if not dataset:
+        return "its YAML names no dataset_path (a Python-defined task: kdflow cannot tell whether its data is offline)"
+    if dataset in LOCAL_BUILDERS:
+        files = _data_files(cfg, entry.yaml_path)
+        missing = [str(p) for p in files if not p.exists()]
+        if not files:
+            return f"dataset_path {dataset} without dataset_kwargs.data_files"
+        return f"data file {missing[0]} does not exist" if missing else None
+    if Path(str(dataset)).expanduser().exists():
+        return None
+    return None if _hub_cached(dataset) else (
+        f"its data set {dataset} is not in the local Hugging Face cache (lm-eval would download it; "
+        "download it first, or give the task as a local YAML with dataset_path: json)")
+
+
+def check_tasks(cfg: BenchmarksConfig) -> str:
+    """Preflight: every listed task is a bundled task or an lm-eval task whose data is offline.
+
+    Raises ConfigError naming the task (exit 2). Bundled tasks are always available (they are written
+    from the prepared data); the lm-eval task index (~30 s) is read only when other tasks are listed."""
+    if not cfg.tasks:
+        return "no benchmarks"
+    for p in cfg.include_paths:
+        if not Path(p).expanduser().is_dir():
+            raise ConfigError(f"eval.benchmarks.include_paths: {p} is not a folder")
+    ext = _external(cfg)
+    for name in cfg.limits:
+        if name not in cfg.tasks:
+            raise ConfigError(f"eval.benchmarks.limits.{name}: {name} is not in eval.benchmarks.tasks")
+    if ext:
+        # the include paths alone first (fast); lm-eval's whole registry (~15k tasks) only for names not there
+        tm = _task_manager(cfg.include_paths, defaults=False) if cfg.include_paths else None
+        if tm is None or any(name not in tm.task_index for name in ext):
+            tm = _task_manager(cfg.include_paths)
+        for name in ext:
+            entry = tm.task_index.get(name)
+            if entry is None:
+                raise ConfigError(f"eval.benchmarks.tasks: unknown lm-eval task {name!r} (not in lm-eval "
+                                  f"{lm_eval_version()}'s registry nor in eval.benchmarks.include_paths; "
+                                  f"bundled: {', '.join(BUNDLED)})")
+            why = _offline_problem(name, entry, tm, set())
+            if why:
+                raise ConfigError(f"eval.benchmarks.tasks: task {name!r} has no offline data: {why}")
+    return f"{len(cfg.tasks)} task(s) available offline: {', '.join(cfg.tasks)}"
+
+
+def definitions_fingerprint(cfg: BenchmarksConfig) -> str:
+    """Cache-key part: the task YAMLs and data files found in include_paths, the bundled tasks' code and
+    data, the lm-eval version and the benchmark config. Registry tasks are named by the version."""
+    h = hashlib.sha256(json.dumps({"lm_eval": lm_eval_version(), "cfg": cfg.model_dump(mode="json"),
+                                   "bundled": code_fingerprint()}, sort_keys=True).encode())
+    for p in cfg.include_paths:
+        root = Path(p).expanduser()
+        for f in sorted(root.rglob("*")) if root.is_dir() else []:
+            if f.is_file() and f.suffix in (".yaml", ".yml", ".json", ".jsonl", ".csv", ".parquet", ".txt", ".py"):
+                h.update(str(f.relative_to(root)).encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def plan_estimate(cfg: BenchmarksConfig, *, heldout_bytes: int | None, params: int | None, cuda: bool) -> dict:
+    """The plan's line: documents per task (limit, or an estimate from the held-out bytes) and a rough time."""
+    from kd.evaluate.bundled_tasks import BPB, LASTWORD, MC, MC_DATA, MAX_PASSAGE_WORDS
+
+    per_doc_tokens = {LASTWORD: 60, BPB: MAX_PASSAGE_WORDS * 1.4, MC: 4 * 20}
+    docs: dict[str, int | None] = {}
+    for t in cfg.tasks:
+        est = None
+        if t == MC:
+            est = sum(1 for line in MC_DATA.read_text().splitlines() if line.strip())
+        elif t == LASTWORD and heldout_bytes:
+            est = heldout_bytes // 130  # about one item per sentence
+        elif t == BPB and heldout_bytes:
+            est = max(1, heldout_bytes // (MAX_PASSAGE_WORDS * 6))
+        lim = cfg.limits.get(t, cfg.limit)
+        docs[t] = min(est, lim) if est is not None and lim is not None else (lim if lim is not None else est)
+    tokens = sum((n or 0) * per_doc_tokens.get(t, 100) for t, n in docs.items())
+    seconds = None
+    if params:
+        flops = 3 * 2 * params * tokens  # three models, a forward pass is ~2·params FLOPs per token
+        seconds = flops / (2e13 if cuda else 3e10) + 5 * len(cfg.tasks) * 3  # + per-task set-up
+    return {"tasks": list(cfg.tasks), "docs": docs, "estimate_s": seconds}
+
+
+# ------------------------------------------------------------------------------------ running
+def _num(x) -> float | None:
+    if x in _STDERR_SKIP or isinstance(x, str):
+        return None
+    return float(x)
+
+
+def _definition_hash(task_cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(task_cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _groups(cfg: BenchmarksConfig) -> dict[int | None, list[str]]:
+    out: dict[int | None, list[str]] = {}
+    for t in cfg.tasks:
+        out.setdefault(cfg.limits.get(t, cfg.limit), []).append(t)
+    return out
+
+
+def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device) -> tuple[dict, dict]:
+    """lm-eval on one in-memory model: ({task: {metric: (value, stderr)}}, {task: meta})."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")  # bootstrap stderr in-process (no fork of a big process)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=cfg.max_length, batch_size=cfg.batch_size,
+              device=str(device))
+    scores: dict[str, dict] = {}
+    meta: dict[str, dict] = {}
+    for limit, names in _groups(cfg).items():
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=False,
+                              bootstrap_iters=cfg.bootstrap_iters, random_seed=0, numpy_random_seed=1234,
+                              torch_random_seed=1234, fewshot_random_seed=1234)
+        for task, row in res["results"].items():
+            hib = res.get("higher_is_better", {}).get(task, {})
+            scores[task] = {}
+            for key, v in row.items():
+                if "," not in key or "_stderr," in key:
+                    continue
+                metric, filt = key.split(",", 1)
+                if _num(v) is None:
+                    continue
+                se = _num(row.get(f"{metric}_stderr,{filt}"))
+                scores[task][metric] = (float(v), se, bool(hib.get(metric, True)))
+            n = res.get("n-samples", {}).get(task, {})
+            meta[task] = {"n_docs": int(n.get("effective", 0)), "n_available": int(n.get("original", 0)),
+                          "version": str(res.get("versions", {}).get(task)),
+                          "definition_sha256": _definition_hash(res.get("configs", {}).get(task, {})),
+                          "limit": limit}
+    return scores, meta
+
+
+def retention(after: float, teacher: float, higher_is_better: bool) -> float | None:
+    """after ÷ teacher (higher is better) or teacher ÷ after (lower is better); None when undefined."""
+    if not higher_is_better and math.isinf(after) and math.isfinite(teacher):
+        return 0.0  # an infinitely perplexed student keeps nothing of a finite teacher
+    num, den = (after, teacher) if higher_is_better else (teacher, after)
+    if not (math.isfinite(num) and math.isfinite(den)) or den == 0:
+        return None
+    return num / den
+
+
+def run_benchmarks(models: dict, tokenizer_dirs: dict[str, str], cfg: BenchmarksConfig, *,
+                   bundled_dir: str | Path | None, device="cpu",
+                   log: Callable[[str], None] = print) -> BenchmarkReport:
+    """Every task in `cfg.tasks` for each model in `models` (teacher, student_before, student_after)."""
+    from transformers import AutoTokenizer
+
+    t_all = time.perf_counter()
+    tm = _task_manager(cfg.include_paths, bundled_dir, defaults=bool(_external(cfg)))
+    values: dict[tuple[str, str, str], tuple] = {}
+    metas: dict[str, dict] = {}
+    wall: dict[str, float] = {}
+    for i, (name, model) in enumerate(models.items()):
+        t0 = time.perf_counter()
+        log(f"benchmarks: {name} ({i + 1}/{len(models)}) on {', '.join(cfg.tasks)}")
+        tok = AutoTokenizer.from_pretrained(tokenizer_dirs[name])
+        scores, meta = score_model(model, tok, cfg, tm, device=device)
+        for task, metrics in scores.items():
+            for metric, v in metrics.items():
+                values[(task, metric, name)] = v
+        metas.update(meta)
+        wall[name] = time.perf_counter() - t0
+        summary = "; ".join(f"{t} " + ", ".join(f"{m}={v[0]:.4g}" for m, v in ms.items()) for t, ms in scores.items())
+        log(f"benchmarks: {name} done in {wall[name]:.1f} s: {summary}")
+    rows = []
+    for (task, metric) in sorted({(t, m) for t, m, _ in values}):
+        per = {n: values.get((task, metric, n)) for n in models}
+        hib = next(v[2] for v in per.values() if v is not None)
+        t, a = per.get("teacher"), per.get("student_after")
+        rows.append(BenchmarkScore(
+            task=task, metric=metric, higher_is_better=hib,
+            values={n: v[0] for n, v in per.items() if v is not None},
+            stderr={n: v[1] for n, v in per.items() if v is not None},
+            retention=retention(a[0], t[0], hib) if t is not None and a is not None else None,
+        ))
+    tasks = [BenchmarkTask(task=t, **metas[t], bundled=t in BUNDLED) for t in cfg.tasks if t in metas]
+    wall["total"] = time.perf_counter() - t_all
+    return BenchmarkReport(lm_eval_version=lm_eval_version(), tasks=tasks, scores=rows, wall_s=wall,
+                           bundled_dir=str(bundled_dir) if bundled_dir is not None else None,
+                           max_length=cfg.max_length)
+
+
+# ------------------------------------------------------------------------------------ gates
+def _better_or_equal(after: float, before: float, hib: bool) -> bool:
+    return after >= before if hib else after <= before  # NaN compares false: fails closed
+
+
+def benchmark_gates(report: BenchmarkReport | None, cfg: BenchmarksConfig) -> list[Falsifier]:
+    """The optional benchmark falsifiers, from recorded numbers only (kd/verdicts.py recomputes them)."""
+    if report is None:
+        return []
+    out = []
+    missing = [t for t in cfg.tasks if t not in {x.task for x in report.tasks}]
+    if cfg.require_no_regression:
+        bad, seen = [], []
+        for s in report.scores:
+            b, a = s.values.get("student_before"), s.values.get("student_after")
+            seen.append(f"{s.task}.{s.metric} {_f(b)}→{_f(a)}")
+            if b is None or a is None or not _better_or_equal(a, b, s.higher_is_better):
+                bad.append(f"{s.task}.{s.metric} before {_f(b)}, after {_f(a)}")
+        bad += [f"{t}: no scores" for t in missing]
+        out.append(Falsifier(
+            id=NO_REGRESSION_ID,
+            claim=f"student-after scores at least as well as student-before on every metric of {', '.join(cfg.tasks)}",
+            observed=("; ".join(seen) if not bad else "WORSE: " + "; ".join(bad)) if (seen or bad) else "no scores",
+            verdict="pass" if seen and not bad else "fail"))
+    if cfg.min_retention is not None:
+        bad, seen, undefined = [], [], []
+        for s in report.scores:
+            if s.retention is None:
+                undefined.append(f"{s.task}.{s.metric}")
+                continue
+            seen.append(f"{s.task}.{s.metric} {s.retention:.4g}")
+            if not s.retention >= cfg.min_retention:
+                bad.append(f"{s.task}.{s.metric} {s.retention:.4g}")
+        bad += [f"{t}: no scores" for t in missing]
+        note = f" (undefined, teacher scores 0 or not finite: {', '.join(undefined)})" if undefined else ""
+        out.append(Falsifier(
+            id=RETENTION_ID,
+            claim=f"student-after retains ≥ {cfg.min_retention:g} of the teacher's score on every benchmark metric "
+            "(after÷teacher, teacher÷after when lower is better)",
+            observed=("; ".join(seen) if not bad else "BELOW: " + "; ".join(bad)) + note,
+            verdict="pass" if seen and not bad else "fail"))
+    return out
+
+
+def _f(x: float | None) -> str:
+    return "None" if x is None else f"{x:.4g}"
+
+
+def benchmarks_markdown(report: BenchmarkReport) -> str:
+    """The table a user reads: task, metric, teacher, before, after, retention, n docs."""
+    lines = ["| task | metric | teacher | student-before | student-after | retention | docs |",
+             "|---|---|---|---|---|---|---|"]
+    n = {t.task: t.n_docs for t in report.tasks}
+    for s in report.scores:
+        arrow = "↑" if s.higher_is_better else "↓"
+        lines.append(f"| {s.task} | {s.metric} {arrow} | {_f(s.values.get('teacher'))} | "
+                     f"{_f(s.values.get('student_before'))} | {_f(s.values.get('student_after'))} | "
+                     f"{_f(s.retention)} | {n.get(s.task, '?')} |")
+    return "\n".join(lines)
+
+
+def benchmark_eval(report, models: dict, tokenizer_dirs: dict[str, str], eval_cfg, *, heldout_path: str | Path,
+                   device="cpu", log: Callable[[str], None] = print):
+    """The eval step's benchmark part: write the bundled tasks (from the prepared set training read, when
+    any is listed), score every model, attach the report and its gates to the `EvalReport`."""
+    from kd.errors import DataError
+    from kd.evaluate.bundled_tasks import write_bundled_tasks
+
+    cfg = eval_cfg.benchmarks
+    if not cfg.tasks:
+        return report
+    bundled_dir = None
+    if any(t in BUNDLED for t in cfg.tasks):
+        if not Path(heldout_path).is_dir():
+            raise DataError(f"bundled benchmarks need a prepared data folder; {heldout_path} is not one "
+                            "(an older run's held-out blocks): run again with --no-cache")
+        bundled_dir = write_bundled_tasks(heldout_path, tokenizer_dirs["student_after"])
+        log(f"benchmarks: bundled tasks in {bundled_dir}")
+    bench = run_benchmarks(models, tokenizer_dirs, cfg, bundled_dir=bundled_dir, device=device, log=log)
+    gates = [g for g in report.gates if g.id not in (NO_REGRESSION_ID, RETENTION_ID)] + benchmark_gates(bench, cfg)
+    return report.model_copy(update={"benchmarks": bench, "gates": gates})

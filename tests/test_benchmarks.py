@@ -1,0 +1,232 @@
+"""lm-eval benchmarks in the eval step (issue 20): bundled tasks from held-out documents, scores that tell a
+worse model from a trained one, optional falsifiers recomputed from the manifest, bad inputs exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd.config import BenchmarksConfig, load_config
+from kd.data import open_prepared, prepare_data
+from kd.data.sources import load_tokenizer
+from kd.evaluate.benchmarks import (NO_REGRESSION_ID, RETENTION_ID, benchmark_gates, run_benchmarks,
+                                    retention)
+from kd.evaluate.bundled_tasks import (BPB, LASTWORD, MC, bundled_info, heldout_texts, words,
+                                      write_bundled_tasks)
+from tests.test_manifest import inputs  # noqa: F401  (the fixture: everything write_evidence needs)
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = [LASTWORD, BPB, MC]
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_pair, tmp_path_factory):
+    cfg = load_config("configs/smoke.yaml", [f"data.prepared_dir={tmp_path_factory.mktemp('prep')}"])
+    return prepare_data(cfg.data, tiny_pair[1])
+
+
+def _texts(split, tok) -> list[str]:
+    return [" ".join(tok.decode(np.asarray(split.tokens[s:s + n]).astype(np.int64).tolist(),
+                                skip_special_tokens=True).split()) for s, n, _f, _l in split.docs()]
+
+
+def test_bundled_items_come_from_heldout_documents_only(prepared, tiny_pair):
+    folder = write_bundled_tasks(prepared.path, tiny_pair[1])
+    info = bundled_info(folder)
+    assert set(info["docs"]) == set(TASKS) and all(n > 0 for n in info["docs"].values())
+    for name, sha in info["files"].items():  # every file is listed with its hash; YAML names its own data
+        import hashlib
+
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == sha
+    assert f"test: {folder.resolve() / (LASTWORD + '.jsonl')}" in (folder / f"{LASTWORD}.yaml").read_text()
+
+    ps, tok = open_prepared(prepared.path), load_tokenizer(tiny_pair[1])
+    train, held = _texts(ps.train, tok), _texts(ps.heldout, tok)
+    lastword = [json.loads(x) for x in (folder / f"{LASTWORD}.jsonl").read_text().splitlines()]
+    bpb = [json.loads(x)["text"] for x in (folder / f"{BPB}.jsonl").read_text().splitlines()]
+    items = [f"{r['context']} {r['target']}" for r in lastword] + bpb
+    for item in items:
+        assert any(" ".join(words(item)) in " ".join(words(h)) for h in held), item  # every item is held-out text...
+    # ...and no last-word item or passage occurs in any training document (as words, punctuation aside)
+    train_blob = "\n".join(" " + " ".join(words(t)) + " " for t in train)
+    leaked = [item for item in items if f" {' '.join(words(item))} " in train_blob]
+    assert leaked == [], leaked[:3]
+    assert info["items_found_in_training_dropped"] > 0  # the smoke corpus repeats sentences: some were dropped
+
+
+def test_a_heldout_document_duplicated_in_training_is_left_out(tmp_path, tiny_pair):
+    lines = [f"the quick fox number {i} runs to the market and back again." for i in range(40)]
+    data = tmp_path / "dup.txt"
+    data.write_text("\n".join(lines + lines) + "\n")  # every document twice: most held-out ones are also trained on
+    cfg = load_config("configs/smoke.yaml", [f"data.source={data}", f"data.prepared_dir={tmp_path / 'prep'}",
+                                             "data.heldout_fraction=0.2"])
+    p = prepare_data(cfg.data, tiny_pair[1])
+    texts, dropped = heldout_texts(p.path, tiny_pair[1])
+    ps, tok = open_prepared(p.path), load_tokenizer(tiny_pair[1])
+    train = set(_texts(ps.train, tok))
+    assert dropped > 0 and not (set(texts) & train)
+
+
+@pytest.fixture(scope="module")
+def scored(prepared, tiny_pair):
+    """Teacher, a randomly re-initialised student (before) and the trained tiny student (after)."""
+    from backends import get_backend
+
+    be = get_backend("hf")
+    teacher_dir, student_dir = map(str, tiny_pair)
+    load = lambda d: be.load(d, device="cpu", dtype=torch.float32, trust_remote_code=False)  # noqa: E731
+    teacher, trained, rand = load(teacher_dir), load(student_dir), load(student_dir)
+    torch.manual_seed(0)
+    for m in rand.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    cfg = BenchmarksConfig(tasks=TASKS, limit=24, limits={MC: 12}, require_no_regression=True, min_retention=0.01)
+    folder = write_bundled_tasks(prepared.path, student_dir)
+    logs: list[str] = []
+    report = run_benchmarks({"teacher": teacher, "student_before": rand, "student_after": trained},
+                            {"teacher": teacher_dir, "student_before": student_dir, "student_after": student_dir},
+                            cfg, bundled_dir=folder, log=logs.append)
+    return cfg, report, logs
+
+
+def _score(report, task, metric):
+    return next(s for s in report.scores if s.task == task and s.metric == metric)
+
+
+def test_a_randomly_reinitialised_student_scores_worse(scored):
+    cfg, report, logs = scored
+    assert {t.task for t in report.tasks} == set(TASKS)
+    assert {t.task: t.n_docs for t in report.tasks}[MC] == 12  # the per-task limit
+    bpb, lw = _score(report, BPB, "bits_per_byte"), _score(report, LASTWORD, "perplexity")
+    assert bpb.values["student_after"] < bpb.values["student_before"]
+    assert lw.values["student_after"] < lw.values["student_before"]
+    assert not bpb.higher_is_better and _score(report, LASTWORD, "acc").higher_is_better
+    # the word is scored after a space (lm-eval adds none to loglikelihood targets): the teacher gets many right
+    acc = _score(report, LASTWORD, "acc").values
+    assert acc["teacher"] > 0.2 and acc["teacher"] > acc["student_before"]
+    assert bpb.retention == pytest.approx(bpb.values["teacher"] / bpb.values["student_after"])
+    assert any("student_after done" in line for line in logs)  # the Logs tab's progress lines
+    assert all(len(t.definition_sha256) == 64 for t in report.tasks) and report.lm_eval_version == "0.4.13"
+
+
+def test_benchmark_gates_fail_when_the_student_got_worse(scored):
+    cfg, report, _ = scored
+    lm_only = cfg.model_copy(update={"tasks": [LASTWORD, BPB], "min_retention": None})
+    kept = report.model_copy(update={"scores": [s for s in report.scores if s.task != MC and s.metric != "acc"]})
+    [g] = benchmark_gates(kept, lm_only)
+    assert g.id == NO_REGRESSION_ID and g.verdict == "pass", g.observed
+    # the same recorded numbers with the random student as "after": the claim fails, naming the metric
+    swapped = kept.model_copy(update={"scores": [s.model_copy(update={"values": {
+        **s.values, "student_before": s.values["student_after"], "student_after": s.values["student_before"]}})
+        for s in kept.scores]})
+    [g] = benchmark_gates(swapped, lm_only)
+    assert g.verdict == "fail" and "kdflow_bpb.bits_per_byte" in g.observed
+    strict = cfg.model_copy(update={"require_no_regression": False, "min_retention": 1e6})
+    [g] = benchmark_gates(report, strict)
+    assert g.id == RETENTION_ID and g.verdict == "fail"
+    assert retention(float("inf"), 2.0, False) == 0.0 and retention(0.5, 0.0, True) is None
+    assert retention(float("nan"), 0.5, True) is None
+
+
+def test_benchmarks_recorded_in_the_manifest_and_verified(scored, tmp_path, inputs):
+    """eval.json + manifest carry the table; verify recomputes the benchmark falsifiers; a flipped
+    verdict is named; `evidence show` prints the table."""
+    from tests.test_manifest import _eval_report
+    from kd.manifest import verify_run_dir, write_evidence
+    from kd.evidence_view import show_run
+
+    cfg, report, _ = scored
+    config = inputs["config"].model_copy(deep=True)
+    config.eval.benchmarks = cfg
+    ev = _eval_report().model_copy(update={"benchmarks": report})
+    d = tmp_path / "evidence" / "r1"
+    m = write_evidence(d, **{**inputs, "config": config, "eval_report": ev})
+    ids = {f.id: f.verdict for f in m.falsifiers}
+    assert ids[NO_REGRESSION_ID] == "fail" and ids[RETENTION_ID] == "pass"  # MC acc of 12 items is noise
+    assert verify_run_dir(d) == []
+    rec = json.loads((d / "manifest.json").read_text())["eval"]["benchmarks"]
+    assert {t["task"] for t in rec["tasks"]} == set(TASKS) and rec["lm_eval_version"] == "0.4.13"
+    assert json.loads((d / "eval.json").read_text())["benchmarks"] == rec
+    text = show_run(d)
+    assert "benchmarks (lm-eval 0.4.13" in text and "kdflow_bpb" in text and "bits_per_byte ↓" in text
+
+    # flip the failing verdict to pass (and the status): verify names the falsifier
+    raw = json.loads((d / "manifest.json").read_text())
+    for f in raw["falsifiers"]:
+        f["verdict"] = "pass"
+    (d / "manifest.json").write_text(json.dumps(raw))
+    problems = verify_run_dir(d)
+    assert any(NO_REGRESSION_ID in p for p in problems), problems
+
+
+def _kdflow(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
+def test_bad_benchmark_inputs_exit_2_naming_the_task(tmp_path):
+    yaml = tmp_path / "tasks" / "mine.yaml"
+    yaml.parent.mkdir()
+    yaml.write_text("task: my_offline_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                    f"    test: {tmp_path / 'absent.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+                    "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: bits_per_byte\n")
+    cases = {
+        "limit": (["--set", "eval.benchmarks.tasks=[kdflow_bpb]", "--set", "eval.benchmarks.limits={kdflow_bpb: 0}"],
+                  "eval.benchmarks.limits.kdflow_bpb: must be > 0"),
+        "no data": (["--set", "eval.benchmarks.tasks=[my_offline_task]",
+                     "--set", f"eval.benchmarks.include_paths=[{yaml.parent}]"],
+                    f"task 'my_offline_task' has no offline data: data file {tmp_path / 'absent.jsonl'} does not exist"),
+        "global limit": (["--set", "eval.benchmarks.limit=-1"], "eval.benchmarks.limit: must be > 0"),
+    }
+    for what, (args, msg) in cases.items():
+        r = _kdflow("run", "configs/smoke.yaml", "--dry-run", *args)
+        assert r.returncode == 2, (what, r.stdout[-500:], r.stderr[-1500:])
+        assert msg in r.stderr, (what, r.stderr[-1500:])
+
+
+@pytest.mark.slow
+def test_unknown_and_not_downloaded_registry_tasks_exit_2():
+    """lm-eval's own registry is read (~30-50 s on 2 cores): an unknown name, and a registry task whose
+    data set is not in the local Hugging Face cache, are refused before anything runs."""
+    r = _kdflow("run", "configs/smoke.yaml", "--dry-run", "--set", "eval.benchmarks.tasks=[kdflow_bpb,no_such_task]")
+    assert r.returncode == 2 and "unknown lm-eval task 'no_such_task'" in r.stderr, r.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_smoke_flow_with_benchmarks(prefect_server, tiny_pair, tmp_path):
+    """The real DAG: the eval step scores the three models on the bundled tasks, the `benchmarks` artifact
+    is on the run page, the manifest records and verifies the table, `kdflow evidence show` prints it,
+    and the Logs tab has the progress lines."""
+    from flows.distill import distill
+    from kd.manifest import load_manifest, verify_run_dir
+    from tests.conftest import smoke_overrides
+    from tests.prefect_helpers import artifacts
+
+    cfg = load_config("configs/smoke.yaml", smoke_overrides(tmp_path, steps=8) + [
+        "orchestration.refresh_cache=true", f"eval.benchmarks.tasks=[{','.join(TASKS)}]", "eval.benchmarks.limit=12",
+        "eval.benchmarks.require_no_regression=true"])
+    state = distill(cfg, return_state=True)
+    result = state.result(raise_on_failure=False)
+    run_dir = tmp_path / "evidence" / load_manifest_name(tmp_path)
+    m = load_manifest(run_dir)
+    assert verify_run_dir(run_dir) == []
+    b = m.eval.benchmarks
+    assert {t.task for t in b.tasks} == set(TASKS) and all(t.n_docs <= 12 for t in b.tasks)
+    assert {f.id for f in m.falsifiers} >= {NO_REGRESSION_ID}
+    assert b.bundled_dir and Path(b.bundled_dir, f"{BPB}.yaml").is_file()
+    arts = artifacts(state.state_details.flow_run_id)
+    assert "benchmarks" in arts, sorted(arts)
+    r = _kdflow("evidence", "show", str(run_dir))
+    assert r.returncode in (0, 1) and "benchmarks (lm-eval" in r.stdout and "kdflow_lastword" in r.stdout, r.stderr
+    assert isinstance(result, dict) or state.is_failed()  # the no-regression gate may fail on 12 MC items
+
+
+def load_manifest_name(tmp_path: Path) -> str:
+    [d] = [p.name for p in (tmp_path / "evidence").iterdir() if p.is_dir()]
+    return d

@@ -213,19 +213,20 @@ def main(argv=None) -> int:
             runs, total = [], 0.0
             for t in expand(validate_spec(spec)):
                 sets = [*spec["set"], *(f"{k}={v}" for k, v in t.overrides.items()), f"name={t.name}"]
-                a = ["run", spec["base"], "--evidence-dir", str(side / "evidence"), *(x for s in sets for x in ("--set", s))]
+                a = ["run", spec["base"], "--evidence-dir", str(side / "evidence"),
+                     *(x for s in sets for x in ("--set", s))]
                 a += ["--set", f"work_dir={side / 'runs'}"]
                 rc, wall = kdflow(a, env_for(base, side), side / f"{t.name}.log")
                 runs.append({"trial": t.name, "exit_code": rc, "wall_s": round(wall, 1)})
                 total += wall
             out["separate_runs"] = {"runs": runs, "total_wall_s": round(total, 1)}
             out["sweep_vs_separate_wall_ratio"] = round(out["sweep"]["wall_s"] / total, 3)
-        # 3. the fault case: two good trials and one no model can pass (collapse gate at 1e-9 x vocab); rerun
+        # 3. the fault case: two good trials and one no model can pass (better-than-uniform gate at 1e-9 x vocab); rerun
         if not args.no_fault:
             side = tmp / "fault"
             side.mkdir()
             fspec = {**spec, "name": "smoke-fault", "grid": {"kd.alpha": [0.1, 0.3], "kd.temperature": [1.0]},
-                     "trials": [{"eval.collapse_perplexity_fraction": 1e-9}]}
+                     "trials": [{"eval.uniform_perplexity_fraction": 1e-9}]}
             (side / "spec.yaml").write_text(yaml.safe_dump(fspec, sort_keys=False))
             res = {}
             for attempt in ("first", "rerun"):

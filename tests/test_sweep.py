@@ -125,16 +125,16 @@ def _run_sweep(spec: dict):
 
 @pytest.fixture(scope="module")
 def swept(prefect_server, tiny_pair, tmp_path_factory):
-    """Two good trials (alpha 0.2, 0.5) and one forced to fail (a collapse gate no model can pass), run once,
-    then the same sweep again."""
+    """Two good trials (alpha 0.2, 0.5) and one forced to fail (a better-than-uniform gate no model can pass),
+    run once, then the same sweep again."""
     tmp = tmp_path_factory.mktemp("sweep")
-    spec = _spec(tmp, trials=[{"eval.collapse_perplexity_fraction": 1e-9}])
+    spec = _spec(tmp, trials=[{"eval.uniform_perplexity_fraction": 1e-9}])
     first, first_id = _run_sweep(spec)
     second, second_id = _run_sweep(spec)
     return {"spec": spec, "dir": tmp / "evidence" / "tsw", "first": (first, first_id), "second": (second, second_id)}
 
 
-BAD = "tsw-collapse_perplexity_fraction1e-09"
+BAD = "tsw-uniform_perplexity_fraction1e-09"
 GOOD = ("tsw-alpha0.2", "tsw-alpha0.5")
 
 

@@ -90,6 +90,28 @@ def test_trials_are_named_after_the_sweep_and_their_overrides(tmp_path, capsys):
     assert "5 trials" in capsys.readouterr().out
 
 
+def test_benchmark_scores_are_read_from_the_eval_report_and_rank_trials():
+    """Rows carry the trained student's lm-eval scores (eval.benchmarks.scores[].values.student_after);
+    `benchmarks.<task>` ranks by the task's one metric, `benchmarks.<task>.<metric>` by that metric."""
+    from kd.sweep.report import benchmarks_of, objective_value, rank
+
+    def manifest(acc, ppl):
+        scores = [{"task": "arc_easy", "metric": "acc", "higher_is_better": True,
+                   "values": {"teacher": 0.7, "student_before": 0.4, "student_after": acc}},
+                  {"task": "wikitext", "metric": "word_perplexity", "higher_is_better": False,
+                   "values": {"teacher": 20.0, "student_after": ppl}}]
+        return {"eval": {"benchmarks": {"lm_eval_version": "0.4.13", "tasks": [], "scores": scores, "max_length": 64,
+                                        "wall_s": {"total": 1.0}}}}
+
+    m = manifest(0.55, 31.0)
+    assert benchmarks_of(m) == {"arc_easy.acc": 0.55, "wikitext.word_perplexity": 31.0}
+    assert objective_value(m, "benchmarks.arc_easy") == 0.55 == objective_value(m, "benchmarks.arc_easy.acc")
+    assert objective_value(m, "benchmarks.nope") is None and objective_value({}, "benchmarks.arc_easy") is None
+    rows = [{"name": n, "status": "pass", "objective": objective_value(manifest(a, 30.0), "benchmarks.arc_easy")}
+            for n, a in (("a", 0.5), ("b", 0.6), ("c", 0.4))]
+    assert rank(rows, "max") == ["b", "a", "c"] and rank(rows, "min") == ["c", "a", "b"]
+
+
 # ---------------------------------------------------------------- a real sweep on a real server
 def _child_runs(parent_id) -> dict:
     from prefect.client.orchestration import get_client

@@ -44,7 +44,8 @@ class Objective(_Spec):
 
     metric: str = Field(
         description="Manifest path of the number, e.g. eval.student_after.kl_to_teacher, "
-        "eval.student_after.top1_agreement, training.final_loss, benchmarks.<task> (when benchmarks are recorded); "
+        "eval.student_after.top1_agreement, training.final_loss, benchmarks.<task>[.<metric>] (the trained student's "
+        "lm-eval score, when eval.benchmarks lists tasks); "
         "or a shorthand: kl, top1, loss, perplexity (the trained student's held-out numbers).",
         min_length=1,
     )

@@ -81,8 +81,7 @@ def _start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
 def _cli_scores(model_dir: str, bundled: str, out: Path, limit: int | None, max_length: int, batch: int) -> tuple:
     cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
            f"pretrained={model_dir},dtype=float32,max_length={max_length}", "--batch_size", str(batch),
-           "--tasks", ",".join(TASKS), "--include_path", bundled, "--output_path", str(out), "--bootstrap_iters", "1000",
-           "--device", "cpu"]
+           "--tasks", ",".join(TASKS), "--include_path", bundled, "--output_path", str(out), "--device", "cpu"]
     if limit is not None:
         cmd += ["--limit", str(limit)]
     t0 = time.perf_counter()
@@ -136,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra section.field=value")
     ap.add_argument("--screenshots", default=None, help="folder for the Prefect UI screenshots (e.g. docs/img)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--from-tmp", default=None,
+                    help="a folder kept by --keep: skip the flow run, score its folders with the CLI and photograph it")
     args = ap.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="kdflow-bench-benchmarks-"))
+    tmp = Path(args.from_tmp) if args.from_tmp else Path(tempfile.mkdtemp(prefix="kdflow-bench-benchmarks-"))
     os.environ.setdefault("KDFLOW_HOME", str(Path.home() / ".cache" / "kdflow"))
     os.environ["PREFECT_HOME"] = str(tmp / "prefect")
     server, base = _start_server(tmp)
@@ -153,16 +154,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"eval.benchmarks.tasks=[{','.join(TASKS)}]"]
         if args.limit is not None:
             sets.append(f"eval.benchmarks.limit={args.limit}")
+        if args.from_tmp:  # the run's own day and name, from the folder it left
+            [run_dir] = [d for d in (tmp / "evidence").iterdir() if (d / "manifest.json").is_file()]
+            day = run_dir.name.removeprefix("bench-benchmarks-")
+            sets[2] = f"name={run_dir.name}"
         cfg = load_config(args.config, sets + args.overrides)
-        t0 = time.perf_counter()
-        state = distill(cfg, return_state=True)
-        flow_wall = time.perf_counter() - t0
-        result = state.result(raise_on_failure=False)
         run_dir = tmp / "evidence" / cfg.name
+        result = None
+        if not args.from_tmp:
+            state = distill(cfg, return_state=True)
+            result = state.result(raise_on_failure=False)
         m = load_manifest(run_dir)
         problems = verify_run_dir(run_dir)
         bench = m.eval.benchmarks
-        flow_run_id = str(state.state_details.flow_run_id)
+        flow_run_id = m.run.flow_run_id
+        flow_wall = (m.run.end - m.run.start).total_seconds()  # the flow's own start and end, as recorded
 
         folders = {"teacher": m.models.teacher.local_dir, "student_before": m.models.student.local_dir,
                    "student_after": str(run_dir / m.checkpoint.path) if not Path(m.checkpoint.path).is_absolute()
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
-        if not args.keep:
+        if not args.keep and not args.from_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"kept {tmp}")

@@ -4,6 +4,7 @@ worse model from a trained one, optional falsifiers recomputed from the manifest
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,12 @@ def test_bad_benchmark_inputs_exit_2_naming_the_task(tmp_path):
         r = _kdflow("run", "configs/smoke.yaml", "--dry-run", *args)
         assert r.returncode == 2, (what, r.stdout[-500:], r.stderr[-1500:])
         assert msg in r.stderr, (what, r.stderr[-1500:])
+    # the good case: the plan states the documents per task and a time estimate
+    r = _kdflow("run", "configs/smoke.yaml", "--dry-run", "--set", f"eval.benchmarks.tasks=[{','.join(TASKS)}]",
+                "--set", "eval.benchmarks.limit=30")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert re.search(r"benchmarks kdflow_lastword ~30, kdflow_bpb ~\d+, kdflow_mc ~30 docs .* x 3 models, ~\d+ s", r.stdout), \
+        r.stdout[-1500:]
 
 
 @pytest.mark.slow

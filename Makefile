@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: smoke test test-all bench bench-orchestration up down clean lock
+.PHONY: smoke test test-all bench bench-orchestration bench-sweep up down clean lock
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ bench: $(STAMP)
 
 bench-orchestration: $(STAMP)
 	$(BIN)/python bench/orchestration.py
+
+# the 6-trial smoke sweep vs 6 separate runs, the fault case, the summary screenshot (~15 min on 2 cores)
+bench-sweep: $(STAMP)
+	$(BIN)/python bench/sweep.py
 
 # Re-resolve requirements.lock from pyproject.toml (+ the dev extra) with pip-tools, hashes included.
 LOCKENV := .kdflow/lockenv

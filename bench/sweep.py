@@ -164,7 +164,7 @@ def screenshot(base: str, sweep_run_id, out: Path, tmp: Path) -> dict:
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(str(sweep_run_id))]),
             key=ArtifactFilterKey(any_=["sweep-summary"])))
     shots = {"summary": f"{base}/v2/artifacts/artifact/{art.id}",
-             "run": f"{base}/v2/runs/flow-run/{sweep_run_id}?tab=Subflow%20Runs"}
+             "run": f"{base}/v2/runs/flow-run/{sweep_run_id}"}  # the graph: trials and their distill subflows
     done = {}
     for what, url in shots.items():
         png = out if what == "summary" else out.with_name(out.stem.replace("summary", "subflows") + out.suffix)
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fault", action="store_true")
     ap.add_argument("--screenshot", type=Path, default=REPO / "docs" / "img" / "prefect-ui-sweep-summary.png")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" /
-                    f"sweep-{datetime.now(timezone.utc):%Y%m%d}.json")
+                    f"sweep-{datetime.now(timezone.utc):%Y-%m-%d}.json")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="kdflow-bench-sweep-"))
     (tmp / "server").mkdir()
@@ -213,19 +213,20 @@ def main(argv=None) -> int:
             runs, total = [], 0.0
             for t in expand(validate_spec(spec)):
                 sets = [*spec["set"], *(f"{k}={v}" for k, v in t.overrides.items()), f"name={t.name}"]
-                a = ["run", spec["base"], "--evidence-dir", str(side / "evidence"), *(x for s in sets for x in ("--set", s))]
+                a = ["run", spec["base"], "--evidence-dir", str(side / "evidence"),
+                     *(x for s in sets for x in ("--set", s))]
                 a += ["--set", f"work_dir={side / 'runs'}"]
                 rc, wall = kdflow(a, env_for(base, side), side / f"{t.name}.log")
                 runs.append({"trial": t.name, "exit_code": rc, "wall_s": round(wall, 1)})
                 total += wall
             out["separate_runs"] = {"runs": runs, "total_wall_s": round(total, 1)}
             out["sweep_vs_separate_wall_ratio"] = round(out["sweep"]["wall_s"] / total, 3)
-        # 3. the fault case: two good trials and one no model can pass (collapse gate at 1e-9 x vocab); rerun
+        # 3. the fault case: two good trials and one no model can pass (better-than-uniform gate at 1e-9 x vocab); rerun
         if not args.no_fault:
             side = tmp / "fault"
             side.mkdir()
             fspec = {**spec, "name": "smoke-fault", "grid": {"kd.alpha": [0.1, 0.3], "kd.temperature": [1.0]},
-                     "trials": [{"eval.collapse_perplexity_fraction": 1e-9}]}
+                     "trials": [{"eval.uniform_perplexity_fraction": 1e-9}]}
             (side / "spec.yaml").write_text(yaml.safe_dump(fspec, sort_keys=False))
             res = {}
             for attempt in ("first", "rerun"):

@@ -147,17 +147,6 @@ def run_trial(config: RunConfig) -> dict:
 
 
 # ---------------------------------------------------------------- shared steps, once
-def _settled(step, *args):
-    """Run `step`; when it computed (not Cached), call it once more. pull_models' and prepare_data's cache
-    keys say whether their output is on disk, so a first build is stored under the key for "missing";
-    the second call finds the files (a quick reuse, nothing rebuilt) and stores the result under the key
-    every trial computes, so the trials show Cached."""
-    state = step(*args, return_state=True)
-    if state.name != "Cached" and state.is_completed():
-        state = step(*args, return_state=True)
-    return state.result()
-
-
 def run_shared_steps(trials: list[Trial], sweep_name: str) -> None:
     """Pull, vocab check, prepared data and (offline) the teacher cache, once per group of trials that
     share their inputs, so every trial finds them Cached."""
@@ -165,9 +154,9 @@ def run_shared_steps(trials: list[Trial], sweep_name: str) -> None:
         cfg = group[0].config
         o = cfg.orchestration
         opts = dict(refresh_cache=o.refresh_cache or None, retries=o.retries, retry_delay_seconds=o.retry_delay_s)
-        teacher, student = _settled(pull_models.with_options(**opts), cfg)
+        teacher, student = pull_models.with_options(**opts)(cfg)
         alignment = check_vocab.with_options(refresh_cache=o.refresh_cache or None)(cfg, teacher, student)
-        prepared = _settled(prepare_data_task.with_options(**opts), cfg, student)
+        prepared = prepare_data_task.with_options(**opts)(cfg, student)
         if cfg.kd.teacher_mode == "offline":
             cache_step(cfg, teacher, alignment, prepared, f"{sweep_name}-shared", **opts)
 
@@ -236,7 +225,8 @@ def sweep(spec: SweepSpec) -> dict:
         markdown=summary_markdown(spec.name, metric, spec.objective.direction, rows, doc["ranking"],
                                   f"data:image/png;base64,{png}", out_dir))
     create_link_artifact(key="sweep-folder", link=out_dir.as_uri(), link_text=str(out_dir),
-                         description="The sweep folder: sweep.json, objective_vs_cost.png, one evidence folder per trial")
+                         description="The sweep folder: sweep.json, objective_vs_cost.png, one evidence folder "
+                         "per trial")
     log.info("sweep %s: best trial %s; ranking %s", spec.name, doc["best"], ", ".join(doc["ranking"]))
     if doc["failed"]:
         raise SweepFailed(f"sweep {spec.name}: {len(doc['failed'])} of {len(rows)} trials failed: "

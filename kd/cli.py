@@ -168,6 +168,14 @@ def cmd_evidence(args) -> int:
         print(f"private key: {private} (keep it secret)\npublic key:  {public} "
               f"(fingerprint {fingerprint(load_public_key(public))[:16]}…)")
         return 0
+    if args.action == "show" and _is_sweep(Path(args.run_dir)):
+        from kd.sweep.report import SUMMARY, verify_sweep_dir
+
+        print((Path(args.run_dir) / SUMMARY).read_text(encoding="utf-8"))
+        problems = verify_sweep_dir(Path(args.run_dir))
+        for p in problems:
+            print(f"FAIL {p}", file=sys.stderr)
+        return 1 if problems else 0
     if args.action == "verify" and _is_sweep(Path(args.run_dir)):
         from kd.sweep.report import verify_sweep_dir
 

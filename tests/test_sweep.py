@@ -54,7 +54,8 @@ def _write(tmp: Path, spec: dict) -> Path:
     ({"objective": {"metric": "kl", "direction": "down"}}, "objective.direction:"),
     ({"concurrency": 0}, "concurrency: must be >= 1, got 0"),
     ({"trials": [{"train.steps": 0}]}, "trials[0]: train.steps: must be > 0, got 0"),
-    ({"set": ["kd.nope=1"]}, "base: kd.nope: unknown field"),
+    ({"set": ["kd.nope=1"]}, "set: kd.nope: unknown field"),
+    ({"base": "configs/nope.yaml"}, "base: preset file not found: configs/nope.yaml"),
 ])
 def test_bad_spec_exits_2_naming_the_field_before_any_trial(tmp_path, capsys, change, named):
     path = _write(tmp_path, _spec(tmp_path, **change))
@@ -87,6 +88,28 @@ def test_trials_are_named_after_the_sweep_and_their_overrides(tmp_path, capsys):
     assert t.config.evidence_dir == str(tmp_path / "evidence" / "tsw")
     assert main(["sweep", str(_write(tmp_path, spec.model_dump(exclude_unset=True))), "--dry-run"]) == 0
     assert "5 trials" in capsys.readouterr().out
+
+
+def test_benchmark_scores_are_read_from_the_eval_report_and_rank_trials():
+    """Rows carry the trained student's lm-eval scores (eval.benchmarks.scores[].values.student_after);
+    `benchmarks.<task>` ranks by the task's one metric, `benchmarks.<task>.<metric>` by that metric."""
+    from kd.sweep.report import benchmarks_of, objective_value, rank
+
+    def manifest(acc, ppl):
+        scores = [{"task": "arc_easy", "metric": "acc", "higher_is_better": True,
+                   "values": {"teacher": 0.7, "student_before": 0.4, "student_after": acc}},
+                  {"task": "wikitext", "metric": "word_perplexity", "higher_is_better": False,
+                   "values": {"teacher": 20.0, "student_after": ppl}}]
+        return {"eval": {"benchmarks": {"lm_eval_version": "0.4.13", "tasks": [], "scores": scores, "max_length": 64,
+                                        "wall_s": {"total": 1.0}}}}
+
+    m = manifest(0.55, 31.0)
+    assert benchmarks_of(m) == {"arc_easy.acc": 0.55, "wikitext.word_perplexity": 31.0}
+    assert objective_value(m, "benchmarks.arc_easy") == 0.55 == objective_value(m, "benchmarks.arc_easy.acc")
+    assert objective_value(m, "benchmarks.nope") is None and objective_value({}, "benchmarks.arc_easy") is None
+    rows = [{"name": n, "status": "pass", "objective": objective_value(manifest(a, 30.0), "benchmarks.arc_easy")}
+            for n, a in (("a", 0.5), ("b", 0.6), ("c", 0.4))]
+    assert rank(rows, "max") == ["b", "a", "c"] and rank(rows, "min") == ["c", "a", "b"]
 
 
 # ---------------------------------------------------------------- a real sweep on a real server
@@ -124,16 +147,16 @@ def _run_sweep(spec: dict):
 
 @pytest.fixture(scope="module")
 def swept(prefect_server, tiny_pair, tmp_path_factory):
-    """Two good trials (alpha 0.2, 0.5) and one forced to fail (a collapse gate no model can pass), run once,
-    then the same sweep again."""
+    """Two good trials (alpha 0.2, 0.5) and one forced to fail (a better-than-uniform gate no model can pass),
+    run once, then the same sweep again."""
     tmp = tmp_path_factory.mktemp("sweep")
-    spec = _spec(tmp, trials=[{"eval.collapse_perplexity_fraction": 1e-9}])
+    spec = _spec(tmp, trials=[{"eval.uniform_perplexity_fraction": 1e-9}])
     first, first_id = _run_sweep(spec)
     second, second_id = _run_sweep(spec)
     return {"spec": spec, "dir": tmp / "evidence" / "tsw", "first": (first, first_id), "second": (second, second_id)}
 
 
-BAD = "tsw-collapse_perplexity_fraction1e-09"
+BAD = "tsw-uniform_perplexity_fraction1e-09"
 GOOD = ("tsw-alpha0.2", "tsw-alpha0.5")
 
 
@@ -155,9 +178,10 @@ def test_sweep_runs_each_trial_as_a_child_distill_run_with_shared_steps_cached(s
     assert doc["ranking"][-1] == BAD and set(doc["ranking"][:2]) == set(GOOD) and doc["best"] == doc["ranking"][0]
     kls = [r["objective"] for n in doc["ranking"][:2] for r in doc["trials"] if r["name"] == n]
     assert kls == sorted(kls)  # min KL first
-    for r in doc["trials"]:
+    for r in doc["trials"]:  # (sweep.json as the rerun left it: the reused trials' rows are the first run's)
         assert (swept["dir"] / r["name"] / "manifest.json").is_file()
-        assert r["flow_run_id"] == str(children[r["name"]].id)
+        if r["name"] in GOOD:
+            assert r["flow_run_id"] == str(children[r["name"]].id)
 
 
 @pytest.mark.slow
@@ -178,6 +202,8 @@ def test_sweep_summary_artifact_ranks_trials_and_links_child_runs(swept):
 @pytest.mark.slow
 def test_sweep_folder_verifies_and_tampering_fails(swept, tmp_path, capsys):
     assert main(["evidence", "verify", str(swept["dir"])]) == 0, capsys.readouterr().err
+    assert main(["evidence", "show", str(swept["dir"])]) == 0
+    assert "# Sweep tsw: 2/3 trials passed" in capsys.readouterr().out
     # the ranking swapped
     bad = tmp_path / "ranking"
     shutil.copytree(swept["dir"], bad)
@@ -206,9 +232,11 @@ def test_rerun_reuses_finished_trials_and_runs_exactly_the_failed_one(swept):
     ready = lambda names: sum(n.startswith("trial-") for n in names) == 3  # noqa: E731
     states = {k: v for k, v in _states(sid, ready).items() if k.startswith("trial-")}
     assert states == {f"trial-{GOOD[0]}": "Cached", f"trial-{GOOD[1]}": "Cached", f"trial-{BAD}": "Failed"}, states
-    assert set(_child_runs(sid)) == {BAD}  # one child distill run: the failed trial, again
+    (again,) = _child_runs(sid).values()  # one child distill run: the failed trial, again
+    assert again.name == BAD and again.state.name == "Failed"
     attempts = list((swept["dir"] / ".attempts").iterdir())
     assert [p.name.startswith(BAD) for p in attempts] == [True]  # the first attempt kept aside, not overwritten
     doc = json.loads((swept["dir"] / "sweep.json").read_text())
     assert set(doc["reused"]) == set(GOOD)
+    assert [r["flow_run_id"] for r in doc["trials"] if r["name"] == BAD] == [str(again.id)]
     assert main(["evidence", "verify", str(swept["dir"])]) == 0

@@ -36,27 +36,33 @@ def _get(data: Any, path: str) -> Any:
 
 
 def _number(v: Any) -> float | None:
-    if isinstance(v, dict):  # a benchmark recorded as {score|value|acc: x, ...}
-        v = next((v[k] for k in ("score", "value", "acc", "acc_norm") if k in v), None)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(v)
 
 
 def benchmarks_of(manifest: dict) -> dict[str, float]:
-    """Benchmark scores when the run recorded any (`benchmarks` at the top or under eval)."""
-    found = manifest.get("benchmarks") or _get(manifest, "eval.benchmarks") or {}
-    out = {}
-    if isinstance(found, dict):
-        for name, v in found.items():
-            if (n := _number(v)) is not None:
-                out[str(name)] = n
+    """The trained student's lm-eval scores when the run recorded any (eval.benchmarks, kd/results.py
+    BenchmarkReport): {"<task>.<metric>": student_after value}."""
+    report = _get(manifest, "eval.benchmarks")
+    out: dict[str, float] = {}
+    if isinstance(report, dict) and isinstance(report.get("scores"), list):
+        for score in report["scores"]:
+            if not isinstance(score, dict):
+                continue
+            value = _number((score.get("values") or {}).get("student_after"))
+            if value is not None:
+                out[f"{score.get('task')}.{score.get('metric')}"] = value
     return out
 
 
 def objective_value(manifest: dict, metric_path: str) -> float | None:
-    if metric_path.startswith("benchmarks."):
-        return benchmarks_of(manifest).get(metric_path.removeprefix("benchmarks."))
+    if metric_path.startswith("benchmarks."):  # benchmarks.<task>.<metric>, or benchmarks.<task> with one metric
+        scores, want = benchmarks_of(manifest), metric_path.removeprefix("benchmarks.")
+        if want in scores:
+            return scores[want]
+        hits = [v for k, v in scores.items() if k.rsplit(".", 1)[0] == want]
+        return hits[0] if len(hits) == 1 else None
     return _number(_get(manifest, metric_path))
 
 

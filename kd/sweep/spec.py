@@ -44,7 +44,8 @@ class Objective(_Spec):
 
     metric: str = Field(
         description="Manifest path of the number, e.g. eval.student_after.kl_to_teacher, "
-        "eval.student_after.top1_agreement, training.final_loss, benchmarks.<task> (when benchmarks are recorded); "
+        "eval.student_after.top1_agreement, training.final_loss, benchmarks.<task>[.<metric>] (the trained student's "
+        "lm-eval score, when eval.benchmarks lists tasks); "
         "or a shorthand: kl, top1, loss, perplexity (the trained student's held-out numbers).",
         min_length=1,
     )
@@ -190,6 +191,7 @@ def _check_key(key: str, where: str) -> None:
 def expand(spec: SweepSpec) -> list[Trial]:
     """The trials, in order: the grid's combinations then the explicit list; each config validated."""
     base = _base_data(spec)
+    raw = json.loads(json.dumps(base))
     for i, o in enumerate(spec.set):
         key = o.split("=", 1)[0].strip()
         _check_key(key, f"set[{i}] {key}")
@@ -197,7 +199,11 @@ def expand(spec: SweepSpec) -> list[Trial]:
             apply_override(base, o)
         except ConfigError as err:
             raise ConfigError(f"set[{i}]: {err}") from None
-    _config(base, {}, "base" if spec.base else "config")
+    try:
+        _config(base, {}, "set")
+    except ConfigError:  # name the base when it is wrong on its own, else the set: overrides
+        _config(raw, {}, "base" if spec.base else "config")
+        raise
     if not spec.grid and not spec.trials:
         raise ConfigError("grid: empty: give at least one field with values (or a list under trials)")
     combos: list[dict[str, Any]] = []

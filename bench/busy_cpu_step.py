@@ -39,9 +39,12 @@ arm, batch, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sy
 shape = json.loads(sys.argv[5])
 if arm == "kdflow-old-default":
     import torch  # loaded before kdflow: libgomp reads its own default wait policy
+policy_at_torch_load = os.environ.get("OMP_WAIT_POLICY")  # what libgomp saw, when torch is loaded first
 sys.path.insert(0, sys.argv[6])
 import kd  # the product's entry: sets OMP_WAIT_POLICY=PASSIVE unless the user set it (before torch loads)
 import torch
+if arm != "kdflow-old-default":
+    policy_at_torch_load = os.environ.get("OMP_WAIT_POLICY")
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from kd.config import RunConfig
@@ -84,7 +87,7 @@ t0 = time.perf_counter()
 for _ in range(steps):
     step()
 wall = time.perf_counter() - t0
-print("RESULT " + json.dumps({"arm": arm, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+print("RESULT " + json.dumps({"arm": arm, "omp_wait_policy_at_torch_load": policy_at_torch_load,
                               "threads": torch.get_num_threads(), "step_s": wall / steps,
                               "tokens_per_s": batch * (seq - 1) * steps / wall}))
 """

@@ -54,9 +54,12 @@ def uniform_gate(after: ModelEval, vocab_size: int, cfg: EvalConfig, before: Mod
     ok = after.perplexity < limit  # NaN compares false: fail-closed
     observed = f"perplexity {_fmt(after.perplexity)} vs {_fmt(limit)} ({cfg.uniform_perplexity_fraction:g}×V)"
     if not ok:
-        if before is not None and not after.perplexity < before.perplexity:
+        if before is not None and after.perplexity > before.perplexity:
             advice = (f"training made it worse (student-before perplexity {_fmt(before.perplexity)}): the updates "
                       "diverged; lower train.lr, add train.warmup_steps, check the loss curve")
+        elif before is not None and not after.perplexity < before.perplexity:
+            advice = (f"training did not move it (student-before perplexity {_fmt(before.perplexity)}): check that "
+                      "train.lr and train.steps are not ~0 and that data.train_on leaves tokens to learn")
         else:
             since = "" if before is None else f" (student-before perplexity {_fmt(before.perplexity)})"
             advice = (f"training has not taken it far enough yet{since}: train more steps or at a higher train.lr; "
@@ -85,14 +88,16 @@ def collapse_gate(after: ModelEval, teacher: ModelEval, vocab_size: int, cfg: Ev
     share_ok = after.top_token_share < share_limit or (
         teacher.top_token_share >= share_limit and after.top_token_share <= teacher.top_token_share
     )
-    checks = {
-        f"top-token share {_fmt(after.top_token_share)} < {share_limit:g} "
-        f"(teacher {_fmt(teacher.top_token_share)})": share_ok,
-        f"entropy {_fmt(after.entropy)} < {_fmt(ent_limit)} ({cfg.collapse_entropy_fraction:g}·log V)":
-            after.entropy < ent_limit,
-    }
-    failed = [k for k, ok in checks.items() if not ok]
-    observed = "; ".join(checks)
+    share = f"top-token share {_fmt(after.top_token_share)}"
+    entropy = f"entropy {_fmt(after.entropy)}"
+    checks = [  # (healthy?, as said when healthy, as said when not)
+        (share_ok, f"{share} < {share_limit:g} (teacher {_fmt(teacher.top_token_share)})",
+         f"{share} ≥ {share_limit:g} (teacher {_fmt(teacher.top_token_share)}): one token at nearly every position"),
+        (after.entropy < ent_limit, f"{entropy} < {_fmt(ent_limit)} ({cfg.collapse_entropy_fraction:g}·log V)",
+         f"{entropy} ≥ {_fmt(ent_limit)} ({cfg.collapse_entropy_fraction:g}·log V): the uniform distribution"),
+    ]
+    failed = [bad for ok, _, bad in checks if not ok]
+    observed = "; ".join(good for _, good, _ in checks)
     if failed:
         observed = ("COLLAPSED: " + "; ".join(failed) + ". The student predicts one token, or the uniform "
                     "distribution, whatever the context: lower train.lr or add warm-up, raise kd.alpha (more CE on "

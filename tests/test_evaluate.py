@@ -205,7 +205,7 @@ def test_worse_than_uniform_is_its_own_verdict_not_collapse():
     still_learning = _ev(perplexity=109_187.0, loss=math.log(109_187.0), entropy=6.0, top_token_share=0.2)
     u = uniform_gate(still_learning, v, cfg, before=_ev(perplexity=1.7e5))
     assert u.id == UNIFORM_ID and u.verdict == "fail"
-    assert u.observed.startswith("WORSE THAN UNIFORM: ") and "not collapsed" in u.observed
+    assert u.observed.startswith("WORSE THAN UNIFORM: ") and "Not the same as collapsed" in u.observed
     assert "more steps" in u.observed and "diverged" not in u.observed
     diverged = uniform_gate(_ev(perplexity=float("inf")), v, cfg, before=_ev(perplexity=30.0))
     assert diverged.verdict == "fail" and "diverged" in diverged.observed and "lower train.lr" in diverged.observed

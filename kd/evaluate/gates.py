@@ -65,7 +65,7 @@ def uniform_gate(after: ModelEval, vocab_size: int, cfg: EvalConfig, before: Mod
             advice = (f"training has not taken it far enough yet{since}: train more steps or at a higher train.lr; "
                       "a pruned or untrained student starts far from its teacher")
         observed = (f"WORSE THAN UNIFORM: {observed}; a uniform guess over V={vocab_size} scores perplexity "
-                    f"{vocab_size}. The student is not collapsed, {advice}")
+                    f"{vocab_size}. Not the same as collapsed (F-DISTILL-COLLAPSE-001 says whether it is): {advice}")
     return Falsifier(
         id=UNIFORM_ID,
         claim=f"student-after predicts held-out tokens better than a uniform guess over V={vocab_size}: "

@@ -16,8 +16,10 @@ heldout.py) and on-policy reverse KL / teacher NLL of its own T=1 samples of hel
 
 Part 2, the same on-policy step against TRL's GKDTrainer (trl.experimental.gkd, lmbda=1, beta=1 =
 reverse KL, temperature 1), same models, same prompt token ids, max new tokens, batch size and learning
-rate, each in its own subprocess (peak RSS is per process): steps/s, generated tokens/s and peak RSS
-above the loaded models. TRL is bench-only, never a kdflow dependency; install it beside the venv:
+rate, each in its own subprocess: step time, generated tokens/s and peak RSS during the steps (sampled)
+above the RSS with both models loaded. TRL twice: with its defaults (GKDConfig inherits SFTConfig's
+gradient_checkpointing=True, and GKDTrainer then generates with use_cache=False) and with
+gradient_checkpointing=False (KV cache on, as kdflow). TRL is bench-only, never a kdflow dependency; install it beside the venv:
 
     pip install --no-deps --target /tmp/bench-deps trl==1.16.0     # (the venv has accelerate, datasets)
     python bench/on_policy.py --trl-path /tmp/bench-deps
@@ -47,6 +49,32 @@ PRESET = ROOT / "configs" / "smollm2-135m-on-policy.yaml"
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssPeak:
+    """The process's current RSS sampled every 20 ms in a thread: the peak while training runs (ru_maxrss
+    would keep the high-water mark of loading and converting the models)."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.start_mb = self.proc.memory_info().rss / 2**20
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.stop.wait(0.02)
+
+    def done(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"rss_after_load_mb": self.start_mb, "peak_rss_mb": self.peak / 2**20,
+                "peak_rss_above_load_mb": self.peak / 2**20 - self.start_mb}
 
 
 def setup(overrides: list[str]):
@@ -162,7 +190,10 @@ def worker(kind: str, args) -> dict:
     backend = get_backend("hf")
     student = backend.load(student_dir)
     teacher = backend.load(teacher_dir).eval().requires_grad_(False)
-    loaded = rss_mb()
+    import gc
+
+    gc.collect()
+    mem = RssPeak()
     times, gen_times, gen_tokens = [], [], []
     if kind == "kdflow":
         from kd.train import _Objective, on_policy_objective
@@ -184,7 +215,7 @@ def worker(kind: str, args) -> dict:
             times.append(time.perf_counter() - t0)
             gen_times.append(samples.seconds)
             gen_tokens.append(samples.new_tokens)
-    else:
+    else:  # "trl" / "trl-nogc"
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         import datasets
         from transformers import AutoTokenizer, TrainerCallback
@@ -227,7 +258,10 @@ def worker(kind: str, args) -> dict:
                         lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=max_new, learning_rate=cfg.train.lr,
                         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1,
                         save_strategy="no", report_to=[], use_cpu=True, bf16=False, fp16=False, seed=0,
-                        dataloader_num_workers=0, disable_dropout=True, max_length=None)
+                        dataloader_num_workers=0, disable_dropout=True, max_length=None,
+                        # "trl": TRL's defaults (SFTConfig turns gradient checkpointing on, and GKDTrainer then
+                        # generates without a KV cache); "trl-nogc": off, as kdflow's default and its KV cache
+                        gradient_checkpointing=kind == "trl")
         class GKD(GKDTrainer):
             """The collator has prompts only (no reference completions), so the Trainer's num_items_in_batch
             (labels != -100 of the collated batch) is 0; drop it: TRL's own `batchmean` then averages over the
@@ -244,15 +278,15 @@ def worker(kind: str, args) -> dict:
     t, g, n = sum(times[skip:]), sum(gen_times[skip:]), sum(gen_tokens[skip:])
     return {"impl": kind, "steps_timed": len(times) - skip, "step_s_mean": t / max(1, len(times) - skip),
             "gen_tokens": n, "gen_tokens_per_step_s": n / t, "gen_tokens_per_gen_s": n / g if g else None,
-            "gen_share": g / t if t else None, "rss_after_load_mb": loaded, "peak_rss_mb": rss_mb(),
-            "peak_rss_above_load_mb": rss_mb() - loaded}
+            "gen_share": g / t if t else None, **mem.done(), "ru_maxrss_mb": rss_mb(),
+            **({"gradient_checkpointing": kind == "trl"} if kind != "kdflow" else {})}
 
 
 def compare(args) -> dict:
     out = {}
-    for kind in ("kdflow", "trl"):
+    for kind in ("kdflow", "trl", "trl-nogc"):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in [str(ROOT), args.trl_path if kind == "trl" else "", os.environ.get("PYTHONPATH", "")] if p))
+            p for p in [str(ROOT), args.trl_path if kind != "kdflow" else "", os.environ.get("PYTHONPATH", "")] if p))
         cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--batch", str(args.batch),
                "--max-new-tokens", str(args.max_new_tokens), "--tmp", args.tmp, *sum((["--set", s] for s in args.set), [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -261,13 +295,16 @@ def compare(args) -> dict:
             out[kind] = {"error": (proc.stderr or proc.stdout)[-2000:]}
             continue
         out[kind] = json.loads(line[-1][7:])
-    k, t = out.get("kdflow", {}), out.get("trl", {})
-    if "error" not in k and "error" not in t:
-        out["ratios_kdflow_over_trl"] = {
-            "gen_tokens_per_step_s": k["gen_tokens_per_step_s"] / t["gen_tokens_per_step_s"],
-            "step_s_mean": k["step_s_mean"] / t["step_s_mean"],
-            "peak_rss": k["peak_rss_mb"] / t["peak_rss_mb"],
-            "peak_rss_above_load": k["peak_rss_above_load_mb"] / t["peak_rss_above_load_mb"]}
+    k = out.get("kdflow", {})
+    for name in ("trl", "trl-nogc"):
+        t = out.get(name, {})
+        if "error" not in k and "error" not in t and t:
+            out[f"ratios_kdflow_over_{name}"] = {
+                "gen_tokens_per_step_s": k["gen_tokens_per_step_s"] / t["gen_tokens_per_step_s"],
+                "gen_tokens_per_gen_s": k["gen_tokens_per_gen_s"] / t["gen_tokens_per_gen_s"],
+                "step_s_mean": k["step_s_mean"] / t["step_s_mean"],
+                "peak_rss": k["peak_rss_mb"] / t["peak_rss_mb"],
+                "peak_rss_above_load": k["peak_rss_above_load_mb"] / t["peak_rss_above_load_mb"]}
     return out
 
 
@@ -284,7 +321,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--set", action="append", default=[], help="config override for the preset")
-    ap.add_argument("--worker", choices=["kdflow", "trl"])
+    ap.add_argument("--worker", choices=["kdflow", "trl", "trl-nogc"])
     ap.add_argument("--tmp", default="/tmp/kdflow-bench-on-policy")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -321,7 +358,9 @@ def main() -> int:
             "own_sample_reverse_kl": min(arms, key=lambda a: a["after"]["own_sample_reverse_kl"])["arm"]}
     if not args.skip_trl:
         result["vs_trl"] = {"steps": args.steps, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
-                            "trl": "trl==1.16.0 trl.experimental.gkd.GKDTrainer lmbda=1 beta=1 temperature=1",
+                            "trl": "trl==1.16.0 trl.experimental.gkd.GKDTrainer lmbda=1 beta=1 temperature=1; trl = "
+                            "its defaults (gradient checkpointing on, so generation without KV cache), trl-nogc = "
+                            "gradient_checkpointing=False",
                             **compare(args)}
     result["machine"]["loadavg_end"] = os.getloadavg()
     out = Path(args.out or ROOT / "bench" / "results" / f"on_policy-{day}.json")

@@ -120,6 +120,16 @@ def test_gkd_draw_is_a_pure_function_and_matches_the_fraction():
     assert {batch_kind(seq, 0, s, 0) for s in range(200)} == {"on_policy", "seq_kd"}
 
 
+def test_seq_kd_trains_on_teacher_samples(setup, tmp_path):
+    """seq_kd: the batches not drawn on-policy get teacher completions (teacher vocab is wider than the valid
+    vocab here: its padding rows are never sampled, or the loss would refuse the label)."""
+    cfg, teacher, student, al, packed = setup
+    cfg = load_config("configs/smoke.yaml", OP + ["train.steps=2", "kd.on_policy.fraction=0", "kd.on_policy.seq_kd=true"])
+    result = train_student(cfg, teacher, student, al, packed, tmp_path / "seqkd")
+    assert result.on_policy["batches"] == {"off_policy": 0, "on_policy": 0, "seq_kd": 2}
+    assert result.on_policy["generated_tokens"] > 0 and result.final_loss == result.final_loss
+
+
 def _weights(ckpt):
     return load_file(str(Path(ckpt) / "model.safetensors"))
 
@@ -221,12 +231,18 @@ def test_eval_on_own_samples_is_recorded_and_verify_recomputes_its_falsifier(tin
     config = inputs["config"].model_copy(update={"eval": ev_cfg})
     report = base.model_copy(update={"on_samples": better, "gates": gates(better)})
     run = tmp_path / "evidence" / "op"
-    m = write_evidence(run, **{**inputs, "config": config, "eval_report": report})
+    summary = {"settings": config.kd.on_policy.model_dump(mode="json") | {"fraction": 0.5}, "samples": 8,
+               "generated_tokens": 96, "stopped_at_eos": 1, "batches": {"off_policy": 6, "on_policy": 4, "seq_kd": 0},
+               "gen_tokens_per_s": 120.0, "gen_share": 0.4, "logged_steps": 10}
+    training = inputs["training"].model_copy(update={"on_policy": summary})
+    m = write_evidence(run, **{**inputs, "config": config, "eval_report": report, "training": training})
     assert m.run.status == "pass" and verify_run_dir(run) == []
     assert json.loads((run / "eval.json").read_text())["on_samples"]["after"]["reverse_kl"] == better.after.reverse_kl
     assert main(["evidence", "show", str(run)]) == 0
     out = capsys.readouterr().out
     assert "on own samples" in out and f"[PASS] {ON_SAMPLE_ID}" in out
+    assert "on-policy: fraction 0.5, reverse_kl" in out and "96 tokens generated" in out
+    assert json.loads((run / "manifest.json").read_text())["training"]["on_policy"]["samples"] == 8
 
     # numbers that say "worse" with the verdict left at pass: verify recomputes the falsifier and names it
     for name in ("manifest.json", "eval.json"):

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from backends import get_backend
 from kd.config import load_config
 from kd.data import IGNORE, Batch, pack_dataset
 from kd.on_policy import GenerationSettings, batch_kind, get_generator, prompts_from_batch, stop_ids_of
 from kd.on_policy.generation import Samples
-from kd.train import _Objective, latest_checkpoint, train_student
+from kd.train import _Objective, train_student
 from kd.vocab import align_vocab
 from tests.test_manifest import inputs  # noqa: F401  (fixture)
+from tests.test_train import straight_and_resumed, weights
 
 OP = ["train.steps=4", "train.checkpoint_every=2", "train.batch_size=2", "train.warmup_steps=1",
       "kd.on_policy.fraction=0.5", "kd.on_policy.max_new_tokens=12", "kd.on_policy.prompt_tokens=8",
@@ -130,27 +130,12 @@ def test_seq_kd_trains_on_teacher_samples(setup, tmp_path):
     assert result.on_policy["generated_tokens"] > 0 and result.final_loss == result.final_loss
 
 
-def _weights(ckpt):
-    return load_file(str(Path(ckpt) / "model.safetensors"))
-
-
 def test_resumed_on_policy_run_equals_uninterrupted(setup, tmp_path):
     cfg, teacher, student, al, packed = setup
-    straight = train_student(cfg, teacher, student, al, packed, tmp_path / "straight")
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_3(row):
-        if row["step"] == 3:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_student(cfg, teacher, student, al, packed, tmp_path / "resumed", on_step=crash_after_3)
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-000002"
-    resumed = train_student(cfg, teacher, student, al, packed, tmp_path / "resumed")
+    straight, resumed, checkpoint = straight_and_resumed(cfg, teacher, student, al, packed, tmp_path)
+    assert checkpoint == "step-000002"
     assert resumed.resumed_from_step == 2
-    a, b = _weights(straight.checkpoint_dir), _weights(resumed.checkpoint_dir)
+    a, b = weights(straight.checkpoint_dir), weights(resumed.checkpoint_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [json.loads(x) for x in open(straight.metrics_path)]
     again = [json.loads(x) for x in open(resumed.metrics_path)]
@@ -195,7 +180,7 @@ def test_two_gloo_ranks_ddp_and_fsdp2_on_policy(setup, tmp_path):
     ddp, fsdp = results["ddp"], results["fsdp"]
     assert fsdp.device == "cpu x2 (fsdp)" and ddp.on_policy["samples"] == fsdp.on_policy["samples"] == 12
     assert ddp.on_policy["generated_tokens"] == fsdp.on_policy["generated_tokens"]
-    a, b = _weights(ddp.checkpoint_dir), _weights(fsdp.checkpoint_dir)
+    a, b = weights(ddp.checkpoint_dir), weights(fsdp.checkpoint_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 

@@ -24,27 +24,33 @@ def setup(tiny_pair):
     return cfg, teacher, student, align_vocab(teacher, student), packed
 
 
-def _weights(ckpt):
+def weights(ckpt):
     return load_file(str(Path(ckpt) / "model.safetensors"))
 
 
-def test_resume_is_bit_for_bit(setup, tmp_path):
-    cfg, teacher, student, alignment, packed = setup
+def straight_and_resumed(cfg, teacher, student, alignment, packed, tmp_path, crash_at: int = 3):
+    """One uninterrupted run, and one that crashes in step `crash_at` and is run again to resume."""
     straight = train_student(cfg, teacher, student, alignment, packed, tmp_path / "straight")
 
     class Crash(Exception):
         pass
 
-    def crash_after_3(row):
-        if row["step"] == 3:
+    def crash(row):
+        if row["step"] == crash_at:
             raise Crash
 
     with pytest.raises(Crash):
-        train_student(cfg, teacher, student, alignment, packed, tmp_path / "resumed", on_step=crash_after_3)
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-000003"
-    resumed = train_student(cfg, teacher, student, alignment, packed, tmp_path / "resumed")
+        train_student(cfg, teacher, student, alignment, packed, tmp_path / "resumed", on_step=crash)
+    checkpoint = latest_checkpoint(tmp_path / "resumed").name
+    return straight, train_student(cfg, teacher, student, alignment, packed, tmp_path / "resumed"), checkpoint
+
+
+def test_resume_is_bit_for_bit(setup, tmp_path):
+    cfg, teacher, student, alignment, packed = setup
+    straight, resumed, checkpoint = straight_and_resumed(cfg, teacher, student, alignment, packed, tmp_path)
+    assert checkpoint == "step-000003"
     assert resumed.resumed_from_step == 3 and straight.resumed_from_step == 0
-    a, b = _weights(straight.checkpoint_dir), _weights(resumed.checkpoint_dir)
+    a, b = weights(straight.checkpoint_dir), weights(resumed.checkpoint_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in open(resumed.metrics_path)]
     assert steps == [1, 2, 3, 4, 5, 6]  # no duplicated or lost metric lines
@@ -55,7 +61,7 @@ def test_resume_is_bit_for_bit(setup, tmp_path):
     assert not list(tmp_path.rglob("*.pt")) and (step3 / "trainer_state.json").is_file()
     other_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"resume_from": str(step3)})})
     other = train_student(other_cfg, teacher, student, alignment, packed, tmp_path / "other")
-    c = _weights(other.checkpoint_dir)
+    c = weights(other.checkpoint_dir)
     assert other.resumed_from_step == 3 and all(torch.equal(a[k], c[k]) for k in a)
     assert other.initial_loss == straight.initial_loss and other.final_loss == straight.final_loss
 

@@ -31,13 +31,13 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from local_server import start_server  # bench/local_server.py (scripts run as `python bench/benchmarks.py`)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -47,35 +47,6 @@ TOLERANCE = 1e-4
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=20000"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_UI_ENABLED": "true",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-services", "--ui", "--analytics-off"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError((tmp / "server.log").read_text()[-3000:])
-        try:
-            if urllib.request.urlopen(f"{base}/api/health", timeout=2).read().strip() == b"true":
-                return proc, base
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("Prefect server not healthy after 180 s")
-        time.sleep(0.5)
 
 
 def _cli_scores(model_dir: str, bundled: str, out: Path, limit: int | None, max_length: int, batch: int) -> tuple:
@@ -142,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(args.from_tmp) if args.from_tmp else Path(tempfile.mkdtemp(prefix="kdflow-bench-benchmarks-"))
     os.environ.setdefault("KDFLOW_HOME", str(Path.home() / ".cache" / "kdflow"))
     os.environ["PREFECT_HOME"] = str(tmp / "prefect")
-    server, base = _start_server(tmp)
+    server, base = start_server(tmp / "prefect", services=False)
     os.environ["PREFECT_API_URL"] = f"{base}/api"
     try:
         from flows.distill import distill

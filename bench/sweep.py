@@ -19,49 +19,22 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from uuid import UUID
 
 import yaml
 
+from local_server import start_server  # bench/local_server.py (scripts run as `python bench/sweep.py`)
+
 REPO = Path(__file__).resolve().parent.parent
 SPEC = REPO / "configs" / "sweeps" / "smoke-alpha-temperature.yaml"
 SHARED = ("pull_models", "check_vocab", "prepare_data", "cache_teacher_logits")
 CHROMIUM = Path("/usr/bin/chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_UI_ENABLED": "true",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": f"{base}/api"}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--analytics-off"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError((home / "server.log").read_text()[-3000:])
-        try:
-            if urllib.request.urlopen(f"{base}/api/health", timeout=2).read().strip() == b"true":
-                return proc, base
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError("Prefect server did not start in 180 s")
 
 
 def env_for(base: str, home: Path) -> dict:
@@ -186,7 +159,6 @@ def main(argv=None) -> int:
                     f"sweep-{datetime.now(timezone.utc):%Y-%m-%d}.json")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="kdflow-bench-sweep-"))
-    (tmp / "server").mkdir()
     proc, base = start_server(tmp / "server")
     os.environ.update(PREFECT_API_URL=f"{base}/api", PREFECT_HOME=str(tmp / "bench-client"))
     spec = yaml.safe_load(SPEC.read_text())

@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: smoke test test-all bench bench-orchestration bench-sweep up down clean lock
+.PHONY: smoke test bench bench-orchestration bench-sweep up down clean lock
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,11 @@ smoke: $(STAMP)
 
 # The Prefect UI screenshot test needs headless Chromium (Debian: sudo apt-get install -y chromium);
 # without /usr/bin/chromium it is skipped with that reason.
+# Two pytest workers (pytest-xdist), one test module each at a time: a module's fixtures (a server, a
+# sweep) stay in one process. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # Local Prefect stack: server (SQLite), cpu + gpu process pools, deployments, one worker per pool.
 # docs/prefect.md; `source .kdflow/up/env` points kdflow/prefect commands at it.

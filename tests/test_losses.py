@@ -99,11 +99,20 @@ def run_ce(p, dtype=torch.float32):
 
 
 def floors(p, temp: float) -> tuple[float, list[float]]:
-    """Absolute floors for close_to_ref: 1e-6 of the natural scale of the loss (1 + T^2) and of each gradient
-    ((1 + T) times the float64 cross-entropy gradient's norm, the size of a KD gradient without cancellation)."""
-    if not bool((p["y"] != -100).any()):
+    """Absolute floors for close_to_ref: 1e-6 of the natural scale of the loss (1 + T^2) and of each gradient.
+
+    A gradient's scale is (1 + T) times the float64 gradient of the mean log-partition logsumexp(z): the size
+    of a softmax-weighted gradient without cancellation. (Cross-entropy's gradient is no such scale: it
+    vanishes where the student is confidently right, while the KD term's fp32 rounding does not.)
+    """
+    mask = p["y"] != -100
+    if not bool(mask.any()):
         return 0.0, [0.0, 0.0, 0.0]
-    _, g = run_ce(p, torch.float64)
+    h, w = p["h"].double().requires_grad_(), p["w"].double().requires_grad_()
+    b = p["b"].double().requires_grad_() if "b" in p else None
+    z = h @ w.t() + (b if b is not None else 0)
+    torch.logsumexp(z[mask], dim=-1).mean().backward()
+    g = (h.grad, w.grad, None if b is None else b.grad)
     return 1e-6 * (1 + temp**2), [0.0 if x is None else 1e-6 * (1 + temp) * float(x.norm()) for x in g]
 
 

@@ -1,6 +1,8 @@
 """The tiny teacher/student pair: hub-like layout, loads with transformers, deterministic, aligned."""
 
 import json
+import subprocess
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,9 +46,11 @@ def test_teacher_was_trained(tiny_pair):
     assert t_loss < 2.0 < s_loss
 
 
-def test_same_seed_same_bytes(tmp_path, tiny_pair):
-    from kd.tiny import make_tiny
-
-    teacher, student = make_tiny(tmp_path / "again", seed=0, teacher_steps=200)
-    assert hash_tree(teacher) == hash_tree(tiny_pair[0])
-    assert hash_tree(student) == hash_tree(tiny_pair[1])
+def test_same_seed_same_bytes_through_the_console_command(tmp_path, tiny_pair):
+    """`kdflow make-tiny` (a fresh process) rebuilds the shared pair byte for byte: same seed, same files."""
+    proc = subprocess.run([sys.executable, "-m", "kd.cli", "make-tiny", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m" / "student" / "tokenizer.json").is_file()
+    assert hash_tree(tmp_path / "m" / "teacher") == hash_tree(tiny_pair[0])
+    assert hash_tree(tmp_path / "m" / "student") == hash_tree(tiny_pair[1])

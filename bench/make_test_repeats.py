@@ -1,0 +1,77 @@
+"""`make test` on a fresh clone, several times in a row, then beside CPU burners: is the suite green every
+time, and how long does it take on this machine?
+
+    python bench/make_test_repeats.py [--clone /tmp/kdflow-fresh] [--runs 3] [--burner-runs 1] [--burners 2]
+
+Clones this repository's HEAD into --clone (unless a clone is already there), installs nothing itself:
+the first `make test` creates the clone's .venv from requirements.lock, as for a new user. KDFLOW_HOME and
+PREFECT_HOME live inside the clone (as in .ci/run), so the first run starts from empty caches. A burner is
+`python -c "while True: pass"`, one busy core each. Writes bench/results/make_test_repeats-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed).*?) in ([\d.]+)s", re.M)
+
+
+def make_test(clone: Path, log: Path) -> dict:
+    env = dict(os.environ, KDFLOW_HOME=str(clone / ".kdflow"), PREFECT_HOME=str(clone / ".kdflow" / "prefect"))
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        rc = subprocess.run(["make", "test"], cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - t0
+    text = log.read_text()
+    found = SUMMARY.findall(text)
+    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", found[-1][0])) if found else {}
+    return {"rc": rc, "wall_s": round(wall, 1), "pytest_s": float(found[-1][1]) if found else None,
+            "summary": found[-1][0] if found else None, "failed": counts.get("failed", 0) + counts.get("error", 0)
+            + counts.get("errors", 0), "passed": counts.get("passed", 0), "skipped": counts.get("skipped", 0),
+            "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2),
+            "log": str(log)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clone", type=Path, default=Path("/tmp/kdflow-fresh"))
+    ap.add_argument("--runs", type=int, default=3, help="quiet runs in a row")
+    ap.add_argument("--burner-runs", type=int, default=1, help="runs beside the burners, after the quiet ones")
+    ap.add_argument("--burners", type=int, default=2)
+    args = ap.parse_args()
+    if not (args.clone / ".git").exists():
+        subprocess.run(["git", "clone", "-q", str(REPO), str(args.clone)], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.clone, capture_output=True, text=True).stdout.strip()
+    had_venv = (args.clone / ".venv" / ".installed").exists()
+    runs = []
+    for i in range(args.runs + args.burner_runs):
+        burn = i >= args.runs
+        burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.burners if burn else 0)]
+        try:
+            r = make_test(args.clone, Path(f"/tmp/make_test_run{i + 1}.log"))
+        finally:
+            for b in burners:
+                b.kill()
+        runs.append({"run": i + 1, "burners": len(burners), **r})
+        print(json.dumps(runs[-1]), flush=True)
+    result = {"date": date.today().isoformat(), "commit": head, "cores": os.cpu_count(), "clone": str(args.clone),
+              "venv_preexisting": had_venv, "runs": runs,
+              "all_green": all(r["rc"] == 0 and r["failed"] == 0 for r in runs)}
+    out = REPO / "bench" / "results" / f"make_test_repeats-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(out)
+    return 0 if result["all_green"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

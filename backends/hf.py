@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from kd.errors import ModelError
+from kd.model_build_lock import MODEL_BUILD_LOCK
 
 SHOW_KEYS = 8  # keys named in an error message
 
@@ -60,7 +61,7 @@ def _shape_mismatches(d: Path, trust_remote_code: bool) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        with torch.device("meta"):
+        with MODEL_BUILD_LOCK, torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code),
                                                      trust_remote_code=trust_remote_code)
         want = {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -79,24 +80,24 @@ def _shape_mismatches(d: Path, trust_remote_code: bool) -> str:
 class HFBackend:
     def load(self, model_dir, *, device="cpu", dtype=torch.float32, trust_remote_code=False):
         """`dtype=None` keeps the dtype the weights are stored in."""
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-tensor loading bars drown the training log
-
         d = Path(model_dir)
         if not any(d.glob("*.safetensors")):
             raise ModelError(f"{d}: no *.safetensors weights (pickle .bin/.pt weights are refused)")
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                d, dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code,
-                use_safetensors=True, output_loading_info=True,
-            )
-        except RuntimeError as err:  # transformers 5 raises on a shape mismatch without naming the weight
-            raise ModelError(f"{d}: the weights do not match the model's architecture: "
-                             f"{_shape_mismatches(d, trust_remote_code) or err}") from err
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelError(f"{d}: cannot load as a causal LM: {err}") from err
+        with MODEL_BUILD_LOCK:  # a sweep's trials load in threads of one process: see kd.model_build_lock
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # per-tensor loading bars drown the training log
+            try:
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    d, dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code,
+                    use_safetensors=True, output_loading_info=True,
+                )
+            except RuntimeError as err:  # transformers 5 raises on a shape mismatch without naming the weight
+                raise ModelError(f"{d}: the weights do not match the model's architecture: "
+                                 f"{_shape_mismatches(d, trust_remote_code) or err}") from err
+            except (OSError, ValueError, KeyError) as err:
+                raise ModelError(f"{d}: cannot load as a causal LM: {err}") from err
         check_loading_info(d, info, _tied_names(model))
         return model.to(device)
 

@@ -165,7 +165,7 @@ def run_shared_steps(trials: list[Trial], sweep_name: str) -> None:
 def prepare_threads(trials: list[Trial]) -> None:
     """What concurrent trials must not race on, done once here: transformers resolves its names lazily and two
     threads resolving the same one at once can fail (`cannot import name 'AutoConfig'`), and two trials creating
-    the missing GPU-slot limit at once collide on the server."""
+    the missing GPU-slot limit at once collide on the server. (Model builds hold kd.model_build_lock.)"""
     import transformers
 
     from tasks.slots import ensure_limit

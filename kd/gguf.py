@@ -26,6 +26,7 @@ from unittest import mock
 from kd.build_once import build_once
 from kd.errors import ModelError
 from kd.hashing import sha256_memo
+from kd.model_build_lock import MODEL_BUILD_LOCK
 from kd.results import GGUFSource
 
 GGUF_MAGIC = b"GGUF"
@@ -182,7 +183,7 @@ def _convert(path: Path, out: Path, dtype: str) -> None:
 
     quiet_tqdm = functools.partial(gguf_utils.tqdm, disable=True)  # its per-tensor bar ignores HF's switch
     try:
-        with mock.patch.object(gguf_utils, "tqdm", quiet_tqdm):
+        with MODEL_BUILD_LOCK, mock.patch.object(gguf_utils, "tqdm", quiet_tqdm):
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
             loaded = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch_dtype, **kw)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -190,7 +191,7 @@ def _convert(path: Path, out: Path, dtype: str) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are plain floats now
-    with torch.device("meta"):
+    with MODEL_BUILD_LOCK, torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     # strict: every parameter of the rebuilt model must come from the GGUF (tied head aside)
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)

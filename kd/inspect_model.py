@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kd.errors import ModelError
 from kd.inspect_weights import SHOW, TensorInfo
+from kd.model_build_lock import MODEL_BUILD_LOCK
 
 # size fields and the names other architectures give them (gpt2: n_embd, ...)
 FIELD_ALIASES = {
@@ -137,11 +138,12 @@ def check_architecture(model_dir: str | Path, raw: dict, tensors: dict[str, Tens
         raise ModelError(f"{path}: model_type {mt!r} has no causal-LM model in transformers "
                          f"(architectures: {raw.get('architectures')}); kdflow distils causal LMs")
     import torch
-    from transformers import AutoModelForCausalLM
 
     try:
         cfg = AutoConfig.from_pretrained(d, trust_remote_code=False)
-        with torch.device("meta"):  # shapes and names only: no memory, no weights read
+        with MODEL_BUILD_LOCK, torch.device("meta"):  # shapes and names only: no memory, no weights read
+            from transformers import AutoModelForCausalLM  # its lazy import is not thread-safe either
+
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     except Exception as err:  # a config transformers rejects, e.g. heads that do not divide hidden_size
         raise ModelError(f"{path}: transformers cannot build a {mt} model from it: "

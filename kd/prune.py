@@ -23,6 +23,7 @@ from kd.config import PruneSpec
 from kd.build_once import build_once
 from kd.errors import ModelError
 from kd.hashing import digest_of
+from kd.model_build_lock import MODEL_BUILD_LOCK
 from kd.results import ModelSnapshot, PrunedInit
 
 INFO_FILE = "kdflow-pruned.json"
@@ -87,7 +88,7 @@ def make_student(teacher_dir: str | Path, out: str | Path, *, layers: list[int] 
             state[key] = tensor
         elif int(m.group(1)) in renumber:
             state[f"{prefix}.{renumber[int(m.group(1))]}.{key[m.end():]}"] = tensor
-    with torch.device("meta"):
+    with MODEL_BUILD_LOCK, torch.device("meta"):
         student = AutoModelForCausalLM.from_config(config, dtype=teacher.dtype)
     student.load_state_dict(state, strict=True, assign=True)  # every student weight comes from the teacher
     student.tie_weights()

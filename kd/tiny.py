@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kd.build_once import build_once
+from kd.model_build_lock import MODEL_BUILD_LOCK
 
 CORPUS = Path(__file__).parent / "corpus" / "smoke.txt"
 EOS = "<|endoftext|>"
@@ -76,7 +77,8 @@ def _qwen2(cfg, eos_id: int, seed: int):
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
+    with MODEL_BUILD_LOCK:  # its __init__ ties the head: see kd.model_build_lock
+        model = Qwen2ForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     return model
 

@@ -66,15 +66,24 @@ def run_fused(p, *, dtype=None, **kw):
     return replace(out, loss=out.loss.detach()), (h.grad, w.grad, None if b is None else b.grad)
 
 
-def run_ref(p, *, dtype=torch.float32, **kw):
-    """Reference loss on full logits built from problem p; grads by autograd through the matmul."""
+def student_logits(p, dtype):
+    """Full student logits z = h w^T (+ b) of problem p from fresh leaves; returns (z, leaves (h, w, b-or-None))."""
     h, w = p["h"].to(dtype, copy=True).requires_grad_(), p["w"].to(dtype, copy=True).requires_grad_()
     b = p["b"].to(dtype, copy=True).requires_grad_() if "b" in p else None
-    z = h @ w.t() + (b if b is not None else 0)
+    return h @ w.t() + (b if b is not None else 0), (h, w, b)
+
+
+def grads(leaves) -> tuple:
+    return tuple(None if x is None else x.grad for x in leaves)
+
+
+def run_ref(p, *, dtype=torch.float32, **kw):
+    """Reference loss on full logits built from problem p; grads by autograd through the matmul."""
+    z, leaves = student_logits(p, dtype)
     t = p["ht"].to(dtype) @ p["wt"].to(dtype).t() + (p["bt"].to(dtype) if "bt" in p else 0)
     out = kd_loss_reference(z, t, p["y"], **kw)
     out.loss.backward()
-    return replace(out, loss=out.loss.detach()), (h.grad, w.grad, None if b is None else b.grad)
+    return replace(out, loss=out.loss.detach()), grads(leaves)
 
 
 def close_to_ref(f, r32, r64, rtol: float = 1e-5, atol: float = 0.0) -> bool:
@@ -91,11 +100,10 @@ def close_to_ref(f, r32, r64, rtol: float = 1e-5, atol: float = 0.0) -> bool:
 
 def run_ce(p, dtype=torch.float32):
     """Plain cross-entropy on full logits, with grads."""
-    h, w = p["h"].to(dtype, copy=True).requires_grad_(), p["w"].to(dtype, copy=True).requires_grad_()
-    b = p["b"].to(dtype, copy=True).requires_grad_() if "b" in p else None
-    ce = F.cross_entropy(h @ w.t() + (b if b is not None else 0), p["y"], ignore_index=-100)
+    z, leaves = student_logits(p, dtype)
+    ce = F.cross_entropy(z, p["y"], ignore_index=-100)
     ce.backward()
-    return ce.detach(), (h.grad, w.grad, None if b is None else b.grad)
+    return ce.detach(), grads(leaves)
 
 
 def floors(p, temp: float) -> tuple[float, list[float]]:
@@ -108,12 +116,9 @@ def floors(p, temp: float) -> tuple[float, list[float]]:
     mask = p["y"] != -100
     if not bool(mask.any()):
         return 0.0, [0.0, 0.0, 0.0]
-    h, w = p["h"].double().requires_grad_(), p["w"].double().requires_grad_()
-    b = p["b"].double().requires_grad_() if "b" in p else None
-    z = h @ w.t() + (b if b is not None else 0)
+    z, leaves = student_logits(p, torch.float64)
     torch.logsumexp(z[mask], dim=-1).mean().backward()
-    g = (h.grad, w.grad, None if b is None else b.grad)
-    return 1e-6 * (1 + temp**2), [0.0 if x is None else 1e-6 * (1 + temp) * float(x.norm()) for x in g]
+    return 1e-6 * (1 + temp**2), [0.0 if x is None else 1e-6 * (1 + temp) * float(x.norm()) for x in grads(leaves)]
 
 
 @FAST

@@ -34,10 +34,11 @@ def make_test(clone: Path, log: Path) -> dict:
     wall = time.perf_counter() - t0
     text = log.read_text()
     found = SUMMARY.findall(text)
-    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", found[-1][0])) if found else {}
+    # "1 error" / "2 errors": both count as failures
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", found[-1][0])} if found else {}
     return {"rc": rc, "wall_s": round(wall, 1), "pytest_s": float(found[-1][1]) if found else None,
-            "summary": found[-1][0] if found else None, "failed": counts.get("failed", 0) + counts.get("error", 0)
-            + counts.get("errors", 0), "passed": counts.get("passed", 0), "skipped": counts.get("skipped", 0),
+            "summary": found[-1][0] if found else None, "failed": counts.get("failed", 0) + counts.get("error", 0),
+            "passed": counts.get("passed", 0), "skipped": counts.get("skipped", 0),
             "load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2),
             "log": str(log)}
 

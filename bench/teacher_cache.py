@@ -46,7 +46,7 @@ def _config(tmp: Path, teacher_dir: Path, student_dir: Path, mode: str, steps: i
     from kd.config import load_config
 
     return load_config(None, [
-        f"teacher.repo={teacher_dir}", f"student.repo={student_dir}", "data.source=kd/corpus/english",
+        f"teacher.repo={teacher_dir}", f"student.repo={student_dir}", "data.source=bundled:english",
         f"data.seq_len={seq_len}", f"data.max_tokens={max_tokens}", f"data.prepared_dir={tmp / 'prepared'}", f"kd.cache_dir={tmp / 'cache'}",
         f"work_dir={tmp / 'runs'}", f"train.steps={steps}", f"train.batch_size={batch}", "train.warmup_steps=1",
         "train.lr=3e-4", "train.device=cpu", "train.dtype=float32", "kd.alpha=0.3", "kd.temperature=1.0",

@@ -154,8 +154,10 @@ class DataConfig(_Part):
 
     source: str = Field(
         "smoke",
-        description="`smoke` (the corpus bundled with kdflow), a local .txt/.jsonl/.parquet file or folder, "
-        "or `hf-dataset:owner/name` (files of a hub dataset repo).",
+        description="`smoke` (the corpus bundled with kdflow), `bundled:NAME` (data shipped inside kdflow, "
+        "e.g. `bundled:english`, `bundled:chat/genesis-chat.jsonl`: found wherever kdflow runs), a local "
+        ".txt/.jsonl/.parquet file or folder (relative to the current folder), or `hf-dataset:owner/name` "
+        "(files of a hub dataset repo).",
         min_length=1,
     )
     revision: str = Field("main", description="Revision of a hub dataset source.")

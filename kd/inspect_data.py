@@ -30,11 +30,11 @@ SKIP_HINT = " (data.bad_records=skip skips and counts such records)"
 
 def data_files(data_cfg) -> list[Path]:
     """Local files behind data.source (hub datasets are checked when they are pulled)."""
-    if data_cfg.source == "smoke":
-        return [SMOKE_CORPUS]
     if data_cfg.source.startswith("hf-dataset:"):
         return []
-    root = Path(data_cfg.source).expanduser()
+    from kd.bundled import source_path
+
+    root = source_path(data_cfg.source)  # smoke / bundled:NAME inside the installed package, else a path
     if root.is_file():
         if root.suffix.lower() not in SUFFIXES:
             raise DataError(f"data.source {str(root)!r}: unsupported file type {root.suffix!r}; "

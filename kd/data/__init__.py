@@ -7,7 +7,7 @@
 
 Formats (`data.format`): text (EOS after each document), chat (`data.messages_field`, rendered with
 the student's chat template, loss on assistant turns per `data.train_on`), prompt_completion (loss
-on the completion). Sources: `smoke`, a .txt/.jsonl/.parquet/.arrow file or folder, or
+on the completion). Sources: `smoke`, `bundled:NAME` (kd/corpus/NAME), a .txt/.jsonl/.parquet/.arrow file or folder, or
 `hf-dataset:owner/name`. Modules: sources (files, tokenizer facts), encode (records -> ids + loss
 mask), prepare (the step), prepared (on-disk layout, reading, batches).
 """

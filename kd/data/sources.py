@@ -25,14 +25,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def source_files(cfg) -> list[Path]:
     """The files behind `data.source`, in a stable order."""
-    if cfg.source == "smoke":
-        return [SMOKE_CORPUS]
     if cfg.source.startswith("hf-dataset:"):
         from kd.hub import pull_dataset
 
         root = Path(pull_dataset(cfg.source.removeprefix("hf-dataset:"), cfg.revision))
     else:
-        root = Path(cfg.source).expanduser()
+        from kd.bundled import source_path
+
+        root = source_path(cfg.source)  # smoke / bundled:NAME inside the installed package, else a path
     if root.is_file():
         if root.suffix.lower() not in DATA_SUFFIXES:
             raise DataError(f"{root}: unsupported data file type {root.suffix!r}; use one of {', '.join(DATA_SUFFIXES)}")

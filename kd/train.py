@@ -38,6 +38,7 @@ from kd.hashing import hash_dir
 from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from kd.on_policy.objective import generation_row, on_policy_summary
 from kd.results import TeacherCacheResult, TrainResult, VocabAlignment
+from kd.rng import PROCESS_RNG_LOCK, RunRNG
 from kd.trainer_state import STATE_JSON, is_checkpoint, load_trainer_state, save_trainer_state
 
 STATE_FILE = STATE_JSON  # the file that marks a finished checkpoint
@@ -85,9 +86,10 @@ def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    with PROCESS_RNG_LOCK:  # never while another run (a sweep trial's thread) has its own stream swapped in
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -104,11 +106,12 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    with PROCESS_RNG_LOCK:  # as seed_everything
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def training_digest(cfg: RunConfig) -> str:
@@ -121,7 +124,7 @@ def training_digest(cfg: RunConfig) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, student_dir: Path,
-                    *, initial_loss: float = float("nan"), config_digest: str = "") -> Path:
+                    *, initial_loss: float = float("nan"), config_digest: str = "", run_rng: RunRNG | None = None) -> Path:
     """Atomically write `checkpoints/step-NNNNNN` (HF format + trainer state, no pickle)."""
     final = run_dir / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
@@ -132,7 +135,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stude
             shutil.copy2(student_dir / name, tmp / name)
     save_trainer_state(tmp, {"step": step, "initial_loss": initial_loss, "config_digest": config_digest,
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "rng": _rng_state()})
+                             "rng": {**_rng_state(), **({"run": run_rng.state_dict()} if run_rng else {})}})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -269,6 +272,8 @@ def train_student(
         from kd.distributed.model import enable_activation_checkpointing
 
         enable_activation_checkpointing(student)
+    # the run's own stream for what draws from torch's process generator (dropout): kd/rng.py
+    run_rng = RunRNG(tc.seed, student, device=device, checkpointing=tc.gradient_checkpointing)
     optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     objective = (_Objective(cfg, student, teacher, alignment, autocast, device) if offline is None
@@ -285,6 +290,7 @@ def train_student(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
+        run_rng.load_state_dict(state["rng"].get("run") or {"cpu": state["rng"]["torch"]})  # older: process state
         start_step = state["step"]
         trim_metrics(metrics_path, start_step)
         initial_loss = float(state["initial_loss"])  # the checkpoint carries it: resume works from any run
@@ -293,7 +299,7 @@ def train_student(
             log.warning("resuming from %s, trained with other kd/data/train settings", resume)
     else:
         metrics_path.unlink(missing_ok=True)
-        with torch.no_grad():
+        with torch.no_grad(), run_rng.scope():  # the student is in train mode: dropout draws
             initial_loss = float(objective(probe).loss)
         log.info("start: device=%s autocast_bf16=%s initial_loss=%.6f", device, autocast, initial_loss)
 
@@ -315,8 +321,9 @@ def train_student(
                                   grad_accum=tc.grad_accum, seed=tc.seed)
                 if step_objective is not objective:
                     step_objective.at(step, micro)
-                out = step_objective(ids)
-                (out.loss / tc.grad_accum).backward()
+                with run_rng.scope():  # backward too: activation checkpointing replays the forward's draws
+                    out = step_objective(ids)
+                    (out.loss / tc.grad_accum).backward()
                 loss_sum += float(out.loss.detach())
                 ce_sum += float(out.ce)
                 kd_sum += float(out.kd)
@@ -343,7 +350,7 @@ def train_student(
             done = step + 1
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir,
-                                       initial_loss=initial_loss, config_digest=digest)
+                                       initial_loss=initial_loss, config_digest=digest, run_rng=run_rng)
                 log.info("checkpoint %s", ckpt)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")

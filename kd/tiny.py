@@ -6,7 +6,13 @@ Both are Qwen2 causal LMs with a byte-level BPE tokenizer trained on the bundled
 Like Qwen2.5-7B vs -0.5B, the teacher's vocabulary is the student's plus extra tokens at the
 end (default 16) and both output matrices have padding rows past the tokenizer. The teacher is
 briefly trained on the corpus so its targets are not noise; the student starts random.
-Everything is a function of the seed: the same seed gives byte-identical files.
+Everything is a function of the seed: the same seed gives byte-identical files on every x86-64
+machine. The teacher's pre-training is a few hundred AdamW steps, and CPUs round differently: MKL
+picks AVX-512, AVX2 or SSE code paths by CPU, ATen picks its vectorised kernels the same way, and a
+last-bit difference grows over the steps into another teacher (CE 0.61 on AVX-512, 0.69 under
+AVX2). So the weights are made in a child process pinned to the code paths every x86-64 CPU has:
+MKL's conditional numerical reproducibility (MKL_CBWR=COMPATIBLE), ATen's scalar kernels
+(ATEN_CPU_CAPABILITY=default), oneDNN off, one thread. tests/test_tiny.py pins their sha256.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +31,13 @@ from kd.model_build_lock import MODEL_BUILD_LOCK
 
 CORPUS = Path(__file__).parent / "corpus" / "smoke.txt"
 EOS = "<|endoftext|>"
-TINY_FORMAT = 2  # bump when the generated models change, so cached copies are rebuilt
+TINY_FORMAT = 3  # bump when the generated models change, so cached copies are rebuilt
+# The child's environment: every knob that lets a library pick a code path by CPU, fixed. Variables that
+# choose a path (MKL_ENABLE_INSTRUCTIONS, MKL_DEBUG_CPU_TYPE) are removed, since MKL_CBWR wins only
+# where it is honoured; threads are 1 so no reduction is split by core count.
+REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE,STRICT", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "DEFAULT",
+                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+CPU_PATH_CHOOSERS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_CBWR_BRANCH")
 STUDENT_VOCAB_TARGET = 360
 ROW_MULTIPLE = 32
 
@@ -101,16 +115,29 @@ def _pretrain(model, ids: torch.Tensor, steps: int, seed: int, seq_len: int = 64
     return float(loss.detach())
 
 
-def make_tiny(
+def make_tiny(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write `out_dir/teacher` and `out_dir/student` (generated in a child process pinned to the code
+    paths every x86-64 CPU has, see the module docstring); returns their paths."""
+    out = Path(out_dir).resolve()
+    env = {k: v for k, v in os.environ.items() if k not in CPU_PATH_CHOOSERS} | REPRODUCIBLE_ENV
+    proc = subprocess.run([sys.executable, "-m", "kd.tiny", str(out), "--seed", str(seed)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"generating the tiny pair failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return out / "teacher", out / "student"
+
+
+def _generate(
     out_dir: str | Path, seed: int = 0, extra_teacher_tokens: int = 16, teacher_steps: int = 200,
     student_steps: int = 60,
 ):
-    """Write `out_dir/teacher` and `out_dir/student`; returns their paths."""
+    """The generation itself; run only under REPRODUCIBLE_ENV (`make_tiny` sees to it)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise in a smoke run's output
     out = Path(out_dir)
     corpus = CORPUS.read_text()
+    torch.backends.mkldnn.enabled = False  # oneDNN dispatches by CPU too; ONEDNN_MAX_CPU_ISA is the belt
     with _single_thread():
         tok, (teacher_cfg, student_cfg), (teacher_tokens, student_tokens) = _tokenizers_and_configs(
             corpus, extra_teacher_tokens, out)
@@ -192,3 +219,16 @@ class _single_thread:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self._n)
+
+
+if __name__ == "__main__":  # the child `make_tiny` starts: python -m kd.tiny OUT --seed N
+    import argparse
+
+    parser = argparse.ArgumentParser(description="generate the tiny pair (use `kdflow make-tiny`)")
+    parser.add_argument("out")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    missing = {k: v for k, v in REPRODUCIBLE_ENV.items() if os.environ.get(k) != v}
+    if missing:  # the settings must be in place before MKL and ATen load: refuse rather than drift
+        sys.exit(f"kd.tiny: run through kd.tiny.make_tiny (not set: {sorted(missing)})")
+    _generate(args.out, seed=args.seed)

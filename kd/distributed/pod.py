@@ -19,20 +19,26 @@ def main(argv: list[str]) -> int:
     from kd.config import RunConfig
     from kd.distributed.launch import torchrun_command, worker_env, write_spec
     from kd.errors import InputError
+    from kd.gguf import gguf_dtype
     from kd.hub import pull_model
     from kd.vocab import align_vocab
 
     try:
         cfg = RunConfig.model_validate_json(Path(argv[0]).read_text())
         node = int(os.environ.get("KDFLOW_NODE_RANK", "0"))
-        teacher, student = pull_model(cfg.teacher, "teacher"), pull_model(cfg.student, "student")
+        # as the pull_models step does: a `from-teacher` student is built from the teacher's snapshot (without
+        # it every pruned student failed here), and a GGUF is dequantized to the run's training dtype
+        dtype = gguf_dtype(cfg.train.dtype, cfg.train.device)
+        teacher = pull_model(cfg.teacher, "teacher", dtype=dtype)
+        student = pull_model(cfg.student, "student", teacher=teacher, dtype=dtype)
         alignment = align_vocab(teacher.local_dir, student.local_dir)
         run_dir = Path(cfg.work_dir).expanduser().resolve() / (cfg.name or cfg.train.rendezvous.id)
         spec = write_spec(cfg, teacher.local_dir, student.local_dir, alignment, run_dir,
                           name=f"spec-node{node}.json", clear_result=False)
         cmd = torchrun_command(cfg, spec)
-        conf = cmd.index("--rdzv-conf") + 1
-        cmd[conf] += f",is_host={'true' if node == 0 else 'false'}"
+        if "--rdzv-conf" in cmd:  # nnodes = 1 runs `torchrun --standalone`: no store to host
+            conf = cmd.index("--rdzv-conf") + 1
+            cmd[conf] += f",is_host={'true' if node == 0 else 'false'}"
     except InputError as err:
         print(f"kdflow node: error: {err}", file=sys.stderr)
         return 2

@@ -60,10 +60,17 @@ def prefect_server():
         yield
 
 
+# For a test whose subject is not learning (orchestration, lineage, caching, artifacts, sweeps): the KL gate
+# asks whether a few steps lowered held-out KL, which they do by ~1.5% (bench/results/gate_margins-*.json),
+# a margin another CPU's rounding or a changed step count can flip. Such a test must not pass or fail on it
+# (issue 26.2); the tests that are about learning keep it on, with margins measured under several CPU paths.
+NOT_ABOUT_LEARNING = ["eval.require_kl_improvement=false"]
+
+
 def smoke_overrides(tmp: Path, steps: int = 8) -> list[str]:
-    """A quick smoke config writing into `tmp`."""
+    """A quick smoke config writing into `tmp`, for tests whose subject is not learning (see NOT_ABOUT_LEARNING)."""
     return [f"evidence_dir={tmp / 'evidence'}", f"work_dir={tmp / 'runs'}", f"train.steps={steps}",
-            "train.checkpoint_every=3", "train.warmup_steps=1", "train.lr=1e-3"]
+            "train.checkpoint_every=3", "train.warmup_steps=1", "train.lr=1e-3", *NOT_ABOUT_LEARNING]
 
 
 @pytest.fixture

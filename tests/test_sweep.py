@@ -27,6 +27,7 @@ def _spec(tmp: Path, **over) -> dict:
         "name": "tsw", "base": "configs/smoke.yaml",
         "set": ["kd.teacher_mode=offline", "kd.top_k=32", "kd.temperature=1.0", "train.steps=4",
                 "train.checkpoint_every=2", "train.warmup_steps=1", "train.lr=1e-3", "eval.max_batches=2",
+                "eval.require_kl_improvement=false",  # about sweeps, not learning (tests/conftest.py NOT_ABOUT_LEARNING)
                 "eval.sample_max_new_tokens=0", f"kd.cache_dir={tmp / 'teacher-cache'}"],
         "grid": {"kd.alpha": [0.2, 0.5]},
         "objective": {"metric": "kl", "direction": "min"},

@@ -33,7 +33,8 @@ def test_second_run_with_other_alpha_and_lr_reuses_the_cache_without_teacher_for
     monkeypatch.setattr(HFBackend, "load", spying_load)
     base = smoke_overrides(tmp_path, steps=6) + [
         # T = 1: at the smoke preset's T = 4 the tiny teacher is nearly flat over its 360 ids and a top-32 cache
-        # keeps too little of it for 6 steps to pass the KL gate (bench/results/teacher_cache-*.json measures k vs T)
+        # keeps too little of it to teach much (bench/results/teacher_cache-*.json measures k vs T); the KL gate
+        # is off all the same (smoke_overrides): this test is about the cache, not about learning
         "kd.teacher_mode=offline", "kd.top_k=32", "kd.temperature=1.0", f"kd.cache_dir={tmp_path / 'teacher-cache'}",
         f"data.prepared_dir={tmp_path / 'prepared'}", "data.max_tokens=5000", "eval.max_batches=2"]
     runs = []

@@ -2,7 +2,7 @@
 
     kdflow sweep configs/sweeps/smoke-alpha-temperature.yaml
 
-1. The spec is expanded and every trial validated (kd/sweep/spec.py) before anything runs.
+1. The spec is expanded and every trial validated and preflighted (kd/sweep/spec.py) before anything runs.
 2. Shared steps run once, in this flow, before any trial: pull, vocab check, prepared data and (offline
    teacher) the teacher cache, once per distinct set of inputs they depend on (e.g. once per
    temperature: the cache stores temperature-scaled log-probs). Computing them here rather than in the
@@ -43,7 +43,7 @@ from kd.hashing import sha256_file
 from kd.manifest import MANIFEST
 from kd.redact import redact
 from kd.sweep.report import ATTEMPTS, PLOT, summary_markdown, trial_row, write_sweep
-from kd.sweep.spec import SweepSpec, Trial, expand, metric_path, shared_groups, sweep_dir
+from kd.sweep.spec import SweepSpec, Trial, expand, metric_path, preflight_trials, shared_groups, sweep_dir
 from tasks.policy import content_key, fresh_key
 from tasks.prepare import prepare_data_task
 from tasks.pull import pull_models
@@ -188,9 +188,10 @@ def _sweep_run_name() -> str:
 @flow(name="sweep", flow_run_name=_sweep_run_name, log_prints=True, validate_parameters=True)
 def sweep(spec: SweepSpec) -> dict:
     """Run every trial of `spec` as a child distill run, at most spec.concurrency at once; rank them."""
+    trials = expand(spec)  # ConfigError (exit 2) before any work
+    preflight_trials(trials)  # every trial's own config, not one per shared group: a bad trial fails the sweep now
     log = get_run_logger()
     start = datetime.now(timezone.utc)
-    trials = expand(spec)  # ConfigError (exit 2) before any work
     out_dir = sweep_dir(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("sweep %s: %d trials, %d at once; evidence in %s", spec.name, len(trials), spec.concurrency, out_dir)

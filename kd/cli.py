@@ -89,9 +89,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """Validate the spec and every trial (exit 2 naming the field), preflight the base, run the sweep flow."""
-    from kd.preflight import raise_if_failed, run_preflight
-    from kd.sweep.spec import expand, load_spec, shared_groups, sweep_dir
+    """Validate the spec and every trial (exit 2 naming the field), preflight every trial, run the sweep flow."""
+    from kd.sweep.spec import expand, load_spec, preflight_trials, sweep_dir
 
     spec = load_spec(args.spec)
     update = {k: v for k, v in (("concurrency", args.concurrency), ("evidence_dir", args.evidence_dir),
@@ -106,8 +105,7 @@ def cmd_sweep(args) -> int:
         for t in trials:
             print(f"  {t.name}: " + ", ".join(f"{k}={v}" for k, v in t.overrides.items()))
         return 0
-    for group in shared_groups(trials):  # each distinct set of models/data once: one line naming a bad input
-        raise_if_failed(run_preflight(group[0].config))
+    preflight_trials(trials)  # every trial's own config, before Prefect starts: one line naming a bad trial
     _quiet_prefect_env()
     from flows.sweep import sweep
 

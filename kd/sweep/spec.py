@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd.config import RunConfig, apply_override, format_validation_error
-from kd.errors import ConfigError
+from kd.errors import ConfigError, InputError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 # set by the sweep: trial names and folders are derived from the sweep's name and its evidence/work dirs
@@ -30,8 +30,6 @@ SWEEP_OWNED = ("name", "evidence_dir", "work_dir")
 # shorthand objective names -> the manifest path they read (the trained student's held-out numbers)
 METRIC_ALIASES = {"kl": "eval.student_after.kl_to_teacher", "top1": "eval.student_after.top1_agreement",
                   "loss": "eval.student_after.loss", "perplexity": "eval.student_after.perplexity"}
-_MODEL_EVAL = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share")
-_TRAINING = ("final_loss", "initial_loss", "tokens_per_s", "wall_s", "tokens", "peak_memory_bytes")
 MAX_NAME = 100
 
 
@@ -43,8 +41,9 @@ class Objective(_Spec):
     """What ranks the trials: one number from each trial's evidence manifest, and its direction."""
 
     metric: str = Field(
-        description="Manifest path of the number, e.g. eval.student_after.kl_to_teacher, "
-        "eval.student_after.top1_agreement, training.final_loss, benchmarks.<task>[.<metric>] (the trained student's "
+        description="Manifest path of the number (any numeric field of manifest.json), e.g. "
+        "eval.student_after.kl_to_teacher, eval.student_after.top1_agreement, eval.on_samples.after.reverse_kl, "
+        "training.final_loss, benchmarks.<task>[.<metric>] (the trained student's "
         "lm-eval score, when eval.benchmarks lists tasks); "
         "or a shorthand: kl, top1, loss, perplexity (the trained student's held-out numbers).",
         min_length=1,
@@ -54,15 +53,18 @@ class Objective(_Spec):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, metric: str) -> str:
+        # any number manifest.json can hold (read off its schema: kd/sweep/metrics.py), or the benchmarks shorthand
+        from kd.sweep.metrics import metric_problem
+
         path = metric_path(metric)
         parts = path.split(".")
-        ok = ((len(parts) == 3 and parts[0] == "eval" and parts[1] in ("student_after", "student_before", "teacher")
-               and parts[2] in _MODEL_EVAL) or (len(parts) == 2 and parts[0] == "training" and parts[1] in _TRAINING)
-              or (len(parts) >= 2 and parts[0] == "benchmarks" and all(parts[1:])))
-        if not ok:
-            raise ValueError(f"unknown metric {metric!r}: use kl, top1, loss, perplexity, "
-                             f"eval.<student_after|student_before|teacher>.<{'|'.join(_MODEL_EVAL)}>, "
-                             f"training.<{'|'.join(_TRAINING)}> or benchmarks.<name>")
+        if len(parts) >= 2 and parts[0] == "benchmarks" and all(parts[1:]):
+            return metric
+        problem = metric_problem(path)
+        if problem:
+            raise ValueError(f"unknown metric {metric!r}: {problem}; use kl, top1, loss, perplexity, a numeric "
+                             "manifest path (eval.student_after.kl_to_teacher, eval.on_samples.after.reverse_kl, "
+                             "training.tokens_per_s, ...) or benchmarks.<task>[.<metric>]")
         return metric
 
 
@@ -245,6 +247,20 @@ def _roots(spec: SweepSpec, base: RunConfig) -> tuple[Path, Path]:
 def sweep_dir(spec: SweepSpec) -> Path:
     """evidence/<sweep>/: the sweep manifest and one evidence folder per trial."""
     return _roots(spec, _config(_base_data(spec), {}, "base"))[0]
+
+
+def preflight_trials(trials: list[Trial]) -> None:
+    """Preflight every trial's own config before any trial runs: an override can break a trial in a way only
+    its config shows (a resume folder, a device, a benchmark task), and sharing pulled models and data with
+    other trials does not make it sound. Cheap: metadata and headers only, ~0.06 s a trial once imported.
+    The first failing trial's InputError, named: `trial <name>: preflight failed: ...` (exit 2)."""
+    from kd.preflight import raise_if_failed, run_preflight
+
+    for t in trials:
+        try:
+            raise_if_failed(run_preflight(t.config))
+        except InputError as err:
+            raise type(err)(f"trial {t.name}: {err}") from None
 
 
 def shared_inputs(cfg: RunConfig) -> str:

@@ -10,7 +10,10 @@ temperature T, their gradients scaled by T^2), averaged over the tokens whose la
     L = 1/|M| * sum_{i in M} [ alpha * CE(softmax(z_i), y_i) + (1 - alpha) * T^2 * D(p_i, q_i) ]
 
 with z the student logits, t the teacher logits, q = softmax(z / T), p = softmax(t / T); CE is at T = 1.
-An all-masked batch (|M| = 0) gives a loss of exactly 0 and zero gradients. D is one of
+An all-masked batch (|M| = 0) gives a loss of exactly 0 and zero gradients. `normalizer=N` replaces |M| by N
+(the sum over this call's tokens divided by N): the training loops pass the number of trained tokens of the whole
+optimizer step (every micro-batch, every rank; kd/loss_normalization.py), so each token weighs 1/N wherever it
+lands, and the micro-batch losses add up to the step's loss. D is one of
     forward_kl   KL(p || q) = sum_v p (log p - log q)                       (Hinton et al. 2015)
     reverse_kl   KL(q || p) = sum_v q (log q - log p)                       (mode seeking; MiniLLM, Gu et al. 2024)
     jsd          JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
@@ -57,12 +60,22 @@ _BLOCK_ELEMS_DEFAULT = 1 << 26
 @dataclass
 class KDLossOutput:
     """loss: scalar, differentiable. ce: detached mean CE (T=1). kd: detached mean divergence D, before the
-    T^2 and (1 - alpha) weights. tokens: number of tokens with label != ignore_index."""
+    T^2 and (1 - alpha) weights. tokens: number of tokens with label != ignore_index. With `normalizer=N` the
+    three are sums over this call's tokens divided by N (this call's share of an N-token mean)."""
 
     loss: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor
     tokens: int
+
+
+def _denominator(m: int, normalizer: float | None) -> float:
+    """What a sum over the m counted tokens is divided by: m (a mean; 1 when m = 0), or the caller's normalizer."""
+    if normalizer is None:
+        return float(max(m, 1))
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    return float(normalizer)
 
 
 def _check_args(alpha: float, temperature: float, divergence: str, beta: float) -> None:
@@ -129,6 +142,7 @@ def kd_loss_reference(
     beta: float = 0.5,
     ignore_index: int = -100,
     valid_vocab: int | None = None,
+    normalizer: float | None = None,
 ) -> KDLossOutput:
     """Unchunked KD loss by plain autograd; holds full logits, so use it for tests and benchmarks only.
 
@@ -162,8 +176,10 @@ def kd_loss_reference(
     ls = F.log_softmax(zs / temperature, dim=-1)[:, :ve]  # masked columns are -inf: leave them out of sums
     lt = F.log_softmax(ts / temperature, dim=-1)[:, :ve]
     d = _divergence_ref(ls, lt, divergence, beta)
-    loss = (alpha * ce + (1.0 - alpha) * temperature**2 * d).mean()
-    return KDLossOutput(loss=loss, ce=ce.mean().detach(), kd=d.mean().detach(), tokens=int(idx.numel()))
+    denom = _denominator(idx.numel(), normalizer)
+    loss = (alpha * ce + (1.0 - alpha) * temperature**2 * d).sum() / denom
+    return KDLossOutput(loss=loss, ce=ce.sum().detach() / denom, kd=d.sum().detach() / denom,
+                        tokens=int(idx.numel()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,9 +273,8 @@ class _FusedKDFunction(torch.autograd.Function):
         return acc, grad_h, grad_w, grad_b, ce_sum, kd_sum
 
     @staticmethod
-    def finish(ctx, ce_sum, kd_sum, m: int, alpha: float, temp: float, grads: tuple, inputs: tuple):
-        """Means over the m counted tokens, the combined loss, and the gradients kept for backward."""
-        denom = max(m, 1)
+    def finish(ctx, ce_sum, kd_sum, denom: float, alpha: float, temp: float, grads: tuple, inputs: tuple):
+        """Sums / denom (the token mean, or the caller's normalizer), the combined loss, the gradients kept."""
         ce_mean, kd_mean = ce_sum / denom, kd_sum / denom
         loss = alpha * ce_mean + (1.0 - alpha) * temp**2 * kd_mean
         ctx.grads = tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs))
@@ -280,8 +295,9 @@ class _FusedLinearKD(_FusedKDFunction):
 
     @staticmethod
     def forward(ctx, h, w, b, ht, wt, bt, idx, labels, cfg):
-        alpha, temp, divergence, beta, ve, chunk = cfg
+        alpha, temp, divergence, beta, ve, chunk, normalizer = cfg
         n_all, m = h.shape[0], idx.numel()
+        denom = _denominator(m, normalizer)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc, grad_h, grad_w, grad_b, ce_sum, kd_sum = _FusedKDFunction.start(h, w, b, need_h, need_w, need_b)
         dev = h.device
@@ -310,7 +326,7 @@ class _FusedLinearKD(_FusedKDFunction):
                     ce_r, kd_r = _rows_to_grad_(zr, tr, yr, alpha, temp, divergence, beta)
                     ce_sum += ce_r
                     kd_sum += kd_r
-                z.mul_(1.0 / m)  # dL/dz of the token mean
+                z.mul_(1.0 / denom)  # dL/dz of the token sum / denom
                 zc = z.to(w.dtype) if low else z
                 if need_h:
                     gh = torch.mm(zc, ws)
@@ -326,7 +342,7 @@ class _FusedLinearKD(_FusedKDFunction):
                 if need_b:
                     grad_b[:ve].add_(z.sum(0))
             del zbuf, tbuf, gw_tmp
-        return _FusedKDFunction.finish(ctx, ce_sum, kd_sum, m, alpha, temp, (grad_h, grad_w, grad_b), (h, w, b))
+        return _FusedKDFunction.finish(ctx, ce_sum, kd_sum, denom, alpha, temp, (grad_h, grad_w, grad_b), (h, w, b))
 
 
 
@@ -346,6 +362,7 @@ def fused_linear_kd_loss(
     chunk_size: int = 256,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    normalizer: float | None = None,
 ) -> KDLossOutput:
     """KD loss from hidden states and output matrices, in token chunks; no (N, V) logits ever exist.
 
@@ -376,7 +393,8 @@ def fused_linear_kd_loss(
     v = student_weight.shape[0]
     ve = _effective_vocab(v, teacher_weight.shape[0], valid_vocab)
     idx = _check_labels(y, ignore_index, ve, v)
-    cfg = (float(alpha), float(temperature), divergence, float(beta), ve, int(chunk_size))
+    cfg = (float(alpha), float(temperature), divergence, float(beta), ve, int(chunk_size),
+           None if normalizer is None else float(normalizer))
     w, b = student_weight, student_bias
     if not torch.is_grad_enabled():  # eval under no_grad: skip computing (and holding) the gradients
         h, w, b = h.detach(), w.detach(), None if b is None else b.detach()
@@ -536,8 +554,9 @@ class _FusedLinearSparseKD(_FusedKDFunction):
 
     @staticmethod
     def forward(ctx, h, w, b, tid, tlp, ttail, idx, labels, cfg):
-        alpha, temp, t_cache, divergence, beta, ve, chunk, has_tail = cfg
+        alpha, temp, t_cache, divergence, beta, ve, chunk, has_tail, normalizer = cfg
         n_all, m = h.shape[0], idx.numel()
+        denom = _denominator(m, normalizer)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc, grad_h, grad_w, grad_b, ce_sum, kd_sum = _FusedKDFunction.start(h, w, b, need_h, need_w, need_b)
         dev = h.device
@@ -563,7 +582,7 @@ class _FusedLinearSparseKD(_FusedKDFunction):
                         alpha, temp, t_cache, divergence, beta, has_tail)
                     ce_sum += ce_r
                     kd_sum += kd_r
-                z.mul_(1.0 / m)
+                z.mul_(1.0 / denom)
                 zc = z.to(w.dtype) if low else z
                 if need_h:
                     gh = torch.mm(zc, ws)
@@ -579,7 +598,7 @@ class _FusedLinearSparseKD(_FusedKDFunction):
                 if need_b:
                     grad_b[:ve].add_(z.sum(0))
             del zbuf, gw_tmp
-        return _FusedKDFunction.finish(ctx, ce_sum, kd_sum, m, alpha, temp, (grad_h, grad_w, grad_b), (h, w, b))
+        return _FusedKDFunction.finish(ctx, ce_sum, kd_sum, denom, alpha, temp, (grad_h, grad_w, grad_b), (h, w, b))
 
 
 
@@ -600,6 +619,7 @@ def fused_linear_sparse_kd_loss(
     valid_vocab: int | None = None,
     chunk_size: int = 256,
     student_bias: torch.Tensor | None = None,
+    normalizer: float | None = None,
 ) -> KDLossOutput:
     """KD loss against a stored sparse teacher (offline mode); the student side is chunked and fused-linear.
 
@@ -644,7 +664,7 @@ def fused_linear_sparse_kd_loss(
             f"with top-k {k} < vocab {ve} the tail mass at another temperature is unknown: rebuild the cache")
     idx = _check_labels(y, ignore_index, ve, v)
     cfg = (float(alpha), float(temperature), float(cache_temperature), divergence, float(beta), ve,
-           int(chunk_size), has_tail)
+           int(chunk_size), has_tail, None if normalizer is None else float(normalizer))
     w, b = student_weight, student_bias
     if not torch.is_grad_enabled():
         h, w, b = h.detach(), w.detach(), None if b is None else b.detach()

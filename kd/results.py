@@ -183,12 +183,17 @@ class TrainResult(_Result):
                               "(older runs: a safetensors file of held-out blocks)")
     steps: int
     resumed_from_step: int = Field(0, description="Step the last attempt started from (0: from scratch)")
-    tokens: int
+    tokens: int = Field(description="Trained tokens: the tokens the loss saw (labels != -100; on-policy batches: "
+                        "the generated completion tokens), summed over every step of the run")
     initial_loss: float
     final_loss: float
-    tokens_per_s: float
+    tokens_per_s: float = Field(description="Trained tokens per second of this attempt's wall time")
     wall_s: float
     peak_memory_bytes: int
+    loss_normalization: str | None = Field(
+        None, description="What the step's loss is normalized by (kd/loss_normalization.py): 'per-token, global "
+        "step' = every trained token of an optimizer step weighs 1 / (trained tokens of the whole step: all "
+        "micro-batches, all ranks), for the CE and every KD / on-policy term. None: a run from before issue 31")
     device: str
     dtype: str
     produced_by: Provenance | None = Field(None, description="The run that trained it (kept when cached)")

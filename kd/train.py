@@ -35,6 +35,7 @@ from kd.config import RunConfig
 from kd.data import Batch, PackedData, train_batch
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
+from kd import loss_normalization
 from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from kd.on_policy.objective import generation_row, on_policy_summary
 from kd.results import TeacherCacheResult, TrainResult, VocabAlignment
@@ -124,7 +125,7 @@ def training_digest(cfg: RunConfig) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, student_dir: Path,
-                    *, initial_loss: float = float("nan"), config_digest: str = "", run_rng: RunRNG | None = None) -> Path:
+                    *, initial_loss: float = float("nan"), config_digest: str = "", run_rng: RunRNG | None = None, tokens: int = 0) -> Path:
     """Atomically write `checkpoints/step-NNNNNN` (HF format + trainer state, no pickle)."""
     final = run_dir / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
@@ -134,6 +135,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, stude
         if (student_dir / name).is_file():
             shutil.copy2(student_dir / name, tmp / name)
     save_trainer_state(tmp, {"step": step, "initial_loss": initial_loss, "config_digest": config_digest,
+                             "tokens": int(tokens),  # trained tokens so far: a resumed run keeps counting
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "rng": {**_rng_state(), **({"run": run_rng.state_dict()} if run_rng else {})}})
     shutil.rmtree(final, ignore_errors=True)
@@ -174,7 +176,8 @@ class _Objective:
         self.alignment, self.autocast, self.device = alignment, autocast, device
         self.backend = get_backend("hf")
 
-    def __call__(self, batch: Batch | torch.Tensor):
+    def __call__(self, batch: Batch | torch.Tensor, normalizer: float | None = None):
+        """KD loss of `batch`: token means, or token sums / `normalizer` (the step's trained tokens)."""
         kd = self.cfg.kd
         if not isinstance(batch, Batch):  # bare (B, L) ids: every next token is a label
             batch = Batch(batch, batch[:, 1:], None)
@@ -192,6 +195,7 @@ class _Objective:
             alpha=kd.alpha, temperature=kd.temperature, divergence=kd.divergence, beta=kd.jsd_beta,
             valid_vocab=self.alignment.valid_vocab, chunk_size=kd.chunk_size,
             student_bias=s_b, teacher_bias=None if t_b is None else t_b[: self.alignment.rows_kept].detach(),
+            normalizer=normalizer,
         )
 
 
@@ -203,7 +207,8 @@ class _OfflineObjective:
         self.alignment, self.autocast, self.device = alignment, autocast, device
         self.backend = get_backend("hf")
 
-    def __call__(self, batch: Batch | torch.Tensor):
+    def __call__(self, batch: Batch | torch.Tensor, normalizer: float | None = None):
+        """KD loss of `batch`: token means, or token sums / `normalizer` (the step's trained tokens)."""
         kd = self.cfg.kd
         if not isinstance(batch, Batch):
             batch = Batch(batch, batch[:, 1:], None)
@@ -217,7 +222,7 @@ class _OfflineObjective:
             batch.labels.to(self.device).reshape(-1),
             alpha=kd.alpha, temperature=kd.temperature, cache_temperature=self.reader.cache_temperature,
             divergence=kd.divergence, beta=kd.jsd_beta, valid_vocab=self.alignment.valid_vocab,
-            chunk_size=kd.chunk_size, student_bias=s_b,
+            chunk_size=kd.chunk_size, student_bias=s_b, normalizer=normalizer,
         )
 
 
@@ -294,10 +299,12 @@ def train_student(
         start_step = state["step"]
         trim_metrics(metrics_path, start_step)
         initial_loss = float(state["initial_loss"])  # the checkpoint carries it: resume works from any run
+        tokens_before = int(state.get("tokens", 0))  # older checkpoints did not count: 0
         log.info("resumed from %s at step %d", resume, start_step)
         if state.get("config_digest") != digest:
             log.warning("resuming from %s, trained with other kd/data/train settings", resume)
     else:
+        tokens_before = 0
         metrics_path.unlink(missing_ok=True)
         with torch.no_grad(), run_rng.scope():  # the student is in train mode: dropout draws
             initial_loss = float(objective(probe).loss)
@@ -307,7 +314,17 @@ def train_student(
     heldout_path = Path(packed.root).resolve()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tokens_per_step = tc.batch_size * tc.grad_accum * (packed.train.shape[1] - 1)
+    tokens_trained = 0  # what the loss saw in this attempt (labels != -100; on-policy: completion tokens)
+    on_policy = step_objective is not objective
+
+    def prepare(micro: int, batch):  # on-policy: the draw and the generation, before any backward
+        step_objective.at(step, micro)
+        return step_objective.prepare(batch)
+
+    def forward(batch, normalizer: float):
+        out = step_objective(batch, normalizer=normalizer)
+        return out.loss, out.ce, out.kd
+
     ckpt = resume
     # a progress bar for people at a terminal; Prefect runs get the progress artifact instead
     bar = tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=not sys.stderr.isatty())
@@ -315,27 +332,21 @@ def train_student(
         for step in range(start_step, tc.steps):
             t_step = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = ce_sum = kd_sum = 0.0
-            for micro in range(tc.grad_accum):
-                ids = train_batch(packed.train, step=step, micro=micro, batch_size=tc.batch_size,
-                                  grad_accum=tc.grad_accum, seed=tc.seed)
-                if step_objective is not objective:
-                    step_objective.at(step, micro)
-                with run_rng.scope():  # backward too: activation checkpointing replays the forward's draws
-                    out = step_objective(ids)
-                    (out.loss / tc.grad_accum).backward()
-                loss_sum += float(out.loss.detach())
-                ce_sum += float(out.ce)
-                kd_sum += float(out.kd)
+            batches = [train_batch(packed.train, step=step, micro=micro, batch_size=tc.batch_size,
+                                   grad_accum=tc.grad_accum, seed=tc.seed) for micro in range(tc.grad_accum)]
+            # every trained token of the step weighs the same (kd/loss_normalization.py)
+            with run_rng.scope():  # forwards and backwards (activation checkpointing replays the forward's draws)
+                done_step = loss_normalization.run_step(batches, forward=forward, prepare=prepare if on_policy else None)
+            tokens_trained += done_step.tokens
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             dt = time.perf_counter() - t_step
-            row = {"step": step + 1, "loss": loss_sum / tc.grad_accum, "ce": ce_sum / tc.grad_accum,
-                   "kd": kd_sum / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_per_step / dt, "step_s": dt}
-            if step_objective is not objective:
+            row = {"step": step + 1, "loss": done_step.loss, "ce": done_step.ce, "kd": done_step.kd, "lr": lr,
+                   "grad_norm": grad_norm, "tokens": done_step.tokens, "tokens_per_s": done_step.tokens / dt,
+                   "step_s": dt}
+            if on_policy:
                 row.update(generation_row(step_objective.take_stats(), dt))
             if not math.isfinite(row["loss"]):
                 log.error("non-finite loss at step %d: %s", step + 1, row)
@@ -350,7 +361,8 @@ def train_student(
             done = step + 1
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 ckpt = save_checkpoint(run_dir, done, student, optimizer, scheduler, student_dir,
-                                       initial_loss=initial_loss, config_digest=digest, run_rng=run_rng)
+                                       initial_loss=initial_loss, config_digest=digest, run_rng=run_rng,
+                                       tokens=tokens_before + tokens_trained)
                 log.info("checkpoint %s", ckpt)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -361,7 +373,6 @@ def train_student(
     with torch.no_grad():
         final_loss = float(objective(probe).loss)
     wall = time.perf_counter() - t0
-    trained_steps = tc.steps - start_step
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     log.info("done: initial_loss=%.6f final_loss=%.6f wall_s=%.1f", initial_loss, final_loss, wall)
@@ -372,10 +383,10 @@ def train_student(
     return TrainResult(
         run_dir=str(run_dir), checkpoint_dir=str(ckpt), checkpoint_sha256=hash_dir(ckpt),
         metrics_path=str(metrics_path), log_path=str(run_dir / "train.log"), heldout_path=str(heldout_path),
-        steps=tc.steps, resumed_from_step=start_step, tokens=tokens_per_step * tc.steps,
-        initial_loss=initial_loss, final_loss=final_loss,
-        tokens_per_s=tokens_per_step * trained_steps / max(wall, 1e-9), wall_s=wall,
+        steps=tc.steps, resumed_from_step=start_step, tokens=tokens_before + tokens_trained,
+        initial_loss=initial_loss, final_loss=final_loss, loss_normalization=loss_normalization.NORMALIZATION,
+        tokens_per_s=tokens_trained / max(wall, 1e-9), wall_s=wall,
         peak_memory_bytes=int(peak), device=device, dtype="bfloat16-autocast" if autocast else "float32",
         teacher_cache=teacher_cache if offline is not None else None,
-        on_policy=on_policy_summary(cfg, metrics_path) if step_objective is not objective else None,
+        on_policy=on_policy_summary(cfg, metrics_path) if on_policy else None,
     )

@@ -8,10 +8,11 @@ single-process micro-batch of `batch_size × world_size` sequences for (step, mi
 takes the r-th slice. So a run on W ranks sees exactly the sequences, in the same order, of a
 single-process run with batch_size × W, and (fp32) ends with the same weights up to reduction order.
 
-The loss is averaged over tokens of the whole global micro-batch, not per rank: each rank scales its
-token-mean loss by W·tokens_r/tokens_all before backward (DDP and FSDP average gradients over W),
-so ranks holding more loss tokens (masked data) weigh more, exactly as one process would.
-Metrics are reduced the same way; rank 0 writes metrics.jsonl, train.log and the checkpoints' HF folder.
+The loss is kd/loss_normalization.py's rule, the one kd/train.py uses: every trained token of the step
+weighs 1/N, N = the trained tokens of the whole step (every micro-batch of every rank, counted and
+all-reduced before the first backward); each rank backpropagates W x its token sum / N (DDP and FSDP
+average gradients over W), so the gradient and the logged loss are those of one process on the same
+global batch, however it is split. Rank 0 writes metrics.jsonl, train.log and the checkpoints' HF folder.
 
 Randomness: the data order needs none; every rank reseeds torch at each step from (seed, step, rank),
 so a resume at any world size replays the same random draws (the KD models use no dropout).
@@ -38,6 +39,7 @@ from kd.distributed.model import KDModule, enable_activation_checkpointing, no_s
 from kd.distributed.runtime import DistEnv, all_reduce_sum
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
+from kd.loss_normalization import NORMALIZATION, run_step
 from kd.results import TrainResult, VocabAlignment
 from kd.train import (HELDOUT_FILE, _Objective, generation_row, lr_lambda, on_policy_objective, on_policy_summary,
                       seed_everything, setup_log, trim_metrics)
@@ -158,12 +160,14 @@ def train_distributed(
         ckpt_io.load(resume, student, optimizer)  # weights + AdamW state (param_groups' lr included)
         scheduler.load_state_dict(state["scheduler"])
         start_step, initial_loss = state["step"], float(state["initial_loss"])
+        tokens_before = int(state.get("tokens", 0))  # older checkpoints did not count: 0
         if env.is_main:
             trim_metrics(metrics_path, start_step)
         log.info("resumed from %s at step %d (checkpoint world size %d, now %d)", resume, start_step,
                  state["world_size"], W)
         say("log", {"msg": f"resumed from {resume} at step {start_step}"})
     else:
+        tokens_before = 0
         if env.is_main:
             metrics_path.unlink(missing_ok=True)
         initial_loss = probe_loss()
@@ -178,7 +182,17 @@ def train_distributed(
 
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tokens_per_step = global_batch * (packed.train.shape[1] - 1)
+    tokens_trained = 0  # what the loss saw in this attempt, all ranks (labels != -100)
+
+    def prepare(micro: int, b):  # on-policy: the draw and the generation, before any backward
+        policy.at(step, micro)
+        with torch.no_grad():
+            return model(b, prepare=True)
+
+    def forward(b, normalizer: float):
+        return model(b, normalizer=normalizer)
+
+    reduce = lambda values: all_reduce_sum(values, env.device)  # noqa: E731
     ckpt = resume
     metrics = open(metrics_path, "a", encoding="utf-8") if env.is_main else None
     try:
@@ -186,28 +200,20 @@ def train_distributed(
             t_step = time.perf_counter()
             torch.manual_seed(tc.seed * 1_000_003 + step * 1009 + env.rank)
             optimizer.zero_grad(set_to_none=True)
-            local = [0.0, 0.0, 0.0]  # this rank's token-weighted loss, ce, kd (already / tokens_all)
-            for micro in range(tc.grad_accum):
-                last = micro == tc.grad_accum - 1
-                if policy is not None:
-                    policy.at(step, micro)
-                with no_sync(model, last):  # gradients cross ranks once per step, on the last micro-batch
-                    loss, ce, kd, tokens = model(batch(step, micro, tc.grad_accum))
-                    tokens_all = all_reduce_sum([float(tokens)], env.device)[0]
-                    weight = float(tokens) / max(tokens_all, 1.0)
-                    (loss * (W * weight / tc.grad_accum)).backward()
-                local[0] += float(loss.detach()) * weight
-                local[1] += float(ce) * weight
-                local[2] += float(kd) * weight
+            # every trained token of the step weighs the same, on every rank (kd/loss_normalization.py);
+            # gradients cross ranks once per step, on the last micro-batch
+            done_step = run_step([batch(step, micro, tc.grad_accum) for micro in range(tc.grad_accum)],
+                                 forward=forward, prepare=prepare if policy is not None else None, world_size=W,
+                                 reduce_sum=reduce, sync=lambda last: no_sync(model, last))
+            tokens_trained += done_step.tokens
             grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(student.parameters(), tc.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            red = all_reduce_sum(local, env.device)
             dt = time.perf_counter() - t_step
-            row = {"step": step + 1, "loss": red[0] / tc.grad_accum, "ce": red[1] / tc.grad_accum,
-                   "kd": red[2] / tc.grad_accum, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_per_step / dt, "step_s": dt, "world_size": W}
+            row = {"step": step + 1, "loss": done_step.loss, "ce": done_step.ce, "kd": done_step.kd, "lr": lr,
+                   "grad_norm": grad_norm, "tokens": done_step.tokens, "tokens_per_s": done_step.tokens / dt,
+                   "step_s": dt, "world_size": W}
             if policy is not None:  # generation: tokens and samples summed over ranks, seconds their mean (the
                 st = policy.take_stats()  # ranks generate in parallel); batch kinds are the same on every rank
                 red_gen = all_reduce_sum([st["gen_s"], float(st["gen_tokens"]), float(st["samples"]),
@@ -226,6 +232,7 @@ def train_distributed(
             if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
                 ckpt = ckpt_io.save(run_dir, done, student, optimizer,
                                     {"initial_loss": initial_loss, "global_batch": global_batch, "world_size": W,
+                                     "tokens": tokens_before + tokens_trained,
                                      "distributed": mode, "scheduler": scheduler.state_dict()}, student_dir, env.is_main)
                 log.info("checkpoint %s", ckpt)
             say("step", {**row, "total_steps": tc.steps, "checkpoint": str(ckpt) if ckpt else None})
@@ -251,9 +258,9 @@ def train_distributed(
     return TrainResult(
         run_dir=str(run_dir), checkpoint_dir=str(ckpt), checkpoint_sha256=hash_dir(ckpt),
         metrics_path=str(metrics_path), log_path=str(run_dir / "train.log"), heldout_path=str(heldout_path),
-        steps=tc.steps, resumed_from_step=start_step, tokens=tokens_per_step * tc.steps,
-        initial_loss=initial_loss, final_loss=final_loss,
-        tokens_per_s=tokens_per_step * (tc.steps - start_step) / max(wall, 1e-9), wall_s=wall,
+        steps=tc.steps, resumed_from_step=start_step, tokens=tokens_before + tokens_trained,
+        initial_loss=initial_loss, final_loss=final_loss, loss_normalization=NORMALIZATION,
+        tokens_per_s=tokens_trained / max(wall, 1e-9), wall_s=wall,
         **({"teacher_cache": teacher_cache} if offline is not None else {}),
         **({"on_policy": on_policy_summary(cfg, metrics_path)} if policy is not None else {}),
         peak_memory_bytes=peak, device=f"{device_type} x{W} ({mode})",

@@ -2,7 +2,7 @@
 
     kd_module = KDModule(objective, student, teacher, shard_teacher=False)
     model = wrap(kd_module, mode="fsdp", reduce_dtype=torch.float32, device="cpu")
-    loss, ce, kd, tokens = model(ids)
+    loss, ce, kd, tokens = model(ids)                 # token means; model(ids, normalizer=N): token sums / N
 
 Why one module: FSDP2 (`fully_shard`) keeps each parameter as a 1/world shard and all-gathers
 it only for the forward (and backward) of the module that owns it. The fused-linear KD loss
@@ -41,8 +41,12 @@ class KDModule(nn.Module):
             self._replicated_teacher = (teacher,)  # a tuple hides it from nn.Module registration
         self.objective = objective
 
-    def forward(self, ids: torch.Tensor):
-        out = self.objective(ids)
+    def forward(self, ids, normalizer: float | None = None, prepare: bool = False):
+        """`prepare=True` (under no_grad): the objective's batch preparation only (on-policy: the draw and the
+        generation), run here so FSDP2 has gathered the root unit the generating student reads."""
+        if prepare:
+            return self.objective.prepare(ids) if hasattr(self.objective, "prepare") else ids
+        out = self.objective(ids, normalizer=normalizer)
         tokens = torch.tensor(float(out.tokens), dtype=torch.float64, device=out.loss.device)
         return out.loss, out.ce, out.kd, tokens
 

@@ -2,7 +2,8 @@
 
     objective = OnPolicyObjective(cfg, base, student, teacher, alignment, fmt="chat", stop_ids=..., pad_id=...)
     objective.at(step, micro)        # before each micro-batch (the draw and the sampling seed depend on it)
-    out = objective(batch)           # a kd.losses KDLossOutput, as kd.train's objective gives
+    ready = objective.prepare(batch) # the draw and, on-policy, the generation: a `Drawn` batch
+    out = objective(ready, normalizer=n)  # a kd.losses KDLossOutput, as kd.train's objective gives
     objective.take_stats()           # generation seconds, new tokens, samples since the last call
 
 With u = Random(seed, step, micro).random(): u < kd.on_policy.fraction -> the student samples
@@ -12,12 +13,18 @@ the teacher in one forward pass and trained with kd.on_policy.divergence at loss
 its completion tokens only (alpha 0), through the same fused-linear loss (no [tokens, vocab]
 logits), valid-vocab and ignore rules. The draw does not depend on the rank, so every rank of a
 distributed run takes the same kind of batch at the same time.
+
+The training loops prepare every micro-batch of a step (so generate every completion) before the first
+backward, to count the step's trained tokens: completions of different lengths then weigh per token,
+like prepared tokens (kd/loss_normalization.py says why this order). `objective(batch)` on a plain
+batch prepares it first (the probe, the tests).
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from kd.data.prepared import Batch
@@ -25,6 +32,14 @@ from kd.on_policy.generation import GenerationSettings, get_generator, sample_se
 from kd.on_policy.prompts import prompts_from_batch
 
 KINDS = ("off_policy", "on_policy", "seq_kd")
+
+
+@dataclass
+class Drawn(Batch):
+    """A micro-batch after its draw: the prepared batch (off_policy) or prompts + generated completions, whose
+    labels are the completion tokens only (on_policy / seq_kd). Its labels are what the loss trains."""
+
+    kind: str = "off_policy"
 
 
 def batch_kind(op, seed: int, step: int, micro: int) -> str:
@@ -74,20 +89,29 @@ class OnPolicyObjective:
         model = self.student if kind == "on_policy" else self.teacher
         return self.generator.generate(model, prompts, self.settings, seed=seed, synced=self.synced)
 
-    def __call__(self, batch):
-        if not isinstance(batch, Batch) or self.force_off_policy:
-            return self.base(batch)
+    def prepare(self, batch):
+        """The batch micro-batch (step, micro) trains: the draw, and for on_policy / seq_kd the completions
+        (a `Drawn`); bare ids and the probe (force_off_policy) pass through unchanged."""
+        if not isinstance(batch, Batch) or isinstance(batch, Drawn) or self.force_off_policy:
+            return batch
         kind = batch_kind(self.op, self.cfg.train.seed, self.step, self.micro)
         self.stats[kind] += 1
         if kind == "off_policy":
-            return self.base(batch)
+            return Drawn(batch.ids, batch.labels, batch.position_ids, kind)
         samples = self.sample(batch, kind)
         self.last_samples = samples
         self.stats["gen_s"] += samples.seconds
         self.stats["gen_tokens"] += samples.new_tokens
         self.stats["samples"] += len(samples.completions)
         self.stats["stopped"] += sum(samples.stopped)
-        return self.generated(samples.batch())
+        b = samples.batch()
+        return Drawn(b.ids, b.labels, b.position_ids, kind)
+
+    def __call__(self, batch, normalizer: float | None = None):
+        """The loss of `batch` (prepared first unless it is a `Drawn`): token sums / normalizer, or token means."""
+        batch = self.prepare(batch)
+        generated = isinstance(batch, Drawn) and batch.kind != "off_policy"
+        return (self.generated if generated else self.base)(batch, normalizer=normalizer)
 
 
 def wrap_objective(cfg, objective, make_objective, student, teacher, alignment, packed, student_dir, *,

@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from flows.train import train_via_deployment
 from kd.config import ModelRef, RunConfig, default_run_name, short_model_name
 from kd.errors import GateFailure
+from kd.evaluate.ship import ship_line
 from kd.manifest import claim_run_name
 from kd.verdicts import failure_reasons
 from tasks.evaluate import evaluate
@@ -93,8 +94,12 @@ def distill(config: RunConfig) -> dict:
     )
     if failure is not None:
         raise failure
-    if manifest.run.status != "pass":  # every reason: failed falsifiers and what was missing (notes)
-        raise GateFailure(f"run {run_name} failed its gates: {'; '.join(failure_reasons(manifest.falsifiers, manifest.notes))}")
+    ship = manifest.eval.ship if manifest.eval is not None else None
+    if manifest.run.status != "pass":  # every reason: failed falsifiers and what was missing (notes); the alert shows it
+        raise GateFailure(f"run {run_name} failed its gates: {'; '.join(failure_reasons(manifest.falsifiers, manifest.notes))}"
+                          f" | {ship_line(ship)}")
+    print(f"run {run_name}: pipeline PASS | {ship_line(ship)}")
     evidence = Path(config.evidence_dir).expanduser().resolve() / run_name
     return {"run": run_name, "status": manifest.run.status, "evidence": str(evidence),
+            "ship": ship.verdict if ship is not None else None,
             "falsifiers": {f.id: f.verdict for f in manifest.falsifiers}}

@@ -377,6 +377,27 @@ class TrainConfig(_Part):
     )
 
 
+class ShipConfig(_Part):
+    """The ship verdict's thresholds (kd/evaluate/ship.py): whether the student is worth deploying, beside the
+    pipeline gates. The generation checks always run; retention and on-sample thresholds when a preset sets them."""
+
+    min_heldout_retention: float = Field(
+        0.9, gt=0, description="Least teacher ÷ student-after held-out loss per trained token (same tokens, one "
+        "tokenizer: the ratio of their bits per byte). 1 = as good as the teacher on held-out text.")
+    max_repetition: float = Field(
+        0.5, ge=0, le=1, description="Largest mean seq-rep-n (share of repeated word n-grams in one completion) of the "
+        "student's greedy completions; the teacher's own share is allowed when higher.")
+    repetition_ngram: int = Field(3, ge=1, le=8, description="n of the repetition measure (word n-grams).")
+    min_distinct_ratio: float = Field(
+        0.5, ge=0, le=1, description="The student's distinct-2 over its completions must be ≥ this × the teacher's.")
+    min_retention: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="'task/metric' -> least retention vs the teacher (after ÷ teacher; teacher "
+        "÷ after when lower is better), e.g. {'kdflow_bpb/bits_per_byte': 0.9}. Each task must be in eval.benchmarks.tasks.")
+    max_on_sample_reverse_kl: float | None = Field(
+        None, gt=0, description="Largest KL(student‖teacher) per token on the student's own samples (needs "
+        "eval.on_sample_prompts > 0); None: not a ship criterion.")
+
+
 class BenchmarksConfig(_Part):
     """Downstream benchmarks through lm-evaluation-harness (kd/evaluate/benchmarks.py), run in the eval step."""
 
@@ -455,6 +476,11 @@ class EvalConfig(_Part):
     sample_max_new_tokens: int = Field(
         24, ge=0, le=512, description="Tokens generated per prompt and model (0: no samples)."
     )
+    heldout_sample_prompts: int = Field(
+        4, ge=0, le=64, description="Held-out prompts (chat: the conversation before an assistant turn; text: a prefix) "
+        "also completed greedily by the three models, in samples.md and checked by the ship verdict.")
+    ship: ShipConfig = Field(default_factory=ShipConfig, description="Thresholds of the ship verdict: is the student "
+                             "worth deploying (its outputs, retention), beside the pipeline gates.")
     # --- eval on the student's own samples (issue 17; kd/evaluate/on_samples.py)
     on_sample_prompts: int = Field(
         0, ge=0, le=4096, description="Held-out prompts (chat: the conversation before an assistant turn; text: "
@@ -473,6 +499,18 @@ class EvalConfig(_Part):
         default_factory=BenchmarksConfig,
         description="lm-evaluation-harness tasks scored for teacher, student-before and student-after.",
     )
+
+    @model_validator(mode="after")
+    def _ship_thresholds_are_measured(self) -> "EvalConfig":
+        """A ship threshold on something the run never measures could only ever say don't ship: refuse it."""
+        for key in self.ship.min_retention:
+            task = key.split("/", 1)[0]
+            if "/" not in key or task not in self.benchmarks.tasks:
+                raise ValueError(f"ship.min_retention: {key!r} must be 'task/metric' with the task in "
+                                 f"eval.benchmarks.tasks ({self.benchmarks.tasks or 'none listed'})")
+        if self.ship.max_on_sample_reverse_kl is not None and self.on_sample_prompts == 0:
+            raise ValueError("ship.max_on_sample_reverse_kl needs eval.on_sample_prompts > 0")
+        return self
 
 
 class OrchestrationConfig(_Part):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kd.config import EvalConfig
+from kd.evaluate.ship import ship_line, ship_verdict
 from kd.manifest import Manifest, load_manifest, recomputed_verdicts, verify_run_dir
 
 
@@ -42,6 +44,21 @@ def _benchmark_lines(m: Manifest) -> list[str]:
         out.append(f"  {s.task:<18}{s.metric + (' ↑' if s.higher_is_better else ' ↓'):<18}"
                    f"{_g(v.get('teacher')):>11}{_g(v.get('student_before')):>11}{_g(v.get('student_after')):>11}"
                    f"{_g(s.retention):>11}{docs.get(s.task, '?'):>6}")
+    return out
+
+
+def _ship_lines(m: Manifest) -> list[str]:
+    """The ship verdict as the recorded completions and numbers give it (kd/evaluate/ship.py), each check below."""
+    ship = m.eval.ship if m.eval is not None else None
+    if ship is None:
+        return ["  ship verdict: not computed (no eval, or a run from before the ship verdict)"]
+    try:
+        again = ship_verdict(m.eval, EvalConfig.model_validate((m.config or {}).get("eval") or {}).ship)
+    except (ValueError, TypeError):
+        again = ship
+    forged = f" (the manifest claims {ship.verdict})" if again.verdict != ship.verdict else ""
+    out = [f"  {ship_line(again)}{forged}"]
+    out += [f"    [{c.verdict.upper():4}] {c.id}: {c.observed}" for c in again.checks]
     return out
 
 
@@ -92,6 +109,7 @@ def show_run(run_dir: Path) -> str:
             out.append(f"    student-{name:<7} reverse KL {_g(e.reverse_kl):>9}  teacher NLL {_g(e.teacher_nll):>9}  "
                        f"tokens {e.tokens}, stopped at EOS {e.stopped}/{e.samples}")
     out += _benchmark_lines(m)
+    out += _ship_lines(m)
     out.append("  falsifiers:")
     for f in m.falsifiers:
         verdict = recomputed.get(f.id, f.verdict)
@@ -130,6 +148,8 @@ def _metrics(m: Manifest) -> dict[str, object]:
         for sc in m.eval.benchmarks.scores:
             out.update({f"benchmarks.{sc.task}.{sc.metric}.{k}": v for k, v in sc.values.items()})
     out.update({f"falsifier.{f.id}": f.verdict for f in m.falsifiers})
+    if m.eval is not None and m.eval.ship is not None:
+        out["ship"] = m.eval.ship.verdict
     for role in ("teacher", "student"):
         s = getattr(m.models, role)
         if s is not None:

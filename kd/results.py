@@ -231,6 +231,8 @@ class SampleGeneration(_Result):
     chat_template: bool = Field(description="The prompt was wrapped in the tokenizer's chat template")
     max_new_tokens: int
     completions: dict[str, str] = Field(description="model (teacher, student_before, student_after) -> completion")
+    source: Literal["fixed", "heldout"] = Field(
+        "fixed", description="fixed: an eval.sample_prompts prompt; heldout: a prompt cut from held-out data")
 
 
 class SampleEval(_Result):
@@ -291,6 +293,14 @@ class BenchmarkReport(_Result):
     max_length: int
 
 
+class ShipVerdict(_Result):
+    """Would someone deploy this student? (kd/evaluate/ship.py) Separate from the pipeline's pass/fail."""
+
+    verdict: Literal["ship", "dont_ship"]
+    checks: list[Falsifier] = Field(description="Each ship check, fail-closed: unmeasured fails")
+    reasons: list[str] = Field(default_factory=list, description="One line per failed check")
+
+
 class EvalReport(_Result):
     teacher: ModelEval
     student_before: ModelEval
@@ -305,6 +315,8 @@ class EvalReport(_Result):
         "per-token reverse KL to the teacher and the teacher's NLL (eval.on_sample_prompts > 0)")
     benchmarks: BenchmarkReport | None = Field(
         None, description="lm-eval downstream benchmarks (eval.benchmarks), when any were listed")
+    ship: ShipVerdict | None = Field(
+        None, description="The ship verdict (kd/evaluate/ship.py): whether the student is worth deploying")
 
     @property
     def passed(self) -> bool:

@@ -49,35 +49,50 @@ class _OnlyValidIds:
 
 @torch.no_grad()
 def generate_samples(models: dict, tokenizer_dir: str | Path, prompts: list[str], *, max_new_tokens: int,
-                     valid_vocab: int, device: str = "cpu") -> list[SampleGeneration]:
-    """Greedy completions of every prompt by every model in `models` ({name: causal LM})."""
-    from transformers import AutoTokenizer, LogitsProcessorList
+                     valid_vocab: int, device: str = "cpu",
+                     heldout_prompt_ids: list[list[int]] = ()) -> list[SampleGeneration]:
+    """Greedy completions by every model in `models` ({name: causal LM}) of every prompt in `prompts` (text,
+    chat-templated when the tokenizer has a template) and of every `heldout_prompt_ids` prompt (token ids cut
+    from held-out data, already in the data's format)."""
+    from transformers import AutoTokenizer
 
-    if not prompts or max_new_tokens <= 0:
+    if max_new_tokens <= 0 or not (prompts or heldout_prompt_ids):
         return []
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    eos = tokenizer.eos_token_id
     out = []
     for prompt in prompts:
         ids, templated = _prompt_ids(tokenizer, prompt)
-        ids = ids.to(device)
-        completions = {}
-        for name in [n for n in MODEL_ORDER if n in models] + [n for n in models if n not in MODEL_ORDER]:
-            model = models[name]
-            was_training = model.training
-            model.eval()
-            gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                num_beams=1, pad_token_id=eos if eos is not None else 0,
-                logits_processor=LogitsProcessorList([_OnlyValidIds(valid_vocab)]),
-                # a model's generation_config may ask for sampling; greedy is what we mean here
-                temperature=None, top_p=None, top_k=None,
-            )
-            model.train(was_training)
-            completions[name] = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
         out.append(SampleGeneration(prompt=prompt, chat_template=templated, max_new_tokens=max_new_tokens,
-                                    completions=completions))
+                                    completions=_complete(models, tokenizer, ids, max_new_tokens, valid_vocab, device)))
+    for ids in heldout_prompt_ids:
+        t = torch.tensor([list(ids)])
+        out.append(SampleGeneration(prompt=tokenizer.decode(ids), chat_template=False, max_new_tokens=max_new_tokens,
+                                    completions=_complete(models, tokenizer, t, max_new_tokens, valid_vocab, device),
+                                    source="heldout"))
     return out
+
+
+def _complete(models: dict, tokenizer, ids: torch.Tensor, max_new_tokens: int, valid_vocab: int,
+              device: str) -> dict[str, str]:
+    from transformers import LogitsProcessorList
+
+    eos = tokenizer.eos_token_id
+    ids = ids.to(device)
+    completions = {}
+    for name in [n for n in MODEL_ORDER if n in models] + [n for n in models if n not in MODEL_ORDER]:
+        model = models[name]
+        was_training = model.training
+        model.eval()
+        gen = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, pad_token_id=eos if eos is not None else 0,
+            logits_processor=LogitsProcessorList([_OnlyValidIds(valid_vocab)]),
+            # a model's generation_config may ask for sampling; greedy is what we mean here
+            temperature=None, top_p=None, top_k=None,
+        )
+        model.train(was_training)
+        completions[name] = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    return completions
 
 
 def _cell(text: str) -> str:
@@ -88,10 +103,11 @@ def _cell(text: str) -> str:
 
 def samples_markdown(samples: list[SampleGeneration], title: str = "Sample generations") -> str:
     lines = [f"# {title}", "",
-             "Greedy completions of fixed prompts (`eval.sample_prompts`) by the teacher, the student before "
-             "training and the student after.", ""]
+             "Greedy completions of fixed prompts (`eval.sample_prompts`) and of prompts cut from held-out data "
+             "(`eval.heldout_sample_prompts`) by the teacher, the student before training and the student after.", ""]
     for i, s in enumerate(samples, 1):
-        how = "chat-templated user turn" if s.chat_template else "raw text"
+        how = ("held-out prompt, as in the data" if s.source == "heldout" else
+               "chat-templated user turn" if s.chat_template else "raw text")
         lines += [f"## Prompt {i} ({how}, ≤ {s.max_new_tokens} new tokens)", "", f"> {_cell(s.prompt)}", "",
                   "| model | completion |", "|---|---|"]
         lines += [f"| {name.replace('_', '-')} | {_cell(text)} |" for name, text in s.completions.items()]

@@ -21,6 +21,7 @@ from kd.manifest import (
 )
 from kd.redact import shorten
 from kd.results import EvalReport
+from kd.evaluate.ship import ship_verdict
 from kd.verdicts import recompute_falsifiers, run_status
 
 
@@ -111,6 +112,12 @@ def recheck_verdicts(m: Manifest, run_dir: Path, *, skip_files: set[str] = froze
     status = run_status(m.falsifiers, training=m.training, eval_report=m.eval, notes=m.notes)
     if status != m.run.status:
         problems.append(f"run.status: manifest says {m.run.status}, its falsifiers and notes say {status}")
+    ship = m.eval.ship if m.eval is not None else None
+    if ship is not None:  # the ship verdict, recomputed from the recorded completions and numbers
+        again = ship_verdict(m.eval, eval_cfg.ship)
+        if (again.verdict, [(c.id, c.verdict) for c in again.checks]) != (ship.verdict, [(c.id, c.verdict) for c in ship.checks]):
+            problems.append(f"eval.ship: manifest says {ship.verdict}, the recorded samples and numbers say "
+                            f"{again.verdict} ({shorten('; '.join(again.reasons) or 'every check passes', 200)})")
     return problems
 
 

@@ -229,8 +229,15 @@ def evidence_summary(manifest, run_name: str, run_dir: Path, signed: str = "") -
     lineage = getattr(manifest, "lineage", None) or {}
     reused_rows = "\n".join(f"| {step} | {'cached' if lin.cached else 'computed'} | {lin.produced_by_run or '–'} |"
                             for step, lin in lineage.items())
-    md = (f"# Run {run_name}: **{status}**\n\nEvidence folder: `{run_dir}`{signed}\n\n"
-          f"| verdict | falsifier | claim |\n|---|---|---|\n{rows}\n\n### Observed\n\n{observed}\n")
+    ship = getattr(manifest.eval, "ship", None) if manifest.eval is not None else None
+    ship_word = "not computed" if ship is None else "SHIP" if ship.verdict == "ship" else "DON'T SHIP"
+    md = (f"# Run {run_name}: pipeline **{status}** · ship verdict **{ship_word}**\n\nEvidence folder: "
+          f"`{run_dir}`{signed}\n\n| verdict | falsifier | claim |\n|---|---|---|\n{rows}\n\n")
+    if ship is not None:  # kd/evaluate/ship.py: is the student worth deploying, from what it says
+        md += "### Ship checks\n\n| verdict | check | observed |\n|---|---|---|\n" + "\n".join(
+            f"| **{c.verdict if c.verdict == 'pass' else c.verdict.upper()}** | `{c.id}` | {_short(c.observed, 160)} |"
+            for c in ship.checks) + "\n\n"
+    md += f"### Observed\n\n{observed}\n"
     if reused_rows:
         md += f"\n### Where each result came from\n\n| step | | produced by run |\n|---|---|---|\n{reused_rows}\n"
     create_markdown_artifact(key="evidence-summary", markdown=md, description=f"Falsifier verdicts of {run_name}")

@@ -20,6 +20,8 @@ from kd.data import data_fingerprint, open_prepared
 from kd.errors import ModelError
 from kd.evaluate import evaluate_run
 from kd.evaluate.benchmarks import benchmark_eval, definitions_fingerprint
+from kd.evaluate.on_samples import heldout_prompts
+from kd.evaluate.ship import ship_line, ship_verdict
 from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.samples import generate_samples, samples_markdown
 from kd.train import resolve_device
@@ -48,10 +50,12 @@ def _data_key(parameters):
     return data_fingerprint(parameters["config"].data)
 
 
-def sample_spec(config: RunConfig, student_dir, heldout):
-    """eval.on_sample_prompts > 0: what the on-sample eval samples (kd/evaluate/on_samples.py); else None."""
+def sample_spec(config: RunConfig, student_dir, heldout, prompts: int | None = None):
+    """What the on-sample eval samples (kd/evaluate/on_samples.py): eval.on_sample_prompts prompts (or `prompts`)
+    cut from the held-out split; None when that is 0."""
     ev = config.eval
-    if ev.on_sample_prompts == 0:
+    n = ev.on_sample_prompts if prompts is None else prompts
+    if n == 0:
         return None
     from kd.evaluate.on_samples import SampleSpec
     from kd.on_policy import stop_ids_of
@@ -59,7 +63,7 @@ def sample_spec(config: RunConfig, student_dir, heldout):
     stops = stop_ids_of(student_dir)
     fmt = open_prepared(Path(heldout.root).parent).manifest.get("format", "text") if hasattr(heldout, "root") else "text"
     op = config.kd.on_policy
-    return SampleSpec(stop_ids=frozenset(stops), pad_id=min(stops), fmt=fmt, prompts=ev.on_sample_prompts,
+    return SampleSpec(stop_ids=frozenset(stops), pad_id=min(stops), fmt=fmt, prompts=n,
                       max_new_tokens=ev.on_sample_max_new_tokens, prompt_tokens=op.prompt_tokens,
                       max_prompt_tokens=op.max_prompt_tokens, seed=config.train.seed, batch_size=ev.batch_size)
 
@@ -86,10 +90,12 @@ def evaluate(
         models["teacher"], models["student_before"], models["student_after"], heldout, alignment, config.eval,
         chunk_size=config.kd.chunk_size, device=device, on_samples=sample_spec(config, student.local_dir, heldout),
     )
-    # what the numbers mean, readable: greedy completions of fixed prompts by the three models (kd/samples.py)
+    # what the numbers mean, readable: greedy completions of fixed and held-out prompts (kd/samples.py)
+    heldout_spec = sample_spec(config, student.local_dir, heldout, prompts=config.eval.heldout_sample_prompts)
     samples = generate_samples(models, student.local_dir, config.eval.sample_prompts,
                                max_new_tokens=config.eval.sample_max_new_tokens,
-                               valid_vocab=alignment.valid_vocab, device=device)
+                               valid_vocab=alignment.valid_vocab, device=device,
+                               heldout_prompt_ids=heldout_prompts(heldout, heldout_spec) if heldout_spec else [])
     report = report.model_copy(update={"samples": samples})
     if samples:
         create_markdown_artifact(key="sample-generations", markdown=samples_markdown(samples),
@@ -98,6 +104,9 @@ def evaluate(
     report = benchmark_eval(report, models, {"teacher": teacher.local_dir, "student_before": student.local_dir,
                                              "student_after": student.local_dir}, config.eval,
                             heldout_path=training.heldout_path, device=device, log=get_run_logger().info)
+    # would someone deploy it? beside the pipeline gates, from what the student says (kd/evaluate/ship.py)
+    report = report.model_copy(update={"ship": ship_verdict(report, config.eval.ship)})
+    get_run_logger().info(ship_line(report.ship))
     artifacts.eval_comparison(report)  # 4 significant figures and an `after − before` row
     if report.benchmarks is not None:
         artifacts.benchmarks_table(report.benchmarks)

@@ -86,6 +86,7 @@ def trial_row(trial_dir: Path, name: str, overrides: dict, metric_path: str) -> 
         status=run.get("status", "unreadable"), objective=objective_value(m, metric_path),
         kl=_number(_get(m, "eval.student_after.kl_to_teacher")),
         top1=_number(_get(m, "eval.student_after.top1_agreement")),
+        ship=_get(m, "eval.ship.verdict"),
         benchmarks=benchmarks_of(m), tokens_per_s=_number(training.get("tokens_per_s")),
         train_wall_s=_number(training.get("wall_s")), train_tokens=training.get("tokens"), wall_s=wall,
         flow_run_id=run.get("flow_run_id"), flow_run_url=run.get("flow_run_url"),
@@ -153,9 +154,11 @@ def summary_markdown(name: str, metric: str, direction: str, rows: list[dict], r
     best = best_of(rows, ranking)
     bench = sorted({b for r in rows for b in (r.get("benchmarks") or {})})
     failed = [r["name"] for r in rows if r["status"] != "pass"]
-    head = ["rank", "trial", "overrides", f"objective: {metric} ({direction})", "KL", "top-1",
-            *[f"bench {b}" for b in bench], "tokens/s", "wall s", "status"]
+    # narrow enough for the Prefect UI beside its side panel: benchmarks get a table of their own below
+    head = ["rank", "trial", "overrides", f"objective: {metric} ({direction})", "KL", "top-1", "tokens/s", "wall s",
+            "pipeline", "ship"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    bench_lines = ["| trial | " + " | ".join(bench) + " |", "|" + "---|" * (len(bench) + 1)] if bench else []
     for i, n in enumerate(ranking, 1):
         r = by[n]
         url = r.get("flow_run_url") or (f"/runs/flow-run/{r['flow_run_id']}" if r.get("flow_run_id") else None)
@@ -164,16 +167,20 @@ def summary_markdown(name: str, metric: str, direction: str, rows: list[dict], r
         status = r["status"].upper() if r["status"] != "pass" else "pass"
         if r.get("reused"):
             status += " (reused)"
+        ship = {"ship": "SHIP", "dont_ship": "DON'T SHIP"}.get(r.get("ship"), "–")
         cells = [str(i), link, ov, _fmt(r.get("objective")), _fmt(r.get("kl")), _fmt(r.get("top1"), ".3f"),
-                 *[_fmt((r.get("benchmarks") or {}).get(b)) for b in bench],
-                 _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("wall_s"), ".1f"), status]
+                 _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("wall_s"), ".1f"), status, ship]
         lines.append("| " + " | ".join(cells) + " |")
+        if bench:
+            bench_lines.append(f"| `{n}` | " + " | ".join(_fmt((r.get("benchmarks") or {}).get(b)) for b in bench) + " |")
     verdict = f"**best trial: `{best}`** ({metric} = {_fmt(by[best]['objective'])})" if best else \
         "**no trial passed**: no best trial"
     md = [f"# Sweep {name}: {len(rows) - len(failed)}/{len(rows)} trials passed", "", verdict, ""]
     if failed:
         md += [f"Failed or missing: {', '.join(f'`{n}`' for n in failed)}", ""]
     md += lines
+    if bench_lines:
+        md += ["", "Benchmarks (lm-eval, student-after):", "", *bench_lines]
     if plot_data_uri:
         md += ["", f"![{metric} against training wall time]({plot_data_uri})"]
     if sweep_dir is not None:

@@ -1,0 +1,173 @@
+"""The ship verdict: would someone deploy this student? A second verdict beside the pipeline gates.
+
+    verdict = ship_verdict(report, cfg.eval.ship)    # ShipVerdict: "ship" | "dont_ship", checks, reasons
+
+The pipeline gates (kd/evaluate/gates.py) say the run worked: numbers finite, better than before and than
+a uniform guess, not collapsed. A student that answers every prompt with twelve newlines passes all of
+them. The ship verdict looks at what the student *does*:
+- its greedy completions of the fixed sample prompts and of held-out prompts (`eval.sample_prompts`,
+  `eval.heldout_sample_prompts`): none blank (no letter or digit at all), no repetition loop (share of
+  repeated word n-grams, seq-rep-n of Welleck et al. 2019), and a vocabulary not far below the teacher's
+  on the same prompts (distinct-2, Li et al. 2016); each compared with the teacher where the teacher's own
+  output sets the bar;
+- how much of the teacher it kept on held-out text: teacher ÷ student held-out loss per trained token
+  (`eval.ship.min_heldout_retention`, default 0.9; both score the same tokens with one tokenizer, so this
+  is the ratio of their bits per byte). Degenerate-output checks alone can only say a student is broken,
+  never that it is good: this one always runs;
+- the thresholds a preset sets (`eval.ship`): benchmark retention vs the teacher (e.g. bits per byte on
+  another source's text) and the reverse KL on the student's own samples.
+Fail-closed: a check whose inputs were not measured fails (no samples: not shippable), NaN fails.
+`ship` needs every check to pass. Pure functions of the EvalReport, so `kdflow evidence verify` recomputes it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+from kd.config import ShipConfig
+from kd.results import EvalReport, Falsifier, SampleGeneration, ShipVerdict
+
+OUTPUT_ID = "F-SHIP-OUTPUT-001"
+REPETITION_ID = "F-SHIP-REPETITION-001"
+DIVERSITY_ID = "F-SHIP-DIVERSITY-001"
+HELDOUT_ID = "F-SHIP-HELDOUT-001"
+RETENTION_ID = "F-SHIP-RETENTION-001"
+ON_SAMPLE_ID = "F-SHIP-ONSAMPLE-001"
+STUDENT, TEACHER = "student_after", "teacher"
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Words and punctuation marks, lower-cased: the unit of the repetition and diversity measures
+    (tokenizer-free, so teacher and student are measured alike whatever their vocabularies)."""
+    return _WORD.findall(text.lower())
+
+
+def is_blank(text: str) -> bool:
+    """No letter or digit: empty, whitespace, newlines, or punctuation only."""
+    return not any(ch.isalnum() for ch in text)
+
+
+def repetition(text: str, n: int) -> float:
+    """seq-rep-n: 1 − distinct n-grams / n-grams of one completion (0 when it has fewer than n+1 words)."""
+    w = words(text)
+    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    return 0.0 if len(grams) < 2 else 1 - len(set(grams)) / len(grams)
+
+
+def distinct(texts: list[str], n: int = 2) -> float:
+    """distinct-n over all completions together: distinct n-grams / n-grams (NaN when there are none)."""
+    grams = Counter(g for t in texts for g in zip(*(words(t)[i:] for i in range(n))))
+    total = sum(grams.values())
+    return len(grams) / total if total else float("nan")
+
+
+def _completions(samples: list[SampleGeneration], model: str) -> list[str]:
+    return [s.completions[model] for s in samples if model in s.completions]
+
+
+def _fmt(x: float | None) -> str:
+    return "None" if x is None else f"{x:.3g}"
+
+
+def output_check(samples: list[SampleGeneration]) -> Falsifier:
+    """F-SHIP-OUTPUT-001: completions were generated, and none of the student's is blank where the teacher's is not."""
+    pairs = [(s, s.completions.get(STUDENT), s.completions.get(TEACHER)) for s in samples]
+    blank = [s.prompt for s, after, teacher in pairs if after is not None and is_blank(after)
+             and not (teacher is not None and is_blank(teacher))]
+    measured = sum(after is not None for _, after, _ in pairs)
+    ok = measured > 0 and not blank
+    observed = ("no completions generated (eval.sample_max_new_tokens is 0, or no prompts): nothing shows what the "
+                "student says" if measured == 0 else
+                f"{len(blank)} of {measured} completions blank (no letter or digit)"
+                + (f", e.g. for {blank[0][:60]!r}" if blank else ""))
+    return Falsifier(id=OUTPUT_ID, claim="the student's greedy completions of the sample and held-out prompts are "
+                     "generated and none is blank (empty, whitespace or punctuation only) where the teacher's is not",
+                     observed=observed, verdict="pass" if ok else "fail")
+
+
+def repetition_check(samples: list[SampleGeneration], cfg: ShipConfig) -> Falsifier:
+    """F-SHIP-REPETITION-001: the student's mean seq-rep-n ≤ max(limit, the teacher's on the same prompts)."""
+    n = cfg.repetition_ngram
+    student = [repetition(t, n) for t in _completions(samples, STUDENT)]
+    teacher = [repetition(t, n) for t in _completions(samples, TEACHER)]
+    s_mean = sum(student) / len(student) if student else float("nan")
+    t_mean = sum(teacher) / len(teacher) if teacher else 0.0
+    limit = max(cfg.max_repetition, t_mean)
+    ok = s_mean <= limit  # NaN (nothing generated) fails
+    return Falsifier(id=REPETITION_ID, claim=f"the student's completions repeat {n}-grams no more than "
+                     f"max(eval.ship.max_repetition={cfg.max_repetition:g}, the teacher's share)",
+                     observed=f"student seq-rep-{n} {_fmt(s_mean)}, teacher {_fmt(t_mean)}, limit {_fmt(limit)}"
+                     + ("" if ok else ": the student loops"), verdict="pass" if ok else "fail")
+
+
+def diversity_check(samples: list[SampleGeneration], cfg: ShipConfig) -> Falsifier:
+    """F-SHIP-DIVERSITY-001: the student's distinct-2 ≥ eval.ship.min_distinct_ratio × the teacher's."""
+    s, t = distinct(_completions(samples, STUDENT)), distinct(_completions(samples, TEACHER))
+    limit = cfg.min_distinct_ratio * t if not math.isnan(t) else 0.0
+    ok = s >= limit  # NaN (the student produced no two consecutive words) fails
+    return Falsifier(id=DIVERSITY_ID, claim=f"the student's distinct-2 over its completions is ≥ "
+                     f"eval.ship.min_distinct_ratio={cfg.min_distinct_ratio:g} × the teacher's",
+                     observed=f"student {_fmt(s)}, teacher {_fmt(t)}, limit {_fmt(limit)}"
+                     + ("" if ok else ": far fewer distinct phrases than the teacher"), verdict="pass" if ok else "fail")
+
+
+def heldout_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
+    """F-SHIP-HELDOUT-001: teacher ÷ student-after held-out loss ≥ eval.ship.min_heldout_retention."""
+    t, a = report.teacher.loss, report.student_after.loss
+    kept = t / a if a > 0 else float("nan")
+    ok = kept >= cfg.min_heldout_retention  # NaN fails
+    return Falsifier(id=HELDOUT_ID, claim=f"the student keeps ≥ eval.ship.min_heldout_retention="
+                     f"{cfg.min_heldout_retention:g} of the teacher on held-out text (teacher ÷ student loss per token)",
+                     observed=f"retention {_fmt(kept)} (teacher loss {_fmt(t)}, student-after {_fmt(a)}, "
+                     f"student-before {_fmt(report.student_before.loss)})", verdict="pass" if ok else "fail")
+
+
+def retention_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
+    """F-SHIP-RETENTION-001: every `eval.ship.min_retention` entry ("task/metric": r) has retention ≥ r."""
+    scores = {f"{s.task}/{s.metric}": s.retention for s in (report.benchmarks.scores if report.benchmarks else [])}
+    parts, ok = [], True
+    for key, want in sorted(cfg.min_retention.items()):
+        got = scores.get(key)
+        good = got is not None and got >= want
+        ok &= good
+        parts.append(f"{key} {'not measured' if got is None else _fmt(got)} {'≥' if good else '<'} {want:g}")
+    return Falsifier(id=RETENTION_ID, claim="benchmark retention vs the teacher (after ÷ teacher; teacher ÷ after when "
+                     "lower is better) meets eval.ship.min_retention", observed="; ".join(parts),
+                     verdict="pass" if ok else "fail")
+
+
+def on_sample_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
+    """F-SHIP-ONSAMPLE-001: reverse KL to the teacher on the student's own samples ≤ eval.ship.max_on_sample_reverse_kl."""
+    r = report.on_samples
+    got = r.after.reverse_kl if r is not None and r.after.tokens > 0 else None
+    ok = got is not None and got <= cfg.max_on_sample_reverse_kl
+    return Falsifier(id=ON_SAMPLE_ID, claim=f"KL(student‖teacher) per token on the student's own samples ≤ "
+                     f"eval.ship.max_on_sample_reverse_kl={cfg.max_on_sample_reverse_kl:g}",
+                     observed="not measured (eval.on_sample_prompts is 0)" if got is None else f"{_fmt(got)}",
+                     verdict="pass" if ok else "fail")
+
+
+def ship_verdict(report: EvalReport, cfg: ShipConfig) -> ShipVerdict:
+    """Every ship check for `report` under `cfg`; `ship` only when all pass."""
+    samples = list(report.samples)
+    checks = [output_check(samples), repetition_check(samples, cfg), diversity_check(samples, cfg),
+              heldout_check(report, cfg)]
+    if cfg.min_retention:
+        checks.append(retention_check(report, cfg))
+    if cfg.max_on_sample_reverse_kl is not None:
+        checks.append(on_sample_check(report, cfg))
+    failed = [f"{c.id}: {c.observed}" for c in checks if c.verdict != "pass"]
+    return ShipVerdict(verdict="dont_ship" if failed else "ship", checks=checks, reasons=failed)
+
+
+def ship_line(verdict: ShipVerdict | None) -> str:
+    """One line for logs, alerts and `evidence show`: SHIP, or DON'T SHIP and the first reason."""
+    if verdict is None:
+        return "ship verdict: not computed (no eval)"
+    if verdict.verdict == "ship":
+        return f"ship verdict: SHIP ({len(verdict.checks)} checks passed)"
+    return f"ship verdict: DON'T SHIP: {verdict.reasons[0]}" + (
+        f" (+{len(verdict.reasons) - 1} more)" if len(verdict.reasons) > 1 else "")

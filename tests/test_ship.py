@@ -1,0 +1,155 @@
+"""The ship verdict (issue 27.1): a student that prints newlines, loops, or says far less than its teacher is
+never called shippable, whatever the pipeline gates say; verify recomputes the verdict from the evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kd.config import EvalConfig, ShipConfig, load_config
+from kd.errors import ConfigError
+from kd.evaluate.ship import (
+    DIVERSITY_ID, HELDOUT_ID, ON_SAMPLE_ID, OUTPUT_ID, REPETITION_ID, RETENTION_ID, distinct, is_blank, repetition, ship_verdict,
+)
+from tests.test_manifest import inputs  # noqa: F401  (the evidence fixture)
+from kd.results import (
+    BenchmarkReport, BenchmarkScore, EvalReport, ModelEval, OnSampleReport, SampleEval, SampleGeneration,
+)
+
+TEACHER = ["The capital of France is Paris.", "The sea is wide and deep, and the waves roll in.",
+           "Once upon a time there lived a king who had three daughters."]
+
+
+def _ev(loss: float) -> ModelEval:  # teacher 1.0, student-before 3.0, student-after 1.05 below: retention 0.95
+    return ModelEval(loss=loss, perplexity=math.exp(loss), kl_to_teacher=0.5, top1_agreement=0.5, entropy=2.0,
+                     top_token_share=0.1, tokens=100)
+
+
+def _report(student: list[str], teacher: list[str] = TEACHER, **extra) -> EvalReport:
+    samples = [SampleGeneration(prompt=f"p{i}", chat_template=True, max_new_tokens=24,
+                                completions={"teacher": t, "student_before": "x", "student_after": s})
+               for i, (t, s) in enumerate(zip(teacher, student))]
+    return EvalReport(teacher=_ev(1.0), student_before=_ev(3.0), student_after=_ev(1.05), vocab_size=360,
+                      samples=samples, **extra)
+
+
+def _failed(report: EvalReport, cfg: ShipConfig = ShipConfig()) -> set[str]:
+    v = ship_verdict(report, cfg)
+    assert (v.verdict == "ship") == (not v.reasons)
+    return {c.id for c in v.checks if c.verdict != "pass"}
+
+
+def test_the_measures():
+    assert is_blank("") and is_blank("\n\n\n\n") and is_blank(" .\n!") and not is_blank("\n\nParis")
+    assert repetition("the cat sat on the mat", 3) == 0.0
+    assert repetition("of the capital of the capital of the capital of the", 3) > 0.6
+    assert distinct(["a b c d"]) == 1.0 and distinct(["a b a b a b"]) == pytest.approx(2 / 5)
+    assert math.isnan(distinct(["", "one"]))  # no bigram at all: unmeasurable, not perfect
+
+
+def test_a_student_that_answers_like_the_teacher_ships():
+    student = ["Paris is the capital of France.", "The sea is blue and full of fish.",
+               "Once upon a time a young fox lived in the woods."]
+    assert _failed(_report(student)) == set() and ship_verdict(_report(student), ShipConfig()).verdict == "ship"
+
+
+def test_newlines_and_empty_answers_never_ship():
+    """The student of issue 27: twelve newlines, or nothing at all."""
+    v = ship_verdict(_report(["\n" * 12, "", "\n" * 12]), ShipConfig())
+    assert v.verdict == "dont_ship"
+    assert {OUTPUT_ID, DIVERSITY_ID} <= {c.id for c in v.checks if c.verdict == "fail"}  # no words: no loop either
+    assert any("3 of 3 completions blank" in r for r in v.reasons)
+    # one blank answer among good ones is enough
+    assert OUTPUT_ID in _failed(_report(["Paris is the capital of France.", "\n\n", "A king had three daughters."]))
+
+
+def test_a_blank_teacher_answer_sets_the_bar():
+    """Where the teacher itself says nothing, the student saying nothing is not held against it."""
+    teacher = ["The capital of France is Paris.", "\n", "Once upon a time there lived a king."]
+    student = ["Paris is the capital of France.", "", "Once upon a time a fox lived in the woods."]
+    assert OUTPUT_ID not in _failed(_report(student, teacher))
+
+
+def test_a_loop_is_caught_unless_the_teacher_loops_as_much():
+    loop = "the capital of the capital of the capital of the capital of the capital of"
+    assert REPETITION_ID in _failed(_report([loop, loop, "Once upon a time a fox lived."]))
+    assert REPETITION_ID not in _failed(_report([loop, loop, "Once upon a time a fox lived."], teacher=[loop, loop, loop]))
+
+
+def test_far_fewer_distinct_phrases_than_the_teacher_fails():
+    same = "Paris is nice."
+    assert DIVERSITY_ID in _failed(_report([same, same, same]))
+
+
+def test_a_student_far_from_the_teacher_on_heldout_text_does_not_ship():
+    """Fluent-looking output is not enough: the student must keep most of the teacher on held-out text."""
+    good = ["Paris is the capital of France.", "The sea is blue and full of fish.", "Once a fox lived in the woods."]
+    weak = _report(good).model_copy(update={"student_after": _ev(1.6)})
+    v = ship_verdict(weak, ShipConfig())
+    assert _failed(weak) == {HELDOUT_ID} and "retention 0.625" in v.reasons[0]
+    assert _failed(weak, ShipConfig(min_heldout_retention=0.6)) == set()
+    nan = _report(good).model_copy(update={"student_after": _ev(float("nan"))})
+    assert HELDOUT_ID in _failed(nan)
+
+
+def test_no_samples_means_not_shippable():
+    report = _report([]).model_copy(update={"samples": []})
+    v = ship_verdict(report, ShipConfig())
+    assert v.verdict == "dont_ship" and "no completions generated" in v.reasons[0]
+
+
+def _bench(retention: float) -> BenchmarkReport:
+    score = BenchmarkScore(task="kdflow_bpb", metric="bits_per_byte", higher_is_better=False,
+                           values={"teacher": 1.0, "student_before": 3.0, "student_after": 1.0 / retention},
+                           stderr={}, retention=retention)
+    return BenchmarkReport(lm_eval_version="0.4.13", tasks=[], scores=[score], wall_s={}, max_length=256)
+
+
+def test_retention_and_on_sample_thresholds_a_preset_sets():
+    good = ["Paris is the capital of France.", "The sea is blue and full of fish.", "Once a fox lived in the woods."]
+    cfg = ShipConfig(min_retention={"kdflow_bpb/bits_per_byte": 0.9}, max_on_sample_reverse_kl=0.5)
+    on = lambda kl: OnSampleReport(  # noqa: E731
+        prompts=4, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0, before=SampleEval(reverse_kl=2.0, teacher_nll=3.0, tokens=20, samples=4, stopped=1),
+        after=SampleEval(reverse_kl=kl, teacher_nll=2.0, tokens=20, samples=4, stopped=1))
+    assert _failed(_report(good, benchmarks=_bench(0.93), on_samples=on(0.3)), cfg) == set()
+    assert _failed(_report(good, benchmarks=_bench(0.85), on_samples=on(0.3)), cfg) == {RETENTION_ID}
+    assert _failed(_report(good, benchmarks=_bench(0.93), on_samples=on(0.8)), cfg) == {ON_SAMPLE_ID}
+    assert _failed(_report(good, on_samples=on(float("nan"))), cfg) == {RETENTION_ID, ON_SAMPLE_ID}  # unmeasured, NaN
+
+
+def test_a_threshold_on_something_never_measured_is_refused():
+    with pytest.raises(ConfigError, match="ship.min_retention: 'kdflow_bpb/bits_per_byte'"):
+        load_config("configs/smoke.yaml", ["eval.ship.min_retention={kdflow_bpb/bits_per_byte: 0.9}"])
+    with pytest.raises(ConfigError, match="ship.max_on_sample_reverse_kl needs eval.on_sample_prompts"):
+        load_config("configs/smoke.yaml", ["eval.ship.max_on_sample_reverse_kl=0.5"])
+    assert EvalConfig().ship == ShipConfig()
+
+
+def test_verify_refutes_a_forged_ship_verdict_and_show_says_dont_ship(inputs, tmp_path, capsys):
+    """Evidence whose student printed newlines, edited to say `ship`: verify names eval.ship, show says DON'T SHIP."""
+    from kd.cli import main
+    from kd.manifest import verify_run_dir, write_evidence
+
+    report = _report(["\n" * 12, "", "\n" * 12])
+    report = report.model_copy(update={"gates": inputs["eval_report"].gates,
+                                       "ship": ship_verdict(report, ShipConfig())})
+    run = tmp_path / "evidence" / "r1"
+    write_evidence(run, **{**inputs, "eval_report": report})
+    assert verify_run_dir(run) == []
+    raw = json.loads((run / "manifest.json").read_text())
+    assert raw["eval"]["ship"]["verdict"] == "dont_ship"
+    raw["eval"]["ship"]["verdict"] = "ship"
+    for c in raw["eval"]["ship"]["checks"]:
+        c["verdict"] = "pass"
+    (run / "manifest.json").write_text(json.dumps(raw))
+    ev = json.loads((run / "eval.json").read_text())
+    ev["ship"] = raw["eval"]["ship"]
+    (run / "eval.json").write_text(json.dumps(ev))
+    problems = verify_run_dir(run)
+    assert any(p.startswith("eval.ship: manifest says ship, the recorded samples and numbers say dont_ship")
+               for p in problems), problems
+    main(["evidence", "show", str(run)])
+    out = capsys.readouterr().out
+    assert "ship verdict: DON'T SHIP: F-SHIP-OUTPUT-001" in out and "(the manifest claims ship)" in out

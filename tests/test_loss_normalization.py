@@ -273,3 +273,47 @@ def test_resumed_run_keeps_counting_tokens(chat, tmp_path):
     resumed = train_student(cfg, teacher, student, al, ps, tmp_path / "resumed")
     assert resumed.resumed_from_step == 2 and resumed.tokens == straight.tokens == sum(r["tokens"] for r in _rows(
         tmp_path / "straight"))
+
+
+def test_losses_divide_their_token_sums_by_the_normalizer():
+    """normalizer=N: loss, ce, kd and the gradients are the token sums / N, for the online, the sparse and the
+    reference loss; two halves with the whole's N add up to the whole call's token mean."""
+    from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, kd_loss_reference, sparse_teacher_targets
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 12, 8, 20
+    hs, w = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64)
+    ht, wt = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (n,), generator=g)
+    y[[1, 4, 5, 9]] = -100
+    m = int((y != -100).sum())
+    kw = dict(alpha=0.3, temperature=2.0, divergence="jsd", chunk_size=5)
+    t_ids, t_lp, t_tail = sparse_teacher_targets(ht @ wt.t(), k=v, temperature=2.0)
+
+    def run(loss_fn, rows, normalizer=None):
+        x = hs.clone().requires_grad_(True)
+        if loss_fn == "reference":
+            out = kd_loss_reference(x[rows] @ w.t(), ht[rows] @ wt.t(), y[rows], alpha=0.3, temperature=2.0,
+                                    divergence="jsd", normalizer=normalizer)
+        elif loss_fn == "sparse":
+            out = fused_linear_sparse_kd_loss(x[rows], w, t_ids[rows], t_lp[rows], t_tail[rows], y[rows],
+                                              cache_temperature=2.0, normalizer=normalizer, **kw)
+        else:
+            out = fused_linear_kd_loss(x[rows], w, ht[rows], wt, y[rows], normalizer=normalizer, **kw)
+        out.loss.backward()
+        return out, x.grad
+
+    every, first, second = slice(0, n), slice(0, 7), slice(7, n)
+    loss_of = lambda out: float(out.loss.detach())  # noqa: E731
+    for fn in ("fused", "sparse", "reference"):
+        mean, g_mean = run(fn, every)
+        scaled, g_scaled = run(fn, every, normalizer=3 * m)
+        assert loss_of(scaled) == pytest.approx(loss_of(mean) / 3, rel=1e-12), fn
+        assert float(scaled.ce) == pytest.approx(float(mean.ce) / 3, rel=1e-12), fn
+        assert float(scaled.kd) == pytest.approx(float(mean.kd) / 3, rel=1e-12), fn
+        torch.testing.assert_close(g_scaled, g_mean / 3, rtol=1e-12, atol=1e-15)
+        (a, g_a), (b, g_b) = run(fn, first, normalizer=m), run(fn, second, normalizer=m)
+        assert loss_of(a) + loss_of(b) == pytest.approx(loss_of(mean), rel=1e-12), fn
+        torch.testing.assert_close(g_a + g_b, g_mean, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="normalizer must be > 0"):
+        run("fused", every, normalizer=0)

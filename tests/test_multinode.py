@@ -259,9 +259,12 @@ def _kill_tree(pid: int) -> list[int]:
 
 
 @full
-def test_killed_node_stops_the_job_and_the_retry_resumes_both(node_pool, two_nodes, tmp_path):
-    """Rank 1 pauses after the step-3 checkpoint (KDFLOW_FAULT=hang, once) so the kill lands mid-run at a
-    known step; then its node (worker, flow run process, torchrun, rank) is SIGKILLed."""
+@pytest.mark.parametrize("rank", ["1", "0"])
+def test_killed_node_stops_the_job_and_the_retry_resumes_both(node_pool, two_nodes, tmp_path, rank):
+    """Rank `rank` pauses after the step-3 checkpoint (KDFLOW_FAULT=hang, once) so the kill lands mid-run at a
+    known step; then its node (worker, flow run process, torchrun, rank) is SIGKILLed. Rank 0's node is the
+    one whose events the step streams (its loss lines, the progress artifact): killing it leaves the step
+    with no progress at all, which must still end the job within train.rank_timeout_s."""
     from flows.distill import distill
 
     ref_cfg, ref_summary, ref_tmp, _ = two_nodes
@@ -269,8 +272,8 @@ def test_killed_node_stops_the_job_and_the_retry_resumes_both(node_pool, two_nod
     cfg = load_config(SMOKE, orch_overrides(tmp_path, *NODES, "train.nproc_per_node=1", "train.rendezvous.nnodes=2",
                                             f"train.rank_timeout_s={TIMEOUT_S}",
                                             "orchestration.refresh_cache=true", "orchestration.retries=1",
-                                            "orchestration.retry_delay_s=0", "name=killed-node"))
-    run_dir = tmp_path / "runs" / "killed-node"
+                                            "orchestration.retry_delay_s=0", f"name=killed-node{rank}"))
+    run_dir = tmp_path / "runs" / f"killed-node{rank}"
     seen: dict = {}
 
     def killer(w: Workers) -> None:
@@ -279,7 +282,7 @@ def test_killed_node_stops_the_job_and_the_retry_resumes_both(node_pool, two_nod
             time.sleep(0.2)
         victim = None
         while victim is None and time.monotonic() < deadline:
-            victim = _node_tree_with_rank(w, "1")
+            victim = _node_tree_with_rank(w, rank)
             time.sleep(0.2)
         attempt1 = {p.pid for p in _run_procs(run_dir)}
         seen["killed"] = _kill_tree(victim.pid)
@@ -292,7 +295,7 @@ def test_killed_node_stops_the_job_and_the_retry_resumes_both(node_pool, two_nod
         seen["attempt1_procs"] = len(attempt1)
         seen["t_kill"] = t_kill
 
-    fault = f"hang:1:3:{marker}"
+    fault = f"hang:{rank}:3:{marker}"
     os.environ["KDFLOW_FAULT_FOR_WORKERS"] = fault
     try:
         with workers(node_pool, tmp_path, 2, {"KDFLOW_FAULT": fault}) as w:
@@ -327,8 +330,8 @@ def test_killed_node_stops_the_job_and_the_retry_resumes_both(node_pool, two_nod
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
     left = _run_procs(run_dir)
     assert not left, [p.pid for p in left]
-    _record("node_killed_then_retried", {
-        "rank_timeout_s": TIMEOUT_S, "killed_pids": len(seen["killed"]),
+    _record("node_killed_then_retried" if rank == "1" else "rank0_node_killed_then_retried", {
+        "killed_rank": int(rank), "rank_timeout_s": TIMEOUT_S, "killed_pids": len(seen["killed"]),
         "stop_latency_s_after_kill": round(seen["stop_s"], 2), "step_failed_s_after_kill": round(failed_s, 2), "flow_s_including_retry": round(took, 1),
         "resumed_from_step": result["resumed_from_step"], "max_abs_weight_diff_vs_uninterrupted": worst,
         "processes_left": 0})
@@ -388,3 +391,78 @@ def test_cancelling_the_step_cancels_every_node_run(node_pool, tiny_pair, tmp_pa
         mn.stop_node_runs = real
     _record("step_cancelled", {"node_runs": [s.name for s in states], "all_cancelled_s": round(stopped_s, 1),
                                "processes_left": 0})
+
+
+@full
+def test_cancelling_the_parent_run_through_the_api_cancels_every_node_run(node_pool, tiny_pair, tmp_path):
+    """The distill flow runs as a deployment on a `cpu` process worker (as `make up` runs it); while its two
+    node runs train, the parent flow run is cancelled through Prefect's API (state Cancelling, as the UI's
+    Cancel button does). Its worker stops the flow-run process, whose step cancels both node runs; their
+    workers kill torchrun and the ranks."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+    from prefect.workers.process import ProcessWorker
+
+    from tests.prefect_helpers import flow_run, task_runs
+
+    env = node_pool
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="cpu", type="process", concurrency_limit=None,
+                                               base_job_template=ProcessWorker.get_default_base_job_template()),
+                                overwrite=True)
+    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "-n", "distill/manual"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    cfg = load_config(SMOKE, orch_overrides(tmp_path, *NODES, "train.nproc_per_node=1", "train.rendezvous.nnodes=2",
+                                            "train.steps=60", "orchestration.refresh_cache=true",
+                                            "name=parent-cancelled"))
+    run_dir = tmp_path / "runs" / "parent-cancelled"
+    (tmp_path / "parent").mkdir()
+    parent_procs: list[subprocess.Popen] = []
+    try:
+        with workers(env, tmp_path, 2) as w:
+            with open(tmp_path / "parent" / "worker.log", "w") as log:  # the parent's host: a cpu pool worker
+                parent_procs.append(subprocess.Popen(
+                    [PREFECT, "worker", "start", "--pool", "cpu", "--type", "process", "--install-policy", "never",
+                     "--name", "parent-host", "--limit", "1"], cwd=REPO, env=env, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True))
+            parent = run_deployment("distill/manual", parameters={"config": cfg.model_dump(mode="json")}, timeout=0)
+            metrics = run_dir / "metrics.jsonl"
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+                assert not flow_run(parent.id).state.is_final(), (
+                    flow_run(parent.id).state.message, (tmp_path / "parent" / "worker.log").read_text()[-4000:])
+                time.sleep(0.5)
+            assert metrics.is_file(), w.logs()  # the nodes are training (2 steps done)
+            t0 = time.monotonic()
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(parent.id, Cancelling(message="cancelled through the API by the test"))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not flow_run(parent.id).state.is_final():
+                time.sleep(0.5)
+            parent_state = flow_run(parent.id).state
+            ids = [r.id for r in task_runs(parent.id)]
+            with get_client(sync_client=True) as client:
+                nodes = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    parent_task_run_id=FlowRunFilterParentTaskRunId(any_=ids)))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(flow_run(n.id).state.is_final() for n in nodes):
+                time.sleep(0.5)
+            node_states = sorted(flow_run(n.id).state.name for n in nodes)
+            cancelled_s = time.monotonic() - t0
+            deadline = time.monotonic() + 30
+            while _run_procs(run_dir) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = _run_procs(run_dir)
+            logs = w.logs() + "\n--- parent worker ---\n" + (tmp_path / "parent" / "worker.log").read_text()[-3000:]
+            assert parent_state.type.value == "CANCELLED", (parent_state, logs)
+            assert len(nodes) == 2 and node_states == ["Cancelled", "Cancelled"], (node_states, logs)
+            assert not left, [p.pid for p in left]
+    finally:
+        for p in parent_procs:
+            stop_process(p)
+    _record("parent_cancelled_through_api", {"parent": parent_state.name, "node_runs": node_states,
+                                             "all_final_s_after_cancel": round(cancelled_s, 1), "processes_left": 0})

@@ -404,7 +404,8 @@ class BenchmarksConfig(_Part):
     tasks: list[Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")]] = Field(
         default_factory=list, max_length=64,
         description="lm-eval task names. Bundled (no download, built from this run's held-out documents): "
-        "kdflow_lastword (LAMBADA-style last word), kdflow_bpb (bits per byte), kdflow_mc (multiple choice). "
+        "kdflow_lastword (LAMBADA-style last word), kdflow_bpb (bits per byte), kdflow_mc (multiple choice); "
+        "kdflow_bpb_reference (bits per byte of eval.reference_text) is added whenever tasks are listed. "
         "Any other lm-eval task must have its data offline (local YAML + files, or in the Hugging Face cache). "
         "Empty: no benchmarks.",
     )
@@ -499,15 +500,29 @@ class EvalConfig(_Part):
         default_factory=BenchmarksConfig,
         description="lm-evaluation-harness tasks scored for teacher, student-before and student-after.",
     )
+    reference_text: Annotated[str, Field(min_length=1)] | None = Field(
+        "bundled:bierce",
+        description="Out-of-domain text the run did not train on (a .txt file with one document per line, a .jsonl "
+        "with a `text` field, a folder of them, or `bundled:NAME` like data.source), scored as the lm-eval task "
+        "kdflow_bpb_reference (bits per byte, passages decontaminated against the training text) whenever "
+        "eval.benchmarks lists tasks, so retention on unseen text stands beside the in-domain kdflow_bpb. "
+        "Default: bundled:bierce (Bierce's The Devil's Dictionary, public domain). null: none.",
+    )
 
     @model_validator(mode="after")
     def _ship_thresholds_are_measured(self) -> "EvalConfig":
         """A ship threshold on something the run never measures could only ever say don't ship: refuse it."""
+        scored = list(self.benchmarks.tasks)
+        if scored and self.reference_text is not None and "kdflow_bpb_reference" not in scored:
+            scored.append("kdflow_bpb_reference")  # eval.reference_text: scored whenever benchmarks run
+        if "kdflow_bpb_reference" in self.benchmarks.tasks and self.reference_text is None:
+            raise ValueError("benchmarks.tasks lists kdflow_bpb_reference but eval.reference_text is null: "
+                             "give a reference text or drop the task")
         for key in self.ship.min_retention:
             task = key.split("/", 1)[0]
-            if "/" not in key or task not in self.benchmarks.tasks:
+            if "/" not in key or task not in scored:
                 raise ValueError(f"ship.min_retention: {key!r} must be 'task/metric' with the task in "
-                                 f"eval.benchmarks.tasks ({self.benchmarks.tasks or 'none listed'})")
+                                 f"eval.benchmarks.tasks ({scored or 'none listed'})")
         if self.ship.max_on_sample_reverse_kl is not None and self.on_sample_prompts == 0:
             raise ValueError("ship.max_on_sample_reverse_kl needs eval.on_sample_prompts > 0")
         return self

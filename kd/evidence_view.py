@@ -35,15 +35,20 @@ def _benchmark_lines(m: Manifest) -> list[str]:
     b = m.eval.benchmarks if m.eval is not None else None
     if b is None:
         return []
+    from kd.evaluate.benchmarks import domain_line
+
     docs = {t.task: t.n_docs for t in b.tasks}
+    w = max([18] + [len(s.task) + 2 for s in b.scores])
     out = [f"  benchmarks (lm-eval {b.lm_eval_version}, {b.wall_s.get('total', 0):.1f} s; retention = after/teacher, "
-           "teacher/after when lower is better)",
-           f"  {'task':<18}{'metric':<18}{'teacher':>11}{'before':>11}{'after':>11}{'retention':>11}{'docs':>6}"]
+           "teacher/after when lower is better; ± = standard error of after)",
+           f"  {'task':<{w}}{'metric':<18}{'teacher':>11}{'before':>11}{'after':>11}{'±':>10}{'retention':>11}{'docs':>6}"]
     for s in b.scores:
         v = s.values
-        out.append(f"  {s.task:<18}{s.metric + (' ↑' if s.higher_is_better else ' ↓'):<18}"
+        out.append(f"  {s.task:<{w}}{s.metric + (' ↑' if s.higher_is_better else ' ↓'):<18}"
                    f"{_g(v.get('teacher')):>11}{_g(v.get('student_before')):>11}{_g(v.get('student_after')):>11}"
-                   f"{_g(s.retention):>11}{docs.get(s.task, '?'):>6}")
+                   f"{_g(s.stderr.get('student_after')):>10}{_g(s.retention):>11}{docs.get(s.task, '?'):>6}")
+    if line := domain_line(b):  # specialisation (in-domain) and retention (out-of-domain) side by side
+        out.append(f"  {line}")
     return out
 
 

@@ -227,6 +227,8 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
             folders[role] = d
     if cfg.eval.benchmarks.tasks:  # lm-eval tasks: known and with offline data (issue 20), else exit 2 naming it
         inputs.run("benchmarks", _check_benchmarks, cfg.eval.benchmarks)
+    if cfg.eval.reference_text is not None:  # out-of-domain text: readable, not the training source (issue 27)
+        inputs.run("reference-text", _check_reference, cfg.eval.reference_text, cfg.data.source)
     files = inputs.run("data-files", data_files, cfg.data)
     docs = inputs.run("data-decode", _decode, cfg.data, files) if files else None
     if docs and "student" in folders:
@@ -261,6 +263,12 @@ def _check_benchmarks(bench_cfg) -> str:
     return check_tasks(bench_cfg)
 
 
+def _check_reference(reference_text: str, data_source: str) -> str:
+    from kd.evaluate.benchmarks import check_reference
+
+    return check_reference(reference_text, data_source)
+
+
 def _benchmark_plan(cfg: RunConfig, student: dict, cuda: bool) -> dict:
     from kd.evaluate.benchmarks import plan_estimate
 
@@ -269,7 +277,8 @@ def _benchmark_plan(cfg: RunConfig, student: dict, cuda: bool) -> dict:
         held = int(sum(f.stat().st_size for f in files) * cfg.data.heldout_fraction)
     except (InputError, OSError):
         held = None
-    return plan_estimate(cfg.eval.benchmarks, heldout_bytes=held, params=student.get("params"), cuda=cuda)
+    return plan_estimate(cfg.eval.benchmarks, heldout_bytes=held, params=student.get("params"), cuda=cuda,
+                         reference_text=cfg.eval.reference_text)
 
 
 def _inspect_gguf(path: Path) -> str:

@@ -277,7 +277,10 @@ class BenchmarkScore(_Result):
     metric: str
     higher_is_better: bool
     values: dict[str, float] = Field(description="model (teacher, student_before, student_after) -> value")
-    stderr: dict[str, float | None] = Field(description="model -> lm-eval's standard error (None: not computed)")
+    stderr: dict[str, float | None] = Field(
+        description="model -> standard error: lm-eval's own, or for bits_per_byte / byte_perplexity / word_perplexity "
+        "(lm-eval gives none) kdflow's bootstrap over documents, eval.benchmarks.bootstrap_iters resamples "
+        "(None: not computed)")
     retention: float | None = Field(
         description="after ÷ teacher (teacher ÷ after when lower is better): 1 = as good as the teacher")
 
@@ -291,6 +294,10 @@ class BenchmarkReport(_Result):
     wall_s: dict[str, float] = Field(description="Seconds per model and `total`")
     bundled_dir: str | None = Field(None, description="Folder of the bundled tasks' YAML and data (rerun with lm_eval)")
     max_length: int
+    reference_text: str | None = Field(
+        None, description="eval.reference_text scored as kdflow_bpb_reference: out-of-domain text the run did not "
+        "train on (None: not scored)")
+    reference_dir: str | None = Field(None, description="Folder of kdflow_bpb_reference's YAML and data")
 
 
 class ShipVerdict(_Result):

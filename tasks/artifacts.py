@@ -182,12 +182,15 @@ def benchmarks_table(bench, reused_from: str | None = None) -> None:
     docs = {t.task: t.n_docs for t in bench.tasks}
     rows = [{"task": s.task, "metric": s.metric + (" ↑" if s.higher_is_better else " ↓"),
              "teacher": _cell(s.values.get("teacher")), "student-before": _cell(s.values.get("student_before")),
-             "student-after": _cell(s.values.get("student_after")), "retention": _cell(s.retention),
+             "student-after": _cell(s.values.get("student_after")),
+             "± (after)": _cell(s.stderr.get("student_after")), "retention": _cell(s.retention),
              "docs": docs.get(s.task)} for s in bench.scores]
     wall = bench.wall_s.get("total")
     create_table_artifact(key="benchmarks", table=rows,
                           description=f"lm-eval {bench.lm_eval_version} benchmarks ({duration(wall)}); retention = "
-                          f"after ÷ teacher (teacher ÷ after when lower is better){reused(reused_from)}")
+                          f"after ÷ teacher (teacher ÷ after when lower is better); ± = standard error"
+                          + (f"; kdflow_bpb_reference: {bench.reference_text}, text the run did not train on"
+                             if bench.reference_text else "") + reused(reused_from))
 
 
 def _cell(x: float | None) -> float | str | None:

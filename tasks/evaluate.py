@@ -40,7 +40,7 @@ def _eval_key(context, parameters) -> str:
 
 def _bench_key(cfg: RunConfig) -> list:
     # lm-eval benchmarks: task definitions, their data files, the bundled tasks' code, the lm-eval version
-    return [definitions_fingerprint(cfg.eval.benchmarks)] if cfg.eval.benchmarks.tasks else []
+    return [definitions_fingerprint(cfg.eval.benchmarks, cfg.eval.reference_text)] if cfg.eval.benchmarks.tasks else []
 
 
 def _data_key(parameters):

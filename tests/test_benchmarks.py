@@ -18,7 +18,7 @@ from kd.data import open_prepared, prepare_data
 from kd.data.sources import load_tokenizer
 from kd.evaluate.benchmarks import (NO_REGRESSION_ID, RETENTION_ID, benchmark_gates, run_benchmarks,
                                     retention)
-from kd.evaluate.bundled_tasks import (BPB, LASTWORD, MC, bundled_info, heldout_texts, words,
+from kd.evaluate.bundled_tasks import (BPB, LASTWORD, MC, REFERENCE, bundled_info, heldout_texts, words,
                                       write_bundled_tasks)
 from tests.test_manifest import inputs  # noqa: F401  (the fixture: everything write_evidence needs)
 
@@ -193,7 +193,9 @@ def test_bad_benchmark_inputs_exit_2_naming_the_task(tmp_path):
     r = _kdflow("run", "configs/smoke.yaml", "--dry-run", "--set", f"eval.benchmarks.tasks=[{','.join(TASKS)}]",
                 "--set", "eval.benchmarks.limit=30")
     assert r.returncode == 0, r.stderr[-1500:]
-    assert re.search(r"benchmarks kdflow_lastword ~30, kdflow_bpb ~\d+, kdflow_mc ~30 docs .* x 3 models, ~\d+ s", r.stdout), \
+    # kdflow_bpb_reference (eval.reference_text, out of domain) is scored whenever benchmarks run
+    assert re.search(r"benchmarks kdflow_lastword ~30, kdflow_bpb ~\d+, kdflow_mc ~30, kdflow_bpb_reference ~30 docs "
+                     r".* x 3 models, ~\d+ s", r.stdout), \
         r.stdout[-1500:]
 
 
@@ -224,7 +226,8 @@ def test_smoke_flow_with_benchmarks(prefect_server, tiny_pair, tmp_path):
     m = load_manifest(run_dir)
     assert verify_run_dir(run_dir) == []
     b = m.eval.benchmarks
-    assert {t.task for t in b.tasks} == set(TASKS) and all(t.n_docs <= 12 for t in b.tasks)
+    assert {t.task for t in b.tasks} == set(TASKS) | {REFERENCE} and all(t.n_docs <= 12 for t in b.tasks)
+    assert b.reference_text == "bundled:bierce" and Path(b.reference_dir, f"{REFERENCE}.yaml").is_file()
     assert {f.id for f in m.falsifiers} >= {NO_REGRESSION_ID}
     assert b.bundled_dir and Path(b.bundled_dir, f"{BPB}.yaml").is_file()
     arts = artifacts(state.state_details.flow_run_id)

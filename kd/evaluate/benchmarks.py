@@ -13,6 +13,12 @@ same task YAML gives the same values (bench/benchmarks.py checks it). Tasks: the
 `include_paths` folder with local data files, or a registry task whose data set is in the local
 Hugging Face cache); `check_tasks` refuses the rest at preflight (exit 2, naming the task).
 
+Whenever tasks are listed, `eval.reference_text` (default `bundled:bierce`, a source no preset trains on) is
+scored too, as `kdflow_bpb_reference`: bits per byte on text the run did not train on (retention) beside
+the in-domain `kdflow_bpb` (specialisation). lm-eval gives no standard error for bits per byte (nor byte/word
+perplexity); kdflow computes one by bootstrap over lm-eval's own per-document (log-likelihood, bytes) pairs
+(`log_samples`), `bootstrap_iters` resamples, seeded, so every table carries ± intervals.
+
 Retention of a metric = after ÷ teacher when higher is better, teacher ÷ after when lower is better
 (perplexity, bits per byte), so 1.0 always means "as good as the teacher" and < 1 worse.
 lm-eval is imported only when benchmarks run, and `benchmark_gates` needs neither torch nor lm-eval.
@@ -28,9 +34,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from kd.config import BenchmarksConfig
 from kd.errors import ConfigError
-from kd.evaluate.bundled_tasks import BUNDLED, code_fingerprint
+from kd.evaluate.bundled_tasks import BUNDLED, REFERENCE, code_fingerprint, reference_fingerprint
 from kd.results import BenchmarkReport, BenchmarkScore, BenchmarkTask, Falsifier
 
 NO_REGRESSION_ID = "F-DISTILL-BENCH-001"
@@ -38,6 +46,7 @@ RETENTION_ID = "F-DISTILL-BENCH-RETENTION-001"
 MODELS = ("teacher", "student_before", "student_after")
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 _STDERR_SKIP = {"N/A", None}
+BOOTSTRAP_SEED = 1234
 
 
 def lm_eval_version() -> str:
@@ -49,6 +58,38 @@ def lm_eval_version() -> str:
 # ------------------------------------------------------------------------------------ preflight
 def _external(cfg: BenchmarksConfig) -> list[str]:
     return [t for t in cfg.tasks if t not in BUNDLED]
+
+
+def scored_tasks(cfg: BenchmarksConfig, reference_text: str | None) -> list[str]:
+    """The tasks the eval step scores: eval.benchmarks.tasks, plus kdflow_bpb_reference when any are listed
+    and eval.reference_text is set (out-of-domain text by default)."""
+    tasks = list(cfg.tasks)
+    if tasks and reference_text is not None and REFERENCE not in tasks:
+        tasks.append(REFERENCE)
+    return tasks
+
+
+def check_reference(reference_text: str | None, data_source: str | None = None) -> str:
+    """Preflight: eval.reference_text names readable .txt/.jsonl text that is not the training source.
+    ConfigError naming eval.reference_text (exit 2) otherwise."""
+    from kd.evaluate.bundled_tasks import reference_files
+
+    if reference_text is None:
+        return "no reference text (eval.reference_text: null)"
+    files = reference_files(reference_text)
+    if data_source and not data_source.startswith("hf-dataset:"):
+        from kd.bundled import source_path
+
+        try:
+            root = source_path(data_source).resolve()
+        except Exception:  # noqa: BLE001 - data.source is checked (and named) by its own preflight check
+            root = None
+        if root is not None and any(f == root or f.is_relative_to(root) for f in files):
+            raise ConfigError(f"eval.reference_text {reference_text!r} is (inside) the training data "
+                              f"data.source {data_source!r}: the out-of-domain score needs a source the run does "
+                              "not train on; give another text or null")
+    size = sum(f.stat().st_size for f in files)
+    return f"reference text {reference_text}: {len(files)} file(s), {size:,} bytes (scored as {REFERENCE})"
 
 
 def _task_manager(include_paths: list[str], bundled_dir: str | Path | None = None, *, defaults: bool = True):
@@ -132,7 +173,7 @@ def check_tasks(cfg: BenchmarksConfig) -> str:
             raise ConfigError(f"eval.benchmarks.include_paths: {p} is not a folder")
     ext = _external(cfg)
     for name in cfg.limits:
-        if name not in cfg.tasks:
+        if name not in cfg.tasks and name != REFERENCE:
             raise ConfigError(f"eval.benchmarks.limits.{name}: {name} is not in eval.benchmarks.tasks")
     if ext:
         # the include paths alone first (fast); lm-eval's whole registry (~15k tasks) only for names not there
@@ -151,11 +192,14 @@ def check_tasks(cfg: BenchmarksConfig) -> str:
     return f"{len(cfg.tasks)} task(s) available offline: {', '.join(cfg.tasks)}"
 
 
-def definitions_fingerprint(cfg: BenchmarksConfig) -> str:
+def definitions_fingerprint(cfg: BenchmarksConfig, reference_text: str | None = None) -> str:
     """Cache-key part: the task YAMLs and data files found in include_paths, the bundled tasks' code and
-    data, the lm-eval version and the benchmark config. Registry tasks are named by the version."""
+    data, the reference text's content (when scored), the lm-eval version and the benchmark config.
+    Registry tasks are named by the version."""
+    ref = reference_text if REFERENCE in scored_tasks(cfg, reference_text) else None
     h = hashlib.sha256(json.dumps({"lm_eval": lm_eval_version(), "cfg": cfg.model_dump(mode="json"),
-                                   "bundled": code_fingerprint()}, sort_keys=True).encode())
+                                   "bundled": code_fingerprint(), "reference": ref,
+                                   "reference_sha256": reference_fingerprint(ref)}, sort_keys=True).encode())
     for p in cfg.include_paths:
         root = Path(p).expanduser()
         for f in sorted(root.rglob("*")) if root.is_dir() else []:
@@ -165,15 +209,19 @@ def definitions_fingerprint(cfg: BenchmarksConfig) -> str:
     return h.hexdigest()
 
 
-def plan_estimate(cfg: BenchmarksConfig, *, heldout_bytes: int | None, params: int | None, cuda: bool) -> dict:
+def plan_estimate(cfg: BenchmarksConfig, *, heldout_bytes: int | None, params: int | None, cuda: bool,
+                  reference_text: str | None = None) -> dict:
     """The plan's line: documents per task (limit, or an estimate from the held-out bytes) and a rough time."""
-    from kd.evaluate.bundled_tasks import BPB, LASTWORD, MC, MC_DATA, MAX_PASSAGE_WORDS
+    from kd.evaluate.bundled_tasks import BPB, LASTWORD, MC, MC_DATA, MAX_PASSAGE_WORDS, REFERENCE_MAX_PASSAGES
 
-    per_doc_tokens = {LASTWORD: 60, BPB: MAX_PASSAGE_WORDS * 1.4, MC: 4 * 20}
+    per_doc_tokens = {LASTWORD: 60, BPB: MAX_PASSAGE_WORDS * 1.4, MC: 4 * 20, REFERENCE: MAX_PASSAGE_WORDS * 1.4}
     docs: dict[str, int | None] = {}
-    for t in cfg.tasks:
+    tasks = scored_tasks(cfg, reference_text)
+    for t in tasks:
         est = None
-        if t == MC:
+        if t == REFERENCE:
+            est = REFERENCE_MAX_PASSAGES
+        elif t == MC:
             est = sum(1 for line in MC_DATA.read_text().splitlines() if line.strip())
         elif t == LASTWORD and heldout_bytes:
             est = heldout_bytes // 130  # about one item per sentence
@@ -185,8 +233,8 @@ def plan_estimate(cfg: BenchmarksConfig, *, heldout_bytes: int | None, params: i
     seconds = None
     if params:
         flops = 3 * 2 * params * tokens  # three models, a forward pass is ~2·params FLOPs per token
-        seconds = flops / (2e13 if cuda else 3e10) + 5 * len(cfg.tasks) * 3  # + per-task set-up
-    return {"tasks": list(cfg.tasks), "docs": docs, "estimate_s": seconds}
+        seconds = flops / (2e13 if cuda else 3e10) + 5 * len(tasks) * 3  # + per-task set-up
+    return {"tasks": tasks, "docs": docs, "estimate_s": seconds}
 
 
 # ------------------------------------------------------------------------------------ running
@@ -200,15 +248,48 @@ def _definition_hash(task_cfg: dict) -> str:
     return hashlib.sha256(json.dumps(task_cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _groups(cfg: BenchmarksConfig) -> dict[int | None, list[str]]:
+def _groups(cfg: BenchmarksConfig, tasks: list[str] | None = None) -> dict[int | None, list[str]]:
     out: dict[int | None, list[str]] = {}
-    for t in cfg.tasks:
+    for t in cfg.tasks if tasks is None else tasks:
         out.setdefault(cfg.limits.get(t, cfg.limit), []).append(t)
     return out
 
 
-def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device) -> tuple[dict, dict]:
-    """lm-eval on one in-memory model: ({task: {metric: (value, stderr)}}, {task: meta})."""
+# metrics lm-eval aggregates as a ratio of sums over documents, (log-likelihood, bytes or words) per document,
+# for which it reports no standard error: value of the aggregate from the summed log-likelihood per unit
+_RATIO_METRICS = {"bits_per_byte": lambda wm: -wm / math.log(2), "byte_perplexity": lambda wm: np.exp(-wm),
+                  "word_perplexity": lambda wm: np.exp(-wm)}
+
+
+def bootstrap_stderr(pairs, metric: str, iters: int, seed: int = BOOTSTRAP_SEED) -> float | None:
+    """Standard error of a ratio-of-sums metric (bits per byte, byte/word perplexity) by resampling documents:
+    `pairs` = per-document (log-likelihood, bytes or words), as lm-eval logs them. None when fewer than two
+    documents, no resamples, or the metric is not one of those."""
+    if metric not in _RATIO_METRICS or iters < 2 or len(pairs) < 2:
+        return None
+    ll = np.asarray([float(p[0]) for p in pairs])
+    units = np.asarray([float(p[1]) for p in pairs])
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // len(ll))
+    out = []
+    for start in range(0, iters, chunk):
+        idx = rng.integers(0, len(ll), size=(min(chunk, iters - start), len(ll)))
+        out.append(ll[idx].sum(1) / units[idx].sum(1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        vals = _RATIO_METRICS[metric](np.concatenate(out))
+    se = float(np.std(vals, ddof=1))
+    return se if math.isfinite(se) else None
+
+
+def _sample_pairs(samples: list[dict], metric: str, filt: str) -> list:
+    return [s[metric] for s in samples
+            if s.get("filter", filt) == filt and isinstance(s.get(metric), (list, tuple)) and len(s[metric]) == 2]
+
+
+def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device,
+                tasks: list[str] | None = None) -> tuple[dict, dict]:
+    """lm-eval on one in-memory model: ({task: {metric: (value, stderr)}}, {task: meta}). A bits-per-byte-like
+    metric's stderr, which lm-eval leaves out, is bootstrapped over its per-document results."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -217,8 +298,8 @@ def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device) -> tuple
               device=str(device))
     scores: dict[str, dict] = {}
     meta: dict[str, dict] = {}
-    for limit, names in _groups(cfg).items():
-        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=False,
+    for limit, names in _groups(cfg, tasks).items():
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=True,
                               bootstrap_iters=cfg.bootstrap_iters, random_seed=0, numpy_random_seed=1234,
                               torch_random_seed=1234, fewshot_random_seed=1234)
         for task, row in res["results"].items():
@@ -231,6 +312,9 @@ def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device) -> tuple
                 if _num(v) is None:
                     continue
                 se = _num(row.get(f"{metric}_stderr,{filt}"))
+                if se is None and metric in _RATIO_METRICS:  # lm-eval gives none: bootstrap over documents
+                    se = bootstrap_stderr(_sample_pairs((res.get("samples") or {}).get(task, []), metric, filt),
+                                          metric, cfg.bootstrap_iters)
                 scores[task][metric] = (float(v), se, bool(hib.get(metric, True)))
             n = res.get("n-samples", {}).get(task, {})
             meta[task] = {"n_docs": int(n.get("effective", 0)), "n_available": int(n.get("original", 0)),
@@ -251,21 +335,24 @@ def retention(after: float, teacher: float, higher_is_better: bool) -> float | N
 
 
 def run_benchmarks(models: dict, tokenizer_dirs: dict[str, str], cfg: BenchmarksConfig, *,
-                   bundled_dir: str | Path | None, device="cpu",
-                   log: Callable[[str], None] = print) -> BenchmarkReport:
-    """Every task in `cfg.tasks` for each model in `models` (teacher, student_before, student_after)."""
+                   bundled_dir: str | Path | None, device="cpu", log: Callable[[str], None] = print,
+                   reference_dir: str | Path | None = None, reference_text: str | None = None) -> BenchmarkReport:
+    """Every task in `cfg.tasks` for each model in `models` (teacher, student_before, student_after), and
+    kdflow_bpb_reference when `reference_dir` (write_reference_task's folder) is given."""
     from transformers import AutoTokenizer
 
     t_all = time.perf_counter()
-    tm = _task_manager(cfg.include_paths, bundled_dir, defaults=bool(_external(cfg)))
+    tasks = list(cfg.tasks) + ([REFERENCE] if reference_dir is not None and REFERENCE not in cfg.tasks else [])
+    tm = _task_manager(cfg.include_paths + ([str(reference_dir)] if reference_dir is not None else []), bundled_dir,
+                       defaults=bool(_external(cfg)))
     values: dict[tuple[str, str, str], tuple] = {}
     metas: dict[str, dict] = {}
     wall: dict[str, float] = {}
     for i, (name, model) in enumerate(models.items()):
         t0 = time.perf_counter()
-        log(f"benchmarks: {name} ({i + 1}/{len(models)}) on {', '.join(cfg.tasks)}")
+        log(f"benchmarks: {name} ({i + 1}/{len(models)}) on {', '.join(tasks)}")
         tok = AutoTokenizer.from_pretrained(tokenizer_dirs[name])
-        scores, meta = score_model(model, tok, cfg, tm, device=device)
+        scores, meta = score_model(model, tok, cfg, tm, device=device, tasks=tasks)
         for task, metrics in scores.items():
             for metric, v in metrics.items():
                 values[(task, metric, name)] = v
@@ -284,11 +371,13 @@ def run_benchmarks(models: dict, tokenizer_dirs: dict[str, str], cfg: Benchmarks
             stderr={n: v[1] for n, v in per.items() if v is not None},
             retention=retention(a[0], t[0], hib) if t is not None and a is not None else None,
         ))
-    tasks = [BenchmarkTask(task=t, **metas[t], bundled=t in BUNDLED) for t in cfg.tasks if t in metas]
+    ran = [BenchmarkTask(task=t, **metas[t], bundled=t in BUNDLED) for t in tasks if t in metas]
     wall["total"] = time.perf_counter() - t_all
-    return BenchmarkReport(lm_eval_version=lm_eval_version(), tasks=tasks, scores=rows, wall_s=wall,
+    return BenchmarkReport(lm_eval_version=lm_eval_version(), tasks=ran, scores=rows, wall_s=wall,
                            bundled_dir=str(bundled_dir) if bundled_dir is not None else None,
-                           max_length=cfg.max_length)
+                           max_length=cfg.max_length,
+                           reference_text=reference_text if reference_dir is not None else None,
+                           reference_dir=str(reference_dir) if reference_dir is not None else None)
 
 
 # ------------------------------------------------------------------------------------ gates
@@ -302,6 +391,8 @@ def benchmark_gates(report: BenchmarkReport | None, cfg: BenchmarksConfig) -> li
         return []
     out = []
     missing = [t for t in cfg.tasks if t not in {x.task for x in report.tasks}]
+    # the listed tasks and what the eval step added (kdflow_bpb_reference): the gates read every recorded score
+    listed = list(cfg.tasks) + [t.task for t in report.tasks if t.task not in cfg.tasks]
     if cfg.require_no_regression:
         bad, seen = [], []
         for s in report.scores:
@@ -312,7 +403,7 @@ def benchmark_gates(report: BenchmarkReport | None, cfg: BenchmarksConfig) -> li
         bad += [f"{t}: no scores" for t in missing]
         out.append(Falsifier(
             id=NO_REGRESSION_ID,
-            claim=f"student-after scores at least as well as student-before on every metric of {', '.join(cfg.tasks)}",
+            claim=f"student-after scores at least as well as student-before on every metric of {', '.join(listed)}",
             observed=("; ".join(seen) if not bad else "WORSE: " + "; ".join(bad)) if (seen or bad) else "no scores",
             verdict="pass" if seen and not bad else "fail"))
     if cfg.min_retention is not None:
@@ -339,15 +430,42 @@ def _f(x: float | None) -> str:
     return "None" if x is None else f"{x:.4g}"
 
 
+def value_pm(value: float | None, stderr: float | None) -> str:
+    """`1.234 ± 0.0567` (the standard error), or the value alone when there is none."""
+    return _f(value) + (f" ± {stderr:.3g}" if value is not None and stderr is not None else "")
+
+
+def domain_line(report: BenchmarkReport) -> str | None:
+    """Specialisation and retention side by side: student-after's bits per byte and retention on held-out text
+    of the training source (kdflow_bpb) and on the reference text it did not train on (kdflow_bpb_reference)."""
+    from kd.evaluate.bundled_tasks import BPB
+
+    by = {s.task: s for s in report.scores if s.metric == "bits_per_byte"}
+    parts = []
+    for task, what in ((BPB, "in-domain (held-out training source)"),
+                       (REFERENCE, f"out-of-domain ({report.reference_text or 'reference text'}, not trained on)")):
+        s = by.get(task)
+        if s is not None:
+            parts.append(f"{what} {task}: student-after {value_pm(s.values.get('student_after'), s.stderr.get('student_after'))} "
+                         f"bits/byte, teacher {value_pm(s.values.get('teacher'), s.stderr.get('teacher'))}, "
+                         f"retention {_f(s.retention)}")
+    return "; ".join(parts) if parts else None
+
+
 def benchmarks_markdown(report: BenchmarkReport) -> str:
-    """The table a user reads: task, metric, teacher, before, after, retention, n docs."""
-    lines = ["| task | metric | teacher | student-before | student-after | retention | docs |",
-             "|---|---|---|---|---|---|---|"]
+    """The table a user reads: task, metric, teacher, before, after (± standard error), retention, n docs;
+    above it, in-domain and out-of-domain bits per byte side by side."""
+    line = domain_line(report)
+    lines = ([line, ""] if line else []) + [
+        "| task | metric | teacher | student-before | student-after | retention | docs |",
+        "|---|---|---|---|---|---|---|"]
     n = {t.task: t.n_docs for t in report.tasks}
     for s in report.scores:
         arrow = "↑" if s.higher_is_better else "↓"
-        lines.append(f"| {s.task} | {s.metric} {arrow} | {_f(s.values.get('teacher'))} | "
-                     f"{_f(s.values.get('student_before'))} | {_f(s.values.get('student_after'))} | "
+        v, se = s.values, s.stderr
+        lines.append(f"| {s.task} | {s.metric} {arrow} | {value_pm(v.get('teacher'), se.get('teacher'))} | "
+                     f"{value_pm(v.get('student_before'), se.get('student_before'))} | "
+                     f"{value_pm(v.get('student_after'), se.get('student_after'))} | "
                      f"{_f(s.retention)} | {n.get(s.task, '?')} |")
     return "\n".join(lines)
 
@@ -357,18 +475,28 @@ def benchmark_eval(report, models: dict, tokenizer_dirs: dict[str, str], eval_cf
     """The eval step's benchmark part: write the bundled tasks (from the prepared set training read, when
     any is listed), score every model, attach the report and its gates to the `EvalReport`."""
     from kd.errors import DataError
-    from kd.evaluate.bundled_tasks import write_bundled_tasks
+    from kd.evaluate.bundled_tasks import write_bundled_tasks, write_reference_task
 
     cfg = eval_cfg.benchmarks
     if not cfg.tasks:
         return report
-    bundled_dir = None
-    if any(t in BUNDLED for t in cfg.tasks):
+    reference_text = getattr(eval_cfg, "reference_text", None)
+    tasks = scored_tasks(cfg, reference_text)
+    bundled_dir = reference_dir = None
+    if any(t in BUNDLED for t in tasks):
         if not Path(heldout_path).is_dir():
             raise DataError(f"bundled benchmarks need a prepared data folder; {heldout_path} is not one "
                             "(an older run's held-out blocks): run again with --no-cache")
+    if any(t in BUNDLED and t != REFERENCE for t in tasks):
         bundled_dir = write_bundled_tasks(heldout_path, tokenizer_dirs["student_after"])
         log(f"benchmarks: bundled tasks in {bundled_dir}")
-    bench = run_benchmarks(models, tokenizer_dirs, cfg, bundled_dir=bundled_dir, device=device, log=log)
+    if REFERENCE in tasks:  # out of domain: the reference text, decontaminated against the training split
+        reference_dir = write_reference_task(heldout_path, tokenizer_dirs["student_after"], reference_text)
+        log(f"benchmarks: {REFERENCE} ({reference_text}) in {reference_dir}")
+    bench = run_benchmarks(models, tokenizer_dirs, cfg.model_copy(update={"tasks": [t for t in tasks if t != REFERENCE]}),
+                           bundled_dir=bundled_dir, device=device, log=log, reference_dir=reference_dir,
+                           reference_text=reference_text)
+    if line := domain_line(bench):
+        log(f"benchmarks: {line}")
     gates = [g for g in report.gates if g.id not in (NO_REGRESSION_ID, RETENTION_ID)] + benchmark_gates(bench, cfg)
     return report.model_copy(update={"benchmarks": bench, "gates": gates})

@@ -11,8 +11,14 @@ multiple-choice task over data shipped with kdflow.
 - `kdflow_bpb` (`loglikelihood_rolling`): held-out passages scored whole. Metrics: `bits_per_byte`,
   `byte_perplexity`, `word_perplexity`.
 - `kdflow_mc` (`multiple_choice`): kd/corpus/benchmarks/kdflow-mc.jsonl (public domain, see SOURCE.md).
+- `kdflow_bpb_reference` (`loglikelihood_rolling`, like `kdflow_bpb`): passages of `eval.reference_text`, a
+  second source the run did not train on (default `bundled:bierce`, Bierce's *The Devil's Dictionary*,
+  public domain): out-of-domain bits per byte, so retention on text the student never saw stands beside
+  the in-domain `kdflow_bpb`. Written by `write_reference_task` into its own folder
+  (`<prepared>/lm-eval-reference-vN-<sha of the reference text>/`), at most REFERENCE_MAX_PASSAGES passages.
 
-The held-out passages are decoded from the prepared set's held-out split, which is split from the
+The reference passages are built like `kdflow_bpb`'s (whole sentences, ≤ MAX_PASSAGE_WORDS words, per
+document) and decontaminated against the training documents the same way. The held-out passages are decoded from the prepared set's held-out split, which is split from the
 training split by whole document; a held-out document whose tokens equal a training document's
 (a duplicate in the source) is left out. Then items are decontaminated against the training documents
 (lowercased words, punctuation dropped): a last-word item is dropped when its last 8 words (the whole
@@ -39,11 +45,16 @@ VERSION = 3  # bump when the items or YAML written here change: a new folder nam
 FOLDER = f"lm-eval-tasks-v{VERSION}"
 MARKER = "tasks.json"
 LASTWORD, BPB, MC = "kdflow_lastword", "kdflow_bpb", "kdflow_mc"
+REFERENCE = "kdflow_bpb_reference"
 BUNDLED = {
     LASTWORD: "LAMBADA-style last word of held-out passages: accuracy and perplexity of the final word",
     BPB: "bits per byte of held-out passages (loglikelihood_rolling)",
     MC: "40 multiple-choice everyday sentence completions bundled with kdflow (public domain)",
+    REFERENCE: "bits per byte of passages of eval.reference_text, a source the run did not train on "
+    "(out of domain; loglikelihood_rolling)",
 }
+REFERENCE_MAX_PASSAGES = 200  # a seeded spread of the reference's passages; eval.benchmarks.limit(s) cut further
+REFERENCE_SUFFIXES = (".txt", ".jsonl")
 MC_DATA = Path(__file__).resolve().parents[1] / "corpus" / "benchmarks" / "kdflow-mc.jsonl"
 SEED = 20
 MAX_CONTEXT_WORDS = 48  # last-word context: whole sentences before the word, up to this many words
@@ -257,3 +268,116 @@ def code_fingerprint() -> str:
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(MC_DATA.read_bytes())
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ the reference text
+def reference_files(reference_text: str) -> list[Path]:
+    """The files behind `eval.reference_text` (a .txt/.jsonl file, a folder of them, or `bundled:NAME`).
+    ConfigError naming eval.reference_text when it is missing, of another type, or an empty folder."""
+    from kd.bundled import CORPUS, PREFIX, bundled_names, source_path
+    from kd.errors import ConfigError, DataError
+
+    try:
+        root = source_path(reference_text)
+    except DataError:
+        raise ConfigError(f"eval.reference_text {reference_text!r}: no bundled data "
+                          f"{reference_text.removeprefix(PREFIX)!r}; kdflow ships "
+                          f"{', '.join(PREFIX + n for n in bundled_names())} (in {CORPUS})") from None
+    if root.is_file():
+        if root.suffix.lower() not in REFERENCE_SUFFIXES:
+            raise ConfigError(f"eval.reference_text {reference_text!r}: a {root.suffix or 'suffix-less'} file; "
+                              f"give a {' or '.join(REFERENCE_SUFFIXES)} file or a folder of them")
+        return [root.resolve()]
+    if root.is_dir():
+        files = sorted(p.resolve() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in REFERENCE_SUFFIXES)
+        if not files:
+            raise ConfigError(f"eval.reference_text {reference_text!r}: no {'/'.join(REFERENCE_SUFFIXES)} files in {root}")
+        return files
+    raise ConfigError(f"eval.reference_text {reference_text!r}: no such file or folder ({root.resolve()}); "
+                      f"give a .txt/.jsonl file, a folder, one of {', '.join(PREFIX + n for n in bundled_names())}, "
+                      "or null to score no out-of-domain text")
+
+
+def _record_text(rec) -> str:
+    if isinstance(rec, str):
+        return rec
+    if isinstance(rec, dict):
+        if isinstance(rec.get("text"), str):
+            return rec["text"]
+        msgs = rec.get("messages")
+        if isinstance(msgs, list):  # a chat record: its turns' text, in order
+            return " ".join(m.get("content", "") for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return ""
+
+
+def reference_documents(files: list[Path]) -> list[str]:
+    """One document per non-blank line of a .txt file, per record of a .jsonl file (its `text`, or a chat
+    record's turns joined); whitespace collapsed to single spaces, as the held-out documents are."""
+    from kd.errors import ConfigError
+
+    docs = []
+    for f in files:
+        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if f.suffix.lower() == ".jsonl":
+                try:
+                    line = _record_text(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"eval.reference_text: {f}:{i}: not valid JSON ({err.msg})") from None
+            text = " ".join(line.split())
+            if text:
+                docs.append(text)
+    return docs
+
+
+def reference_fingerprint(reference_text: str | None) -> str | None:
+    """sha256 over the reference files' names and content (None: no reference text)."""
+    if reference_text is None:
+        return None
+    h = hashlib.sha256()
+    for f in reference_files(reference_text):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def reference_passages(docs: list[str]) -> list[dict]:
+    """kdflow_bpb's passages of the reference documents, shuffled with the fixed seed (write_reference_task
+    keeps the first REFERENCE_MAX_PASSAGES that are not in the training data)."""
+    rows = bpb_passages(docs)
+    random.Random(SEED).shuffle(rows)
+    return rows
+
+
+def write_reference_task(prepared_dir: str | Path, tokenizer_dir: str | Path, reference_text: str) -> Path:
+    """Write (once) `kdflow_bpb_reference`'s YAML and data into
+    `<prepared_dir>/lm-eval-reference-vN-<sha12>/`, the passages decontaminated against the training split."""
+    files = reference_files(reference_text)
+    key = hashlib.sha256(f"{reference_fingerprint(reference_text)} {code_fingerprint()}".encode()).hexdigest()[:16]
+    out = Path(prepared_dir) / f"lm-eval-reference-v{VERSION}-{key}"
+
+    def build(tmp: Path) -> None:
+        from kd.errors import DataError
+
+        docs = reference_documents(files)
+        candidates = reference_passages(docs)
+        # decontaminate more than we keep, so dropped passages are replaced by the next ones in seeded order
+        _lw, kept, contaminated = decontaminate([], candidates[: 4 * REFERENCE_MAX_PASSAGES],
+                                                training_texts(prepared_dir, tokenizer_dir))
+        kept = kept[:REFERENCE_MAX_PASSAGES]
+        if not kept:
+            raise DataError(f"eval.reference_text {reference_text!r}: every passage occurs in the training data "
+                            "(it is the training source, not a second one): give another source, or null")
+        data = tmp / f"{REFERENCE}.jsonl"
+        _write_jsonl(data, kept)
+        (tmp / f"{REFERENCE}.yaml").write_text(_yaml(REFERENCE, out.resolve() / data.name, _BPB_BODY))
+        info = {"version": VERSION, "task": REFERENCE, "reference_text": reference_text,
+                "reference_files": {str(f): _sha(f) for f in files}, "documents": len(docs),
+                "passages_available": len(candidates), "items_found_in_training_dropped": contaminated,
+                "docs": {REFERENCE: len(kept)}, "descriptions": {REFERENCE: BUNDLED[REFERENCE]},
+                "files": {p.name: _sha(p) for p in sorted(tmp.iterdir())}}
+        (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+    build_once(out, MARKER, build)
+    return out

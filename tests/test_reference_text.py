@@ -162,3 +162,26 @@ def test_config_refuses_the_reference_task_without_a_reference():
 
 def _smoke() -> dict:
     return load_config("configs/smoke.yaml").model_dump(mode="json", exclude={"eval"})
+
+
+def test_the_eval_step_adds_the_reference_whenever_benchmarks_run(prepared, tiny_pair):
+    """kd's side of the `evaluate` task: benchmark_eval writes and scores kdflow_bpb_reference beside the listed
+    tasks by default, and not with eval.reference_text null."""
+    from backends import get_backend
+    from kd.config import EvalConfig
+    from kd.evaluate.benchmarks import benchmark_eval
+    from tests.test_manifest import _eval_report
+
+    teacher_dir, student_dir = map(str, tiny_pair)
+    be = get_backend("hf")
+    models = {n: be.load(d, device="cpu", dtype=torch.float32, trust_remote_code=False)
+              for n, d in (("teacher", teacher_dir), ("student_after", student_dir))}
+    dirs = {"teacher": teacher_dir, "student_before": student_dir, "student_after": student_dir}
+    logs: list[str] = []
+    ev = EvalConfig(benchmarks={"tasks": [BPB], "limit": 4, "bootstrap_iters": 50})
+    rep = benchmark_eval(_eval_report(), models, dirs, ev, heldout_path=prepared.path, log=logs.append).benchmarks
+    assert [t.task for t in rep.tasks] == [BPB, REFERENCE] and rep.reference_text == DEFAULT
+    assert any("out-of-domain (bundled:bierce" in line for line in logs), logs
+    off = ev.model_copy(update={"reference_text": None})
+    rep = benchmark_eval(_eval_report(), models, dirs, off, heldout_path=prepared.path, log=logs.append).benchmarks
+    assert [t.task for t in rep.tasks] == [BPB] and rep.reference_text is None

@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 from flows.train import train_via_deployment
 from kd.config import ModelRef, RunConfig, default_run_name, short_model_name
 from kd.errors import GateFailure
+from kd.evaluate.control import control_config
 from kd.evaluate.ship import ship_line
 from kd.manifest import claim_run_name
 from kd.verdicts import failure_reasons
@@ -67,7 +68,7 @@ def distill(config: RunConfig) -> dict:
                 retry_delay_seconds=config.orchestration.retry_delay_s)
 
     report = preflight(config)
-    teacher = student = alignment = prepared = teacher_cache = training = evaluation = None
+    teacher = student = alignment = prepared = teacher_cache = training = control = evaluation = None
     failure = None
     steps = StepStates()  # which steps were cache hits, from the States returned here (never a server read)
     try:
@@ -82,15 +83,19 @@ def distill(config: RunConfig) -> dict:
         else:
             training = steps.run("train_student", train_student_task.with_options(**opts), config, teacher,
                                  student, alignment, run_name, prepared, teacher_cache)
+        if config.eval.control:  # the same student fine-tuned (alpha = 1): one cached step every KD setting shares
+            control = steps.run("train_control", train_student_task.with_options(name="train_control", **opts),
+                                control_config(config), teacher, student, alignment, run_name, prepared,
+                                folder=f"{run_name}-control")
         evaluation = steps.run("evaluate", evaluate.with_options(refresh_cache=refresh or None), config, teacher,
-                               student, alignment, training, prepared)
+                               student, alignment, training, prepared, control)
     except Exception as err:  # recorded in the evidence, then re-raised: a failed run stays failed
         failure = err
     manifest = write_evidence_task(
         config, run_name, start, report, teacher, student, alignment, training, evaluation,
         failure=None if failure is None else f"{type(failure).__name__}: {failure}",
         flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url, prepared=prepared,
-        cached_steps=steps.cached, teacher_cache=teacher_cache,
+        cached_steps=steps.cached, teacher_cache=teacher_cache, control=control,
     )
     if failure is not None:
         raise failure

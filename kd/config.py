@@ -477,6 +477,16 @@ class EvalConfig(_Part):
     sample_max_new_tokens: int = Field(
         24, ge=0, le=512, description="Tokens generated per prompt and model (0: no samples)."
     )
+    # --- the fine-tuning control (issue 27; kd/evaluate/control.py)
+    control: bool = Field(
+        False, description="Also train the same student with alpha = 1 (fine-tuning only) on the same data, steps, lr "
+        "and seed (one cached step every KD setting shares), and decide F-DISTILL-VALUE-001: distillation beat "
+        "fine-tuning, by a paired bootstrap over documents of the reference text (else the held-out split).")
+    control_bootstrap_samples: int = Field(2000, ge=100, le=100_000, description="Bootstrap resamples of documents.")
+    control_confidence: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the KD − control interval.")
+    control_bootstrap_seed: int = Field(0, ge=0, description="Seed of the bootstrap (verify recomputes it).")
+    control_max_documents: int = Field(
+        400, ge=10, le=100_000, description="At most this many documents of each source are scored for the control.")
     heldout_sample_prompts: int = Field(
         4, ge=0, le=64, description="Held-out prompts (chat: the conversation before an assistant turn; text: a prefix) "
         "also completed greedily by the three models, in samples.md and checked by the ship verdict.")

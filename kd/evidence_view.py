@@ -27,7 +27,23 @@ def _eval_rows(m: Manifest) -> dict[str, dict]:
     if m.eval is None:
         return {}
     rows = {"teacher": m.eval.teacher, "student_before": m.eval.student_before, "student_after": m.eval.student_after}
+    if m.eval.control is not None:  # the fine-tuning control (alpha = 1), same table
+        rows["control"] = m.eval.control.control
     return {k: v.model_dump() for k, v in rows.items()}
+
+
+def _control_lines(m: Manifest) -> list[str]:
+    """KD − fine-tuning control per source and metric, with the paired bootstrap interval (issue 27)."""
+    c = m.eval.control if m.eval is not None else None
+    if c is None:
+        return []
+    out = [f"  distillation vs fine-tuning control (KD − control, {c.confidence:.0%} paired bootstrap over documents; "
+           f"< 0: KD better; decided on {c.value_source}):"]
+    for src, diffs in c.differences.items():
+        out += [f"    {src:<10}{d.metric:<16} KD {d.kd:.4f} ± {d.kd_stderr:.4f}  control {d.control:.4f} ± "
+                f"{d.control_stderr:.4f}  diff {d.difference:+.4f} [{d.low:+.4f}, {d.high:+.4f}]  {d.documents} docs"
+                for d in diffs]
+    return out
 
 
 def _benchmark_lines(m: Manifest) -> list[str]:
@@ -114,6 +130,7 @@ def show_run(run_dir: Path) -> str:
             out.append(f"    student-{name:<7} reverse KL {_g(e.reverse_kl):>9}  teacher NLL {_g(e.teacher_nll):>9}  "
                        f"tokens {e.tokens}, stopped at EOS {e.stopped}/{e.samples}")
     out += _benchmark_lines(m)
+    out += _control_lines(m)
     out += _ship_lines(m)
     out.append("  falsifiers:")
     for f in m.falsifiers:

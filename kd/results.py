@@ -308,6 +308,44 @@ class ShipVerdict(_Result):
     reasons: list[str] = Field(default_factory=list, description="One line per failed check")
 
 
+class DocumentScores(_Result):
+    """Per-document sums for the control comparison (kd/evaluate/control.py): model 0 = KD student, 1 = control."""
+
+    source: Literal["heldout", "reference"] = Field(description="heldout: the training source's held-out split; "
+                                                    "reference: eval.reference_text, not trained on")
+    tokens: list[int] = Field(description="Scored tokens per document")
+    bytes: list[int] = Field(description="UTF-8 bytes of the scored tokens' text per document")
+    nll: list[list[float]] = Field(description="Per model (KD student, control), summed NLL in nats per document")
+
+
+class PairedDifference(_Result):
+    """KD − control on one metric, with a paired bootstrap interval over documents."""
+
+    metric: Literal["bits_per_byte", "loss_per_token"]
+    documents: int
+    kd: float
+    control: float
+    difference: float = Field(description="kd − control (lower is better for both metrics: < 0 means KD won)")
+    low: float
+    high: float
+    kd_stderr: float = Field(description="Bootstrap standard error of the KD student's value over documents")
+    control_stderr: float
+
+
+class ControlReport(_Result):
+    """eval.control: the same student fine-tuned (α = 1) on the same data, steps, lr and seed, against the KD one."""
+
+    control: ModelEval = Field(description="The control's held-out metrics (same table as the three models)")
+    scores: list[DocumentScores]
+    differences: dict[str, list[PairedDifference]] = Field(description="source -> KD − control per metric")
+    value_source: str = Field(description="The source F-DISTILL-VALUE-001 is decided on")
+    bootstrap_samples: int
+    confidence: float
+    bootstrap_seed: int
+    control_run: str | None = Field(None, description="The run that trained the control (a cache hit names an earlier one)")
+    control_checkpoint_sha256: str | None = None
+
+
 class EvalReport(_Result):
     teacher: ModelEval
     student_before: ModelEval
@@ -322,6 +360,8 @@ class EvalReport(_Result):
         "per-token reverse KL to the teacher and the teacher's NLL (eval.on_sample_prompts > 0)")
     benchmarks: BenchmarkReport | None = Field(
         None, description="lm-eval downstream benchmarks (eval.benchmarks), when any were listed")
+    control: ControlReport | None = Field(
+        None, description="eval.control: the fine-tuning control and KD − control with paired intervals")
     ship: ShipVerdict | None = Field(
         None, description="The ship verdict (kd/evaluate/ship.py): whether the student is worth deploying")
 

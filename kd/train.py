@@ -168,8 +168,14 @@ def trim_metrics(path: Path, upto_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def fine_tuning_only(cfg: RunConfig) -> bool:
+    """alpha = 1 off-policy (e.g. eval.control's run): the KD term weighs 0, so the teacher is never loaded."""
+    return cfg.kd.alpha == 1.0 and not cfg.kd.on_policy.enabled
+
+
 class _Objective:
-    """Student + frozen teacher -> KD loss on one batch, through the fused-linear loss."""
+    """Student + frozen teacher -> KD loss on one batch, through the fused-linear loss. Without a teacher
+    (fine_tuning_only) the student stands in for it: D(p, p) = 0 at weight 0, the loss is the CE alone."""
 
     def __init__(self, cfg: RunConfig, student, teacher, alignment: VocabAlignment, autocast: bool, device: str):
         self.cfg, self.student, self.teacher = cfg, student, teacher
@@ -185,9 +191,10 @@ class _Objective:
         with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):
             s_hidden = self.backend.hidden_states(self.student, ids, position_ids=pos)[:, :-1]
             with torch.no_grad():  # not inference_mode: its tensors cannot be saved for backward
-                t_hidden = self.backend.hidden_states(self.teacher, ids, position_ids=pos)[:, :-1]
+                t_hidden = (s_hidden.detach() if self.teacher is None else
+                            self.backend.hidden_states(self.teacher, ids, position_ids=pos)[:, :-1])
         s_w, s_b = self.backend.output_head(self.student)
-        t_w, t_b = self.backend.output_head(self.teacher)
+        t_w, t_b = (s_w, s_b) if self.teacher is None else self.backend.output_head(self.teacher)
         return fused_linear_kd_loss(
             s_hidden.reshape(-1, s_hidden.shape[-1]), s_w,
             t_hidden.reshape(-1, t_hidden.shape[-1]), t_w[: self.alignment.rows_kept].detach(),
@@ -267,7 +274,7 @@ def train_student(
     # and no recast of its weights at every forward
     # offline (issue 13): a verified teacher cache bound to this data; the teacher is never loaded
     offline = _open_teacher_cache(cfg, teacher_cache, packed)
-    teacher = None if offline is not None else backend.load(
+    teacher = None if offline is not None or fine_tuning_only(cfg) else backend.load(
         teacher_dir, device=device, dtype=torch.bfloat16 if autocast else dtype,
         trust_remote_code=cfg.teacher.trust_remote_code)
     if teacher is not None:
@@ -285,8 +292,8 @@ def train_student(
                  else _OfflineObjective(cfg, student, offline, alignment, autocast, device))
     step_objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
                                          autocast=autocast, device=device)
-    log.info("teacher: %s", "online (loaded, runs every step)" if offline is None else
-             f"offline cache {offline.folder} (top-k {offline.spec.k}, {offline.spec.encoding}); teacher not loaded")
+    log.info("teacher: %s", "not loaded: alpha = 1, fine-tuning only" if fine_tuning_only(cfg) else
+             "online (loaded, runs every step)" if offline is None else f"offline cache {offline.folder} (top-k {offline.spec.k}, {offline.spec.encoding}); teacher not loaded")
 
     # A fixed probe batch measures initial and final loss on the same tokens (the smoke falsifier).
     probe = train_batch(packed.train, step=0, micro=0, batch_size=tc.batch_size, grad_accum=1, seed=tc.seed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from kd.config import EvalConfig
 from kd.evaluate import eval_gates
 from kd.evaluate.benchmarks import benchmark_gates
+from kd.evaluate.control import value_gate
 from kd.results import EvalReport, Falsifier, TrainResult, VocabAlignment
 
 SMOKE_ID = "F-DISTILL-SMOKE-001"
@@ -67,6 +68,8 @@ def recompute_falsifiers(
         out += eval_gates(e.teacher, e.student_before, e.student_after, e.vocab_size, eval_cfg,
                           on_samples=getattr(e, "on_samples", None))
         out += benchmark_gates(e.benchmarks, eval_cfg.benchmarks)  # optional lm-eval falsifiers (issue 20)
+        if eval_cfg.control:  # distillation beat fine-tuning (issue 27), from the recorded per-document sums
+            out.append(value_gate(getattr(e, "control", None)))
     return out
 
 

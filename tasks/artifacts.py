@@ -177,6 +177,17 @@ def eval_comparison(report, reused_from: str | None = None) -> None:
                           description=f"Held-out metrics; gates: {gates}{reused(reused_from)}")
 
 
+def control_table(control, reused_from: str | None = None) -> None:
+    """eval.control: KD − fine-tuning control per source and metric, with the paired bootstrap interval."""
+    rows = [{"source": src, "metric": d.metric, "KD": _cell(d.kd), "control": _cell(d.control),
+             "KD − control": _cell(d.difference), "interval low": _cell(d.low), "interval high": _cell(d.high),
+             "documents": d.documents} for src, diffs in control.differences.items() for d in diffs]
+    create_table_artifact(key="control-comparison", table=rows,
+                          description=f"Distillation vs fine-tuning (alpha = 1, same data, steps, lr, seed): KD − control, "
+                          f"{control.confidence:.0%} paired bootstrap interval over documents (< 0: KD better); "
+                          f"F-DISTILL-VALUE-001 decided on {control.value_source}{reused(reused_from)}")
+
+
 def benchmarks_table(bench, reused_from: str | None = None) -> None:
     """lm-eval benchmarks: one row per task metric, teacher / before / after / retention (kd/evaluate/benchmarks.py)."""
     docs = {t.task: t.n_docs for t in bench.tasks}
@@ -270,6 +281,8 @@ def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None,
             train_metrics(training, src)
         elif step == "evaluate" and evaluation is not None:
             eval_comparison(evaluation, src)
+            if getattr(evaluation, "control", None) is not None:  # the fine-tuning control (issue 27)
+                control_table(evaluation.control, src)
             if getattr(evaluation, "benchmarks", None) is not None:  # lm-eval benchmarks (issue 20)
                 benchmarks_table(evaluation.benchmarks, src)
             if getattr(evaluation, "samples", None):  # greedy completions (kd/samples.py), when eval made them

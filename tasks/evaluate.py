@@ -20,6 +20,7 @@ from kd.data import data_fingerprint, open_prepared
 from kd.errors import ModelError
 from kd.evaluate import evaluate_run
 from kd.evaluate.benchmarks import benchmark_eval, definitions_fingerprint
+from kd.evaluate.control import compare_control
 from kd.evaluate.on_samples import heldout_prompts
 from kd.evaluate.ship import ship_line, ship_verdict
 from kd.results import EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
@@ -33,9 +34,14 @@ def _eval_key(context, parameters) -> str:
     return content_key("eval", parameters["training"].checkpoint_sha256, parameters["teacher"].content_hash,
                        parameters["student"].content_hash, parameters["alignment"].identity(),
                        cfg.eval.model_dump(), cfg.data.model_dump(exclude={"num_proc"}), _data_key(parameters),
-                       cfg.kd.chunk_size, *_bench_key(cfg),
+                       cfg.kd.chunk_size, *_bench_key(cfg), _control_key(parameters),
                        *([cfg.kd.on_policy.prompt_tokens, cfg.kd.on_policy.max_prompt_tokens]
                          if cfg.eval.on_sample_prompts else []))  # the on-sample eval's prompts
+
+
+def _control_key(parameters):
+    control = parameters.get("control")
+    return None if control is None else control.checkpoint_sha256
 
 
 def _bench_key(cfg: RunConfig) -> list:
@@ -71,9 +77,10 @@ def sample_spec(config: RunConfig, student_dir, heldout, prompts: int | None = N
 @task(name="evaluate", cache_key_fn=_eval_key, persist_result=True, retries=1, retry_condition_fn=retry_transient)
 def evaluate(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment,
-    training: TrainResult, prepared: PreparedData | None = None,
+    training: TrainResult, prepared: PreparedData | None = None, control: TrainResult | None = None,
 ) -> EvalReport:
-    for what, path in (("checkpoint", training.checkpoint_dir), ("held-out data", training.heldout_path)):
+    outputs = [("checkpoint", training.checkpoint_dir), ("held-out data", training.heldout_path)]
+    for what, path in outputs + ([("control checkpoint", control.checkpoint_dir)] if control is not None else []):
         if not Path(path).exists():
             raise ModelError(f"{what} {path} no longer exists (a cached training result from an earlier "
                              "run whose folder was removed): run again with --no-cache")
@@ -86,6 +93,8 @@ def evaluate(
     models = {"teacher": load(teacher.local_dir, config.teacher),
               "student_before": load(student.local_dir, config.student),
               "student_after": load(training.checkpoint_dir, config.student)}
+    if control is not None:  # eval.control: the fine-tuned control rides along in samples and benchmarks
+        models["control"] = load(control.checkpoint_dir, config.student)
     report = evaluate_run(
         models["teacher"], models["student_before"], models["student_after"], heldout, alignment, config.eval,
         chunk_size=config.kd.chunk_size, device=device, on_samples=sample_spec(config, student.local_dir, heldout),
@@ -102,8 +111,13 @@ def evaluate(
                                  description="Greedy completions: teacher, student-before, student-after")
     # lm-eval downstream benchmarks on the same three models (eval.benchmarks; kd/evaluate/benchmarks.py)
     report = benchmark_eval(report, models, {"teacher": teacher.local_dir, "student_before": student.local_dir,
-                                             "student_after": student.local_dir}, config.eval,
+                                             "student_after": student.local_dir, "control": student.local_dir},
+                            config.eval,
                             heldout_path=training.heldout_path, device=device, log=get_run_logger().info)
+    if control is not None:  # did distillation beat fine-tuning? (kd/evaluate/control.py)
+        report = report.model_copy(update={"control": compare_control(
+            config, models, heldout, alignment, student.local_dir, control, device=device)})
+        artifacts.control_table(report.control)
     # would someone deploy it? beside the pipeline gates, from what the student says (kd/evaluate/ship.py)
     report = report.model_copy(update={"ship": ship_verdict(report, config.eval.ship)})
     get_run_logger().info(ship_line(report.ship))

@@ -36,6 +36,7 @@ def write_evidence_task(
     training: TrainResult | None, evaluation: EvalReport | None, failure: str | None = None,
     flow_run_id: str | None = None, flow_run_url: str | None = None, prepared: PreparedData | None = None,
     cached_steps: dict[str, bool] | None = None, teacher_cache: TeacherCacheResult | None = None,
+    control: TrainResult | None = None,
 ) -> Manifest:
     falsifiers = []
     if failure is not None:
@@ -45,7 +46,7 @@ def write_evidence_task(
     models = {k: v for k, v in (("teacher", teacher), ("student", student)) if v is not None}
     results = {"pull_models": (teacher, student), "check_vocab": alignment, "prepare_data": prepared,
                "cache_teacher_logits": teacher_cache or getattr(training, "teacher_cache", None),
-               "train_student": training, "evaluate": evaluation}
+               "train_student": training, "train_control": control, "evaluate": evaluation}
     lineage = step_lineage(cached_steps or {}, run_name, flow_run_id, results)
     manifest = write_evidence(
         run_dir, config=config.model_copy(update={"name": run_name}), preflight=preflight, models=models,

@@ -50,8 +50,9 @@ def _cache_part(parameters) -> list | None:
       retry_condition_fn=retry_transient)
 def train_student_task(
     config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot, alignment: VocabAlignment, run_name: str,
-    prepared: PreparedData | None = None, teacher_cache: TeacherCacheResult | None = None,
+    prepared: PreparedData | None = None, teacher_cache: TeacherCacheResult | None = None, folder: str | None = None,
 ) -> TrainResult:
+    """`folder`: the work folder's name when it is not `run_name` (the control arm trains beside the run)."""
     if teacher_cache is not None and prepared is not None:  # never train from another teacher's/data's cache
         check_cache_is_for(config, teacher_cache, teacher, alignment, prepared)
     # the prepare_data step's memory-mapped set; prepared here only when called without one (several
@@ -75,7 +76,7 @@ def train_student_task(
                                      description=artifacts.progress_text(row, time.perf_counter() - first[1],
                                                                          first[0]))
 
-    run_dir = Path(config.work_dir).expanduser().resolve() / run_name  # results hold absolute paths
+    run_dir = Path(config.work_dir).expanduser().resolve() / (folder or run_name)  # results hold absolute paths
     if config.train.rendezvous.nnodes > 1:  # one flow run per node on the node deployment's pool (issue 19)
         from flows.multinode import train_multinode
 

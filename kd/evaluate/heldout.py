@@ -53,14 +53,14 @@ class _Acc:
         )
 
 
-def _head(model, backend, valid_vocab: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def output_rows(model, backend, valid_vocab: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     w, b = backend.output_head(model)
     if w.shape[0] < valid_vocab:
         raise VocabError(f"{what} output matrix has {w.shape[0]} rows, fewer than valid_vocab={valid_vocab}")
     return w[:valid_vocab], (b[:valid_vocab] if b is not None else None)
 
 
-def _log_probs(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def log_probs(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """(n, H) hidden × (V, H) head -> (n, V) float32 log-probs. Matmul in the model dtype (no fp32
     copy of a 152k-row matrix), softmax in float32."""
     return F.log_softmax(F.linear(h, w, b).float(), dim=-1)
@@ -98,14 +98,14 @@ def evaluate_models(
     for m in [*models, teacher]:
         if m is not None:
             m.eval()  # dropout off; eval never trains
-    heads = [_head(m, be, valid_vocab, f"model {i}") for i, m in enumerate(models)]
-    t_head = _head(teacher, be, valid_vocab, "teacher") if teacher is not None else None
+    heads = [output_rows(m, be, valid_vocab, f"model {i}") for i, m in enumerate(models)]
+    t_head = output_rows(teacher, be, valid_vocab, "teacher") if teacher is not None else None
     accs = [_Acc(compare=c, counts=torch.zeros(valid_vocab, dtype=torch.long, device=device)) for c in compare]
 
     for bi, start in enumerate(range(0, shape[0], batch_size)):
         if max_batches is not None and bi >= max_batches:
             break
-        inp, pos, tgt = _eval_batch(blocks, start, batch_size, valid_vocab, device)
+        inp, pos, tgt = eval_batch(blocks, start, batch_size, valid_vocab, device)
         keep = (tgt != IGNORE).nonzero().squeeze(1)  # exactly the tokens training puts a loss on
         tgt = tgt.index_select(0, keep)
         cache: dict[int, torch.Tensor] = {}
@@ -122,11 +122,11 @@ def evaluate_models(
         n = tgt.shape[0]
         for s in range(0, n, chunk_size):
             y = tgt[s : s + chunk_size]
-            lt = _log_probs(ht[s : s + chunk_size], *t_head) if ht is not None else None
+            lt = log_probs(ht[s : s + chunk_size], *t_head) if ht is not None else None
             t_arg = lt.argmax(-1) if lt is not None else None
             for m, acc, h, head in zip(models, accs, hs, heads):
                 # The teacher evaluated as itself reuses its log-probs.
-                lm = lt if m is teacher else _log_probs(h[s : s + chunk_size], *head)
+                lm = lt if m is teacher else log_probs(h[s : s + chunk_size], *head)
                 pm = lm.exp()
                 arg = lm.argmax(-1)
                 acc.loss += float(F.nll_loss(lm, y, reduction="sum"))
@@ -140,7 +140,7 @@ def evaluate_models(
     return [a.result() for a in accs]
 
 
-def _eval_batch(blocks, start: int, batch_size: int, valid_vocab: int, device):
+def eval_batch(blocks, start: int, batch_size: int, valid_vocab: int, device):
     """(inputs (B, T-1), position ids or None, labels (N,) with -100 = not scored) for blocks[start:...].
     `blocks`: a (B, T) id tensor (every next token scored) or a prepared `Split` (its loss mask)."""
     if isinstance(blocks, torch.Tensor):

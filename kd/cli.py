@@ -27,6 +27,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMOKE_PRESET = REPO_ROOT / "configs" / "smoke.yaml"
 
 
+def _strategy_field():
+    from kd.config import PruneSpec
+
+    f = PruneSpec.model_fields["strategy"]
+    from typing import get_args
+
+    return get_args(f.annotation), f.default
+
+
+STRATEGY_CHOICES, DEFAULT_STRATEGY = _strategy_field()  # make-student --strategy: the config's own values
+
+
 def _quiet_prefect_env() -> None:
     """Nothing may leave 127.0.0.1: no analytics, no telemetry."""
     for k, v in (("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
@@ -136,12 +148,29 @@ def cmd_make_student(args) -> int:
         ref = ModelRef(repo=args.teacher, gguf_file=args.gguf_file, revision=args.revision)
     except ValueError as err:
         raise ConfigError(f"--from: {err}") from None
+    if layers is not None and (args.strategy is not None or args.calibration is not None):
+        raise ConfigError("--strategy/--calibration: choose --keep-layers; --layers are kept exactly as given")
+    strategy = args.strategy or DEFAULT_STRATEGY
     teacher = pull_model(ref, "teacher", dtype=args.dtype)
+    calibration = None
+    if args.keep_layers is not None and strategy != "even":
+        import math
+
+        from kd.layer_choice import CALIBRATION_SEQ_LEN, calibration_from_text
+        from kd.prune import DEFAULT_CALIBRATION
+
+        if args.calibration_tokens < 16:
+            raise ConfigError(f"--calibration-tokens: must be >= 16, got {args.calibration_tokens}")
+        calibration = calibration_from_text(args.calibration or DEFAULT_CALIBRATION, teacher.local_dir,
+                                            n_blocks=math.ceil(args.calibration_tokens / CALIBRATION_SEQ_LEN))
     try:
-        kept = make_student(teacher.local_dir, Path(args.out), layers=layers, keep_layers=args.keep_layers)
+        kept = make_student(teacher.local_dir, Path(args.out), layers=layers, keep_layers=args.keep_layers,
+                            strategy=strategy, calibration=calibration)
     except ValueError as err:  # PruneSpec's own checks (e.g. layers not increasing)
         raise ConfigError(f"--layers/--keep-layers: {err}") from None
-    print(f"student: {Path(args.out).resolve()} ({len(kept)} decoder layers of the teacher's: {kept})")
+    how = f", strategy {strategy}, calibrated on {calibration.source}" if calibration is not None else ""
+    print(f"student: {Path(args.out).resolve()} ({len(kept)} decoder layers of the teacher's: {kept}{how}; "
+          f"scores in {Path(args.out).resolve() / 'kdflow-pruned.json'})")
     return 0
 
 
@@ -280,8 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--from", dest="teacher", required=True,
                     help="teacher: HF folder, .gguf file, pkg:DIST/FILE, tiny:teacher or hub repo id")
     keep = ms.add_mutually_exclusive_group(required=True)
-    keep.add_argument("--keep-layers", type=int, help="keep N decoder layers, evenly spaced, first and last included")
+    keep.add_argument("--keep-layers", type=int, help="keep N decoder layers chosen by --strategy, first and last "
+                      "included")
     keep.add_argument("--layers", help="keep exactly these decoder layers, e.g. 0,3,6,9")
+    ms.add_argument("--strategy", choices=STRATEGY_CHOICES, help=f"how --keep-layers are chosen (default "
+                    f"{DEFAULT_STRATEGY}): measured = greedy removal on calibration loss, block-influence = largest "
+                    "1 - cos(h_in, h_out), even = evenly spaced (kd/layer_choice.py)")
+    ms.add_argument("--calibration", help="text the layers are measured on: a .txt file (one document a line), a "
+                    "folder of them or bundled:NAME (default bundled:english)")
+    ms.add_argument("--calibration-tokens", type=int, default=512, help="calibration tokens (blocks of 128)")
     ms.add_argument("--gguf-file", help="GGUF file inside the hub repo given by --from")
     ms.add_argument("--revision", default="main", help="hub revision of --from")
     ms.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -42,13 +42,27 @@ FROM_TEACHER = "from-teacher"
 
 
 class PruneSpec(_Part):
-    """Which teacher decoder layers a pruned student keeps: `keep_layers` evenly spaced, or `layers` exactly."""
+    """Which teacher decoder layers a pruned student keeps: `keep_layers` chosen by `strategy`, or `layers` exactly."""
 
     keep_layers: int | None = Field(
-        None, gt=0, description="Keep this many decoder layers, evenly spaced, the first and last included."
+        None, gt=0, description="Keep this many decoder layers, chosen by `strategy`; the first and last are "
+        "always kept."
     )
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, description="Keep exactly these teacher decoder layers (0-based, increasing)."
+    )
+    strategy: Literal["measured", "block-influence", "even"] = Field(
+        "measured", description="How `keep_layers` are chosen (kd/layer_choice.py; ignored with `layers`). "
+        "`measured`: greedy removal on calibration text from the run's prepared training split: repeatedly drop "
+        "the layer whose removal raises the pruned stack's calibration loss least (SmolLM2-135M keeping 20 of 30, "
+        "before training: held-out bits/byte 1.55 vs 4.03 evenly spaced, teacher 1.02; "
+        "bench/results/layer_choice-2026-12-04.json). `block-influence`: keep the layers with the largest "
+        "1 - mean cos(h_in, h_out) (ShortGPT). `even`: evenly spaced, no measurement. Per-layer scores go in the "
+        "student's `init` in the manifest and the pull_models artifact."
+    )
+    calibration_tokens: int = Field(
+        512, ge=16, le=65536, description="Tokens of the run's prepared training split (whole blocks of "
+        "data.seq_len, spread over the split) the `measured` and `block-influence` strategies score layers on."
     )
 
     @model_validator(mode="after")
@@ -58,6 +72,11 @@ class PruneSpec(_Part):
         if self.layers is not None and sorted(set(self.layers)) != self.layers:
             raise ValueError(f"layers must be strictly increasing, got {self.layers}")
         return self
+
+    @property
+    def measured(self) -> bool:
+        """Whether the choice needs calibration text (and so depends on it)."""
+        return self.keep_layers is not None and self.strategy != "even"
 
 
 class ModelInit(_Part):

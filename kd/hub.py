@@ -84,18 +84,20 @@ def pull_model(
     token: str | None = None,
     teacher: ModelSnapshot | None = None,
     dtype: str = "float32",
+    data=None,
 ) -> ModelSnapshot:
     """Make `ref` available as a local folder and hash it. See the module docstring for the rules.
 
     `teacher`: the teacher's snapshot, needed when `ref` is a student built from it (`init`).
     `dtype`: what a GGUF source is dequantized to ("float32" | "bfloat16").
+    `data`: the run's DataConfig: a student pruned by a measured strategy calibrates on its training split.
     """
     if ref.kind == "pruned":
         if teacher is None:
             raise ModelError(f"{role}: init.from_teacher needs the teacher's snapshot")
         from kd.prune import ensure_pruned
 
-        folder, init = ensure_pruned(teacher, ref.init.from_teacher)
+        folder, init = ensure_pruned(teacher, ref.init.from_teacher, data)
         return _snapshot_folder(ref, role, folder, "pruned").model_copy(update={"init": init})
     if ref.is_gguf:
         return _pull_gguf(ref, role, cache_dir, _token(token), dtype)

@@ -57,6 +57,15 @@ class PrunedInit(_Result):
     teacher_content_hash: str
     teacher_layers: int
     layers: list[int] = Field(description="Teacher decoder layers kept, in order")
+    strategy: Literal["measured", "block-influence", "even", "given"] = Field(
+        "even", description="How the layers were chosen (kd/layer_choice.py); `given`: listed in the config")
+    scores: list[dict] = Field(default_factory=list, description=(
+        "Per teacher layer, measured on the calibration text: layer, block_influence (1 - mean cos(h_in, h_out)), "
+        "drop_loss (calibration loss, nats/token, with only this layer removed), dropped_at (greedy round that "
+        "removed it), kept; empty when nothing was measured"))
+    calibration: dict | None = Field(None, description="The calibration text: source, blocks, seq_len, tokens, sha256")
+    full_loss: float | None = Field(None, description="Calibration loss (nats/token) of the whole teacher")
+    kept_loss: float | None = Field(None, description="Calibration loss (nats/token) of the kept layers before training")
 
 
 class Provenance(_Result):

@@ -274,6 +274,9 @@ def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None,
         src = lin.produced_by_run or "an earlier run (unknown)"
         if step == "pull_models" and teacher is not None and student is not None:
             pull_files(teacher, student, src)
+            from tasks.pull import layer_choice_artifact  # a pruned student's layer scores (issue 27)
+
+            layer_choice_artifact(student, src)
         elif step == "check_vocab" and alignment is not None:
             vocab_alignment(alignment, src)
         elif step == "train_student" and training is not None:

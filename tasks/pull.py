@@ -14,14 +14,21 @@ from kd.results import ModelSnapshot
 from tasks.policy import content_key, fresh_key, provenance, retry_transient
 
 
-def source_fingerprint(ref: ModelRef, dtype: str = "float32") -> str:
+def source_fingerprint(ref: ModelRef, dtype: str = "float32", data=None) -> str:
     """What identifies a source's content without downloading it, and where it lives: the tiny
     models' folder, a local folder's listing (names, sizes, mtimes), or the hub commit the revision
     resolves to now (the cached one when offline). GGUF sources: the file's sha256 and the dtype it
     is converted to; pruned students: how they are pruned (the teacher's fingerprint is in the key
-    beside it). Whether the files are on disk is *not* part of the key (it would differ between the
+    beside it) and, for a measured layer choice, the calibration data: the content of `data.source` and the
+    data config (the calibration blocks come from the run's prepared training split). Whether the files are on disk is *not* part of the key (it would differ between the
     run that makes them and every later one): a hit whose folders are gone is a miss (`_pull_key`)."""
     if ref.kind == "pruned":
+        spec = ref.init.from_teacher
+        if spec.measured and data is not None:
+            from kd.data import data_fingerprint
+
+            conf = data.model_dump_json(exclude={"num_proc", "prepared_dir"})
+            return f"pruned:{ref.init.model_dump_json()}:calibration:{data_fingerprint(data)}:{conf}"
         return f"pruned:{ref.init.model_dump_json()}"
     if ref.is_gguf:
         return _gguf_fingerprint(ref, dtype)
@@ -55,7 +62,7 @@ def _gguf_fingerprint(ref: ModelRef, dtype: str) -> str:
 def _pull_key(context, parameters) -> str:
     cfg: RunConfig = parameters["config"]
     dtype = gguf_dtype(cfg.train.dtype, cfg.train.device)
-    key = content_key("pull", source_fingerprint(cfg.teacher, dtype), source_fingerprint(cfg.student, dtype))
+    key = content_key("pull", source_fingerprint(cfg.teacher, dtype), source_fingerprint(cfg.student, dtype, cfg.data))
     return fresh_key(context, key, snapshots_problems, "pull_models")
 
 
@@ -77,7 +84,21 @@ def snapshots_problems(result: tuple[ModelSnapshot, ModelSnapshot]) -> list[str]
 def pull_models(config: RunConfig) -> tuple[ModelSnapshot, ModelSnapshot]:
     dtype = gguf_dtype(config.train.dtype, config.train.device)  # GGUF weights are dequantized to this
     teacher = pull_model(config.teacher, "teacher", dtype=dtype)
-    student = pull_model(config.student, "student", teacher=teacher, dtype=dtype)
+    student = pull_model(config.student, "student", teacher=teacher, dtype=dtype, data=config.data)
     artifacts.pull_files(teacher, student)  # sizes in MB/GB, GGUF sources too
+    layer_choice_artifact(student)
     made = {"produced_by": provenance()}  # a cache hit keeps naming this run
     return teacher.model_copy(update=made), student.model_copy(update=made)
+
+
+def layer_choice_artifact(student: ModelSnapshot, reused_from: str | None = None) -> None:
+    """A pruned student's layers and their measured scores (kd/layer_choice.py), as a markdown table."""
+    if student.init is None:
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    from kd.layer_choice import choice_markdown
+
+    create_markdown_artifact(key="layer-choice", markdown=choice_markdown(student.init.model_dump()),
+                             description=f"Teacher layers the pruned student keeps, strategy {student.init.strategy}, "
+                             f"with per-layer scores{artifacts.reused(reused_from)}")

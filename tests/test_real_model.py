@@ -130,7 +130,8 @@ def test_gguf_tokenizer_differs_from_student_stops_at_vocab_check(smollm2_dir, t
     assert Path(teacher.local_dir) == smollm2_dir and teacher.gguf is not None
     with pytest.raises(VocabError, match="tokenizers differ on .* of 360 shared ids"):
         align_vocab(teacher.local_dir, tiny_pair[1])
-    student = pull_model(ModelRef(repo="from-teacher", init={"from_teacher": {"keep_layers": 10}}), "student",
+    student = pull_model(ModelRef(repo="from-teacher", init={"from_teacher": {"keep_layers": 10, "strategy": "even"}}),
+                         "student",
                          teacher=teacher)
     assert align_vocab(teacher.local_dir, student.local_dir).verdict == "identical"
 

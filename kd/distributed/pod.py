@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         # it every pruned student failed here), and a GGUF is dequantized to the run's training dtype
         dtype = gguf_dtype(cfg.train.dtype, cfg.train.device)
         teacher = pull_model(cfg.teacher, "teacher", dtype=dtype)
-        student = pull_model(cfg.student, "student", teacher=teacher, dtype=dtype)
+        student = pull_model(cfg.student, "student", teacher=teacher, dtype=dtype, data=cfg.data)
         alignment = align_vocab(teacher.local_dir, student.local_dir)
         run_dir = Path(cfg.work_dir).expanduser().resolve() / (cfg.name or cfg.train.rendezvous.id)
         spec = write_spec(cfg, teacher.local_dir, student.local_dir, alignment, run_dir,

@@ -23,7 +23,7 @@ from kd.evaluate.control import control_config
 from kd.evaluate.ship import ship_line
 from kd.manifest import claim_run_name
 from kd.verdicts import failure_reasons
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, evaluate_baselines
 from tasks.evidence import write_evidence_task
 from tasks.lineage import StepStates
 from tasks.preflight import preflight
@@ -68,7 +68,7 @@ def distill(config: RunConfig) -> dict:
                 retry_delay_seconds=config.orchestration.retry_delay_s)
 
     report = preflight(config)
-    teacher = student = alignment = prepared = teacher_cache = training = control = evaluation = None
+    teacher = student = alignment = prepared = teacher_cache = training = control = baselines = evaluation = None
     failure = None
     steps = StepStates()  # which steps were cache hits, from the States returned here (never a server read)
     try:
@@ -87,15 +87,18 @@ def distill(config: RunConfig) -> dict:
             control = steps.run("train_control", train_student_task.with_options(name="train_control", **opts),
                                 control_config(config), teacher, student, alignment, run_name, prepared,
                                 folder=f"{run_name}-control")
+        # the teacher and student-before once (a sweep's trials share it), then the trained student
+        baselines = steps.run("evaluate_baselines", evaluate_baselines.with_options(refresh_cache=refresh or None),
+                              config, teacher, student, alignment, prepared)
         evaluation = steps.run("evaluate", evaluate.with_options(refresh_cache=refresh or None), config, teacher,
-                               student, alignment, training, prepared, control)
+                               student, alignment, training, prepared, control, baselines)
     except Exception as err:  # recorded in the evidence, then re-raised: a failed run stays failed
         failure = err
     manifest = write_evidence_task(
         config, run_name, start, report, teacher, student, alignment, training, evaluation,
         failure=None if failure is None else f"{type(failure).__name__}: {failure}",
         flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url, prepared=prepared,
-        cached_steps=steps.cached, teacher_cache=teacher_cache, control=control,
+        cached_steps=steps.cached, teacher_cache=teacher_cache, control=control, baselines=baselines,
     )
     if failure is not None:
         raise failure

@@ -45,9 +45,12 @@ from kd.redact import redact
 from kd.sweep.report import ATTEMPTS, PLOT, summary_markdown, trial_row, write_sweep
 from kd.sweep.spec import SweepSpec, Trial, expand, metric_path, preflight_trials, shared_groups, sweep_dir
 from tasks.policy import content_key, fresh_key
+from kd.evaluate.control import control_config
+from tasks.evaluate import evaluate_baselines
 from tasks.prepare import prepare_data_task
 from tasks.pull import pull_models
 from tasks.teacher_cache import cache_step
+from tasks.train import train_student_task
 from tasks.vocab import check_vocab
 
 
@@ -148,8 +151,9 @@ def run_trial(config: RunConfig) -> dict:
 
 # ---------------------------------------------------------------- shared steps, once
 def run_shared_steps(trials: list[Trial], sweep_name: str) -> None:
-    """Pull, vocab check, prepared data and (offline) the teacher cache, once per group of trials that
-    share their inputs, so every trial finds them Cached."""
+    """Pull, vocab check, prepared data, (offline) the teacher cache, the teacher's and student-before's eval
+    and (eval.control) the fine-tuning control, once per group of trials that share their inputs, so every
+    trial finds them Cached: 4 trials score the teacher once, not 4 times."""
     for group in shared_groups(trials):
         cfg = group[0].config
         o = cfg.orchestration
@@ -159,6 +163,15 @@ def run_shared_steps(trials: list[Trial], sweep_name: str) -> None:
         prepared = prepare_data_task.with_options(**opts)(cfg, student)
         if cfg.kd.teacher_mode == "offline":
             cache_step(cfg, teacher, alignment, prepared, f"{sweep_name}-shared", **opts)
+        for trial in group:  # one computation per distinct key: the rest of the group's calls are Cached
+            evaluate_baselines.with_options(refresh_cache=o.refresh_cache or None)(
+                trial.config, teacher, student, alignment, prepared)
+            if trial.config.eval.control:  # a folder per distinct control (e.g. per lr): never resume another's
+                ctl = control_config(trial.config)
+                tag = content_key("control", ctl.train.model_dump(mode="json"), ctl.kd.model_dump(mode="json"))[-10:]
+                train_student_task.with_options(name="train_control", **opts)(
+                    ctl, teacher, student, alignment, f"{sweep_name}-shared", prepared,
+                    folder=f"{sweep_name}-shared-control-{tag}")
 
 
 # ---------------------------------------------------------------- before trials start in threads

@@ -355,6 +355,16 @@ class ControlReport(_Result):
     control_checkpoint_sha256: str | None = None
 
 
+class BaselineEval(_Result):
+    """What eval measures of the teacher and student-before: the same for every trial of a sweep (computed once)."""
+
+    teacher: ModelEval
+    student_before: ModelEval
+    samples: list[SampleGeneration] = Field(default_factory=list)
+    benchmarks: BenchmarkReport | None = None
+    produced_by: Provenance | None = Field(None, description="The run that computed it (kept when cached)")
+
+
 class EvalReport(_Result):
     teacher: ModelEval
     student_before: ModelEval

@@ -95,6 +95,16 @@ def _complete(models: dict, tokenizer, ids: torch.Tensor, max_new_tokens: int, v
     return completions
 
 
+def merge_samples(base: list[SampleGeneration], more: list[SampleGeneration]) -> list[SampleGeneration]:
+    """The same prompts completed by two sets of models (the baselines once, then each trained student): one
+    list, each prompt's completions side by side."""
+    if not base or not more:
+        return list(base or more)
+    if [(s.prompt, s.source) for s in base] != [(s.prompt, s.source) for s in more]:
+        raise ValueError("merge_samples: the two lists complete different prompts")
+    return [b.model_copy(update={"completions": {**b.completions, **m.completions}}) for b, m in zip(base, more)]
+
+
 def _cell(text: str) -> str:
     """One markdown table cell: pipes escaped, newlines shown as ⏎, never empty."""
     text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ").strip()

@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from kd.config import RunConfig
 from kd.manifest import Manifest, write_evidence
 from tasks import artifacts
-from kd.results import (EvalReport, Falsifier, ModelSnapshot, PreflightReport, PreparedData, TeacherCacheResult,
+from kd.results import (BaselineEval, EvalReport, Falsifier, ModelSnapshot, PreflightReport, PreparedData, TeacherCacheResult,
                         TrainResult, VocabAlignment)
 from tasks.lineage import step_lineage
 
@@ -36,7 +36,7 @@ def write_evidence_task(
     training: TrainResult | None, evaluation: EvalReport | None, failure: str | None = None,
     flow_run_id: str | None = None, flow_run_url: str | None = None, prepared: PreparedData | None = None,
     cached_steps: dict[str, bool] | None = None, teacher_cache: TeacherCacheResult | None = None,
-    control: TrainResult | None = None,
+    control: TrainResult | None = None, baselines: BaselineEval | None = None,
 ) -> Manifest:
     falsifiers = []
     if failure is not None:
@@ -46,7 +46,8 @@ def write_evidence_task(
     models = {k: v for k, v in (("teacher", teacher), ("student", student)) if v is not None}
     results = {"pull_models": (teacher, student), "check_vocab": alignment, "prepare_data": prepared,
                "cache_teacher_logits": teacher_cache or getattr(training, "teacher_cache", None),
-               "train_student": training, "train_control": control, "evaluate": evaluation}
+               "train_student": training, "train_control": control, "evaluate_baselines": baselines,
+               "evaluate": evaluation}
     lineage = step_lineage(cached_steps or {}, run_name, flow_run_id, results)
     manifest = write_evidence(
         run_dir, config=config.model_copy(update={"name": run_name}), preflight=preflight, models=models,

@@ -19,7 +19,7 @@ from typing import Any
 from kd.results import StepLineage
 
 CACHED_STEPS = ("pull_models", "check_vocab", "prepare_data", "cache_teacher_logits", "train_student", "train_control",
-                "evaluate")
+                "evaluate_baselines", "evaluate")
 
 
 class StepStates:

@@ -154,7 +154,7 @@ def test_lineage_is_what_the_flow_saw_not_a_lagging_server_read(prefect_server, 
         manifests.append(json.loads((run_dir / "manifest.json").read_text()))
     monkeypatch.setattr(SyncPrefectClient, "read_task_runs", real)
     first, second = manifests
-    steps = ("pull_models", "check_vocab", "prepare_data", "train_student", "evaluate")
+    steps = ("pull_models", "check_vocab", "prepare_data", "train_student", "evaluate_baselines", "evaluate")
     for step in steps:
         assert first["lineage"][step]["cached"] is False, (step, first["lineage"][step])
         assert second["lineage"][step] == {"cached": True, "produced_by_run": first["run"]["name"],

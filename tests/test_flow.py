@@ -10,7 +10,8 @@ from kd.manifest import verify_run_dir
 from tests.conftest import smoke_overrides
 from tests.prefect_helpers import artifacts, task_states
 
-STEPS = ["preflight", "pull_models", "check_vocab", "prepare_data", "train_student", "evaluate", "write_evidence"]
+STEPS = ["preflight", "pull_models", "check_vocab", "prepare_data", "train_student", "evaluate_baselines", "evaluate",
+         "write_evidence"]
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from tests.prefect_helpers import (
 
 pytestmark = pytest.mark.slow
 
-CACHED_STEPS = ("pull_models", "check_vocab", "prepare_data", "train_student", "evaluate")
+CACHED_STEPS = ("pull_models", "check_vocab", "prepare_data", "train_student", "evaluate_baselines", "evaluate")
 NEVER_CACHED = ("preflight", "write_evidence")
 ARTIFACT_KEYS = {"preflight-plan", "pull-files", "vocab-alignment", "prepared-data", "train-progress", "train-metrics",
                  "eval-comparison", "loss-curve", "evidence-summary", "evidence-folder"}
@@ -201,8 +201,10 @@ def test_every_task_leaves_its_artifacts(first_run):
         manifest["eval"]["student_after"]["kl_to_teacher"] - manifest["eval"]["student_before"]["kl_to_teacher"],
         rel=1e-3, abs=1e-4)
     summary = arts["evidence-summary"].data
-    assert f"Run {first_run.result['run']}: **PASS**" in summary
+    ship = {"ship": "SHIP", "dont_ship": "DON'T SHIP"}[manifest["eval"]["ship"]["verdict"]]
+    assert f"Run {first_run.result['run']}: pipeline **PASS** · ship verdict **{ship}**" in summary
     assert all(f["id"] in summary for f in manifest["falsifiers"])
+    assert all(c["id"] in summary for c in manifest["eval"]["ship"]["checks"])  # each ship check, its verdict
     assert f"]({first_run.evidence.resolve().as_uri()})" in arts["evidence-folder"].data  # stored as a markdown link
 
 

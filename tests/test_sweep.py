@@ -19,7 +19,7 @@ from kd.cli import main
 from tests.conftest import REPO
 from tests.prefect_helpers import task_runs, task_states
 
-SHARED_STEPS = ("pull_models", "check_vocab", "prepare_data", "cache_teacher_logits")
+SHARED_STEPS = ("pull_models", "check_vocab", "prepare_data", "cache_teacher_logits", "evaluate_baselines")
 
 
 def _spec(tmp: Path, **over) -> dict:
@@ -174,6 +174,9 @@ def test_sweep_runs_each_trial_as_a_child_distill_run_with_shared_steps_cached(s
         assert states.get("train_student") == "Completed", (name, states)
     parent = task_states(sid)
     assert parent["cache_teacher_logits"] == "Completed"  # built once (one temperature, one data set)
+    # the teacher and student-before are scored once for the 3 trials (issue 27.6), not once per trial
+    baselines = [r.state.name for r in task_runs(sid) if r.name.rsplit("-", 1)[0] == "evaluate_baselines"]
+    assert sorted(baselines) == ["Cached", "Cached", "Completed"], baselines
     doc = json.loads((swept["dir"] / "sweep.json").read_text())
     assert doc["status"] == "fail" and doc["failed"] == [BAD]
     assert doc["ranking"][-1] == BAD and set(doc["ranking"][:2]) == set(GOOD) and doc["best"] == doc["ranking"][0]

@@ -472,14 +472,22 @@ def benchmarks_markdown(report: BenchmarkReport) -> str:
 
 def benchmark_eval(report, models: dict, tokenizer_dirs: dict[str, str], eval_cfg, *, heldout_path: str | Path,
                    device="cpu", log: Callable[[str], None] = print):
-    """The eval step's benchmark part: write the bundled tasks (from the prepared set training read, when
-    any is listed), score every model, attach the report and its gates to the `EvalReport`."""
+    """Score every model in `models` and attach the report and its gates to the `EvalReport`."""
+    bench = score_benchmarks(models, tokenizer_dirs, eval_cfg, student_dir=tokenizer_dirs["student_after"],
+                             heldout_path=heldout_path, device=device, log=log)
+    return report if bench is None else with_benchmarks(report, bench, eval_cfg, log=log)
+
+
+def score_benchmarks(models: dict, tokenizer_dirs: dict[str, str], eval_cfg, *, student_dir: str | Path,
+                     heldout_path: str | Path, device="cpu", log: Callable[[str], None] = print) -> BenchmarkReport | None:
+    """The eval step's benchmark part for `models`: write the bundled tasks (from the prepared set training read,
+    tokenized by the student's tokenizer) and the reference task, score each model; None when no task is listed."""
     from kd.errors import DataError
     from kd.evaluate.bundled_tasks import write_bundled_tasks, write_reference_task
 
     cfg = eval_cfg.benchmarks
-    if not cfg.tasks:
-        return report
+    if not cfg.tasks or not models:
+        return None
     reference_text = getattr(eval_cfg, "reference_text", None)
     tasks = scored_tasks(cfg, reference_text)
     bundled_dir = reference_dir = None
@@ -488,15 +496,40 @@ def benchmark_eval(report, models: dict, tokenizer_dirs: dict[str, str], eval_cf
             raise DataError(f"bundled benchmarks need a prepared data folder; {heldout_path} is not one "
                             "(an older run's held-out blocks): run again with --no-cache")
     if any(t in BUNDLED and t != REFERENCE for t in tasks):
-        bundled_dir = write_bundled_tasks(heldout_path, tokenizer_dirs["student_after"])
+        bundled_dir = write_bundled_tasks(heldout_path, student_dir)
         log(f"benchmarks: bundled tasks in {bundled_dir}")
     if REFERENCE in tasks:  # out of domain: the reference text, decontaminated against the training split
-        reference_dir = write_reference_task(heldout_path, tokenizer_dirs["student_after"], reference_text)
+        reference_dir = write_reference_task(heldout_path, student_dir, reference_text)
         log(f"benchmarks: {REFERENCE} ({reference_text}) in {reference_dir}")
-    bench = run_benchmarks(models, tokenizer_dirs, cfg.model_copy(update={"tasks": [t for t in tasks if t != REFERENCE]}),
-                           bundled_dir=bundled_dir, device=device, log=log, reference_dir=reference_dir,
-                           reference_text=reference_text)
+    return run_benchmarks(models, tokenizer_dirs, cfg.model_copy(update={"tasks": [t for t in tasks if t != REFERENCE]}),
+                          bundled_dir=bundled_dir, device=device, log=log, reference_dir=reference_dir,
+                          reference_text=reference_text)
+
+
+def merge_benchmarks(base: BenchmarkReport | None, more: BenchmarkReport) -> BenchmarkReport:
+    """One report from two sets of models scored on the same tasks (the baselines once, then each trained
+    student): values side by side, retention recomputed from the merged teacher and student-after values."""
+    if base is None:
+        return more
+    rows = []
+    by_key = {(s.task, s.metric): s for s in base.scores}
+    for s in more.scores:
+        b = by_key.pop((s.task, s.metric), None)
+        values, stderr = {**(b.values if b else {}), **s.values}, {**(b.stderr if b else {}), **s.stderr}
+        t, a = values.get("teacher"), values.get("student_after")
+        rows.append(s.model_copy(update={"values": values, "stderr": stderr, "retention": retention(
+            a, t, s.higher_is_better) if t is not None and a is not None else None}))
+    rows += list(by_key.values())
+    tasks = list({t.task: t for t in [*base.tasks, *more.tasks]}.values())
+    wall = {**base.wall_s, **more.wall_s, "total": base.wall_s.get("total", 0.0) + more.wall_s.get("total", 0.0)}
+    return more.model_copy(update={"scores": sorted(rows, key=lambda r: (r.task, r.metric)), "tasks": tasks,
+                                   "wall_s": wall})
+
+
+def with_benchmarks(report, bench: BenchmarkReport, eval_cfg, *, log: Callable[[str], None] = print):
+    """`report` with `bench` attached and the benchmark gates recomputed from it."""
     if line := domain_line(bench):
         log(f"benchmarks: {line}")
-    gates = [g for g in report.gates if g.id not in (NO_REGRESSION_ID, RETENTION_ID)] + benchmark_gates(bench, cfg)
+    gates = [g for g in report.gates if g.id not in (NO_REGRESSION_ID, RETENTION_ID)] + \
+        benchmark_gates(bench, eval_cfg.benchmarks)
     return report.model_copy(update={"benchmarks": bench, "gates": gates})

@@ -55,3 +55,95 @@ def evaluate_run(
         gates=eval_gates(teacher_eval, before, after, v, eval_cfg, on_samples=sampled),
         on_samples=sampled,
     )
+
+
+# ------------------------------------------------------------------ the eval step: baselines once, then the student
+def sample_spec(config, student_dir, heldout, prompts: int | None = None):
+    """What is sampled from held-out prompts (kd/evaluate/on_samples.py): eval.on_sample_prompts prompts (or
+    `prompts`) cut from the held-out split; None when that is 0."""
+    from pathlib import Path
+
+    from kd.data import open_prepared
+    from kd.evaluate.on_samples import SampleSpec
+    from kd.on_policy import stop_ids_of
+
+    ev = config.eval
+    n = ev.on_sample_prompts if prompts is None else prompts
+    if n == 0:
+        return None
+    stops = stop_ids_of(student_dir)
+    fmt = open_prepared(Path(heldout.root).parent).manifest.get("format", "text") if hasattr(heldout, "root") else "text"
+    op = config.kd.on_policy
+    return SampleSpec(stop_ids=frozenset(stops), pad_id=min(stops), fmt=fmt, prompts=n,
+                      max_new_tokens=ev.on_sample_max_new_tokens, prompt_tokens=op.prompt_tokens,
+                      max_prompt_tokens=op.max_prompt_tokens, seed=config.train.seed, batch_size=ev.batch_size)
+
+
+def _samples(config, models: dict, student_dir, heldout, alignment, device):
+    """Greedy completions of the fixed and the held-out prompts by `models` (kd/samples.py)."""
+    from kd.evaluate.on_samples import heldout_prompts
+    from kd.samples import generate_samples
+
+    spec = sample_spec(config, student_dir, heldout, prompts=config.eval.heldout_sample_prompts)
+    return generate_samples(models, student_dir, config.eval.sample_prompts,
+                            max_new_tokens=config.eval.sample_max_new_tokens, valid_vocab=alignment.valid_vocab,
+                            device=device, heldout_prompt_ids=heldout_prompts(heldout, spec) if spec else [])
+
+
+def evaluate_baselines(config, models: dict, tokenizer_dirs: dict, heldout, alignment, *, heldout_path, device="cpu",
+                       backend: str = "hf", log=print):
+    """What does not depend on training: the teacher's and student-before's held-out rows, their completions and
+    benchmarks (`models` and `tokenizer_dirs`: teacher, student_before). A sweep computes it once for all its trials
+    (tasks/evaluate.py caches it)."""
+    from kd.evaluate.benchmarks import score_benchmarks
+    from kd.results import BaselineEval
+
+    ev, student_dir = config.eval, tokenizer_dirs["student_before"]
+    teacher_eval, before = evaluate_models(
+        [models["teacher"], models["student_before"]], models["teacher"], heldout, compare=[False, True],
+        rows_kept=alignment.rows_kept, valid_vocab=alignment.valid_vocab, batch_size=ev.batch_size,
+        chunk_size=config.kd.chunk_size, device=device, max_batches=ev.max_batches, backend=backend)
+    bench = score_benchmarks(models, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
+                             device=device, log=log)
+    return BaselineEval(teacher=teacher_eval, student_before=before, benchmarks=bench,
+                        samples=_samples(config, models, student_dir, heldout, alignment, device))
+
+
+def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, heldout, alignment, *, heldout_path,
+                     control_training=None, device="cpu", backend: str = "hf", log=print) -> EvalReport:
+    """The trained student (and eval.control's control) against `baselines`: held-out row and gates, completions
+    and benchmarks merged with the baselines', the on-sample eval, KD − control, and the ship verdict."""
+    from kd.evaluate.benchmarks import merge_benchmarks, score_benchmarks, with_benchmarks
+    from kd.evaluate.ship import ship_verdict
+    from kd.samples import merge_samples
+
+    ev, student_dir = config.eval, tokenizer_dirs["student_before"]
+    trained = {k: m for k, m in models.items() if k in ("student_after", "control")}
+    (after,) = evaluate_models([models["student_after"]], models["teacher"], heldout, compare=[True],
+                               rows_kept=alignment.rows_kept, valid_vocab=alignment.valid_vocab,
+                               batch_size=ev.batch_size, chunk_size=config.kd.chunk_size, device=device,
+                               max_batches=ev.max_batches, backend=backend)
+    spec = sample_spec(config, student_dir, heldout)
+    sampled = None
+    if spec is not None:
+        from kd.evaluate.on_samples import evaluate_on_samples
+
+        sampled = evaluate_on_samples(models["teacher"], models["student_before"], models["student_after"], heldout,
+                                      alignment, spec, chunk_size=config.kd.chunk_size, device=device)
+    v = alignment.valid_vocab
+    report = EvalReport(teacher=baselines.teacher, student_before=baselines.student_before, student_after=after,
+                        vocab_size=v, on_samples=sampled,
+                        gates=eval_gates(baselines.teacher, baselines.student_before, after, v, ev, on_samples=sampled),
+                        samples=merge_samples(baselines.samples,
+                                              _samples(config, trained, student_dir, heldout, alignment, device)))
+    bench = score_benchmarks(trained, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
+                             device=device, log=log)
+    if bench is not None:
+        report = with_benchmarks(report, merge_benchmarks(baselines.benchmarks, bench), ev, log=log)
+    if control_training is not None:  # did distillation beat fine-tuning? (kd/evaluate/control.py)
+        from kd.evaluate.control import compare_control
+
+        report = report.model_copy(update={"control": compare_control(
+            config, models, heldout, alignment, student_dir, control_training, device=device, backend=backend)})
+    # would someone deploy it? beside the pipeline gates, from what the student says (kd/evaluate/ship.py)
+    return report.model_copy(update={"ship": ship_verdict(report, ev.ship)})

@@ -56,6 +56,17 @@ def benchmarks_of(manifest: dict) -> dict[str, float]:
     return out
 
 
+def _versus_control(manifest: dict) -> str | None:
+    """eval.control: KD − fine-tuning control in bits per byte on the source F-DISTILL-VALUE-001 decides on,
+    with its interval, e.g. `-0.031 [-0.045, -0.018]`; None without a control."""
+    control = _get(manifest, "eval.control") or {}
+    diffs = (control.get("differences") or {}).get(control.get("value_source"), [])
+    d = next((x for x in diffs if x.get("metric") == "bits_per_byte"), None)
+    if d is None:
+        return None
+    return f"{d['difference']:+.3g} [{d['low']:+.3g}, {d['high']:+.3g}]"
+
+
 def objective_value(manifest: dict, metric_path: str) -> float | None:
     if metric_path.startswith("benchmarks."):  # benchmarks.<task>.<metric>, or benchmarks.<task> with one metric
         scores, want = benchmarks_of(manifest), metric_path.removeprefix("benchmarks.")
@@ -86,7 +97,7 @@ def trial_row(trial_dir: Path, name: str, overrides: dict, metric_path: str) -> 
         status=run.get("status", "unreadable"), objective=objective_value(m, metric_path),
         kl=_number(_get(m, "eval.student_after.kl_to_teacher")),
         top1=_number(_get(m, "eval.student_after.top1_agreement")),
-        ship=_get(m, "eval.ship.verdict"),
+        ship=_get(m, "eval.ship.verdict"), versus_control=_versus_control(m),
         benchmarks=benchmarks_of(m), tokens_per_s=_number(training.get("tokens_per_s")),
         train_wall_s=_number(training.get("wall_s")), train_tokens=training.get("tokens"), wall_s=wall,
         flow_run_id=run.get("flow_run_id"), flow_run_url=run.get("flow_run_url"),
@@ -156,7 +167,7 @@ def summary_markdown(name: str, metric: str, direction: str, rows: list[dict], r
     failed = [r["name"] for r in rows if r["status"] != "pass"]
     # narrow enough for the Prefect UI beside its side panel: benchmarks get a table of their own below
     head = ["rank", "trial", "overrides", f"objective: {metric} ({direction})", "KL", "top-1", "tokens/s", "wall s",
-            "pipeline", "ship"]
+            "pipeline", "ship", "KD − FT bits/byte"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     bench_lines = ["| trial | " + " | ".join(bench) + " |", "|" + "---|" * (len(bench) + 1)] if bench else []
     for i, n in enumerate(ranking, 1):
@@ -169,7 +180,8 @@ def summary_markdown(name: str, metric: str, direction: str, rows: list[dict], r
             status += " (reused)"
         ship = {"ship": "SHIP", "dont_ship": "DON'T SHIP"}.get(r.get("ship"), "–")
         cells = [str(i), link, ov, _fmt(r.get("objective")), _fmt(r.get("kl")), _fmt(r.get("top1"), ".3f"),
-                 _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("wall_s"), ".1f"), status, ship]
+                 _fmt(r.get("tokens_per_s"), ",.0f"), _fmt(r.get("wall_s"), ".1f"), status, ship,
+                 r.get("versus_control") or "–"]
         lines.append("| " + " | ".join(cells) + " |")
         if bench:
             bench_lines.append(f"| `{n}` | " + " | ".join(_fmt((r.get("benchmarks") or {}).get(b)) for b in bench) + " |")

@@ -1,6 +1,6 @@
 """Which layers to keep, measured: held-out bits per byte of SmolLM2-135M-Instruct pruned before any training.
 
-    KDFLOW_HOME=.kdflow .venv/bin/python bench/layer_choice.py [--keep 20 15] [--out bench/results/...json]
+    KDFLOW_HOME=.kdflow .venv/bin/python bench/layer_choice.py [--keep 20 15] [--out FILE]  # default: bench/results/layer_choice-2026-12-04.json
 
 For each `keep`: the layers each strategy of kd/layer_choice.py chooses, calibrated on the first
 CALIBRATION_BLOCKS x 128 tokens of bundled:english (Genesis chapter 1 and the start of 2: what

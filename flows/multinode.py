@@ -47,7 +47,8 @@ def kd_train_node(
     from kd.distributed.nodes import run_node
 
     log = get_run_logger()
-    teacher_dir, student_dir = _local_dir(config, teacher, "teacher"), _local_dir(config, student, "student")
+    teacher_dir = _local_dir(config, teacher, "teacher")
+    student_dir = _local_dir(config, student, "student", teacher=teacher.model_copy(update={"local_dir": teacher_dir}))
     prepared_dir = prepared.path if prepared is not None and Path(prepared.path).is_dir() else None
     if prepared is not None and prepared_dir is None:
         log.warning("prepared data %s not visible on this node: the ranks pack data.source themselves", prepared.path)
@@ -66,13 +67,17 @@ def kd_train_node(
                     on_line=lambda line: log.info("torchrun | %s", line))
 
 
-def _local_dir(config: RunConfig, snap: ModelSnapshot, role: str) -> str:
-    """The snapshot's folder if this node sees it, else pulled here (same content hash, or ConfigError)."""
+def _local_dir(config: RunConfig, snap: ModelSnapshot, role: str, teacher: ModelSnapshot | None = None) -> str:
+    """The snapshot's folder if this node sees it, else pulled here (same content hash, or ConfigError). As the
+    pull_models step does: a `from-teacher` student is built from the teacher's snapshot (`teacher`, already
+    local on this node), and a GGUF is dequantized to the run's training dtype."""
     if Path(snap.local_dir).is_dir():
         return snap.local_dir
+    from kd.gguf import gguf_dtype
     from kd.hub import pull_model
 
-    here = pull_model(getattr(config, role), role)
+    here = pull_model(getattr(config, role), role, teacher=teacher, data=config.data,
+                      dtype=gguf_dtype(config.train.dtype, config.train.device))
     if here.content_hash != snap.content_hash:
         raise ConfigError(f"{role}.repo: this node pulled content {here.content_hash[:12]}, the run trained "
                           f"from {snap.content_hash[:12]}: pin {role}.revision")

@@ -105,3 +105,24 @@ def test_stopping_cancels_node_runs_and_forces_those_no_worker_answers(prefect_s
         states = [client.read_flow_run(r.id).state for r in runs]
     assert [s.type.value for s in states] == ["CANCELLED", "CANCELLED", "COMPLETED"]
     assert json.dumps(states[1].message).count("forced") == 1
+
+
+def test_a_node_that_cannot_see_the_student_builds_a_from_teacher_student_itself(tiny_pair, tmp_path, monkeypatch):
+    """A node whose filesystem lacks the pruned student's folder rebuilds it from the teacher's snapshot, with the
+    content the run trained from (before the fix it called pull_model without the teacher: ConfigError)."""
+    from flows.multinode import _local_dir
+    from kd.config import load_config
+    from kd.hub import pull_model
+
+    teacher_dir, _ = tiny_pair
+    cfg = load_config("configs/smoke.yaml", [
+        f"teacher.repo={teacher_dir}", "student.repo=from-teacher", "student.init.from_teacher.keep_layers=1",
+        "student.init.from_teacher.strategy=even"])
+    monkeypatch.setenv("KDFLOW_HOME", str(tmp_path / "flow-home"))
+    teacher = pull_model(cfg.teacher, "teacher")
+    student = pull_model(cfg.student, "student", teacher=teacher, data=cfg.data)
+    monkeypatch.setenv("KDFLOW_HOME", str(tmp_path / "node-home"))  # this node's own cache: the folder is not here
+    unseen = student.model_copy(update={"local_dir": str(tmp_path / "not-on-this-node")})
+    here = _local_dir(cfg, unseen, "student", teacher=teacher)
+    assert here != student.local_dir and str(tmp_path / "node-home") in here
+    assert (tmp_path / "not-on-this-node").exists() is False

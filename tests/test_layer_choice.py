@@ -146,3 +146,23 @@ def test_flow_student_calibrates_on_the_prepared_train_split_and_keys_on_it(deep
 
     md = choice_markdown(init.model_dump())
     assert "| 2 |" in md and "strategy `measured`" in md and init.calibration["sha256"][:16] in md
+
+
+def test_the_flow_records_the_scores_in_the_manifest_and_an_artifact(prefect_server, deep_teacher, tmp_path):
+    from flows.distill import distill
+    from tests.conftest import smoke_overrides
+    from tests.prefect_helpers import artifacts
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", smoke_overrides(tmp_path, steps=2) + [
+        f"teacher.repo={deep_teacher}", "student.repo=from-teacher", "student.init.from_teacher.keep_layers=5",
+        "student.init.from_teacher.calibration_tokens=64"])
+    state = distill(cfg, return_state=True)
+    assert state.is_completed(), state.message
+    m = json.loads((Path(cfg.evidence_dir) / state.result()["run"] / "manifest.json").read_text())
+    init = m["models"]["student"]["init"]
+    assert init["strategy"] == "measured" and init["layers"] == [0, 1, 3, 4, 5]
+    assert [s["layer"] for s in init["scores"]] == list(range(DEPTH)) and init["scores"][IDENTITY]["dropped_at"] == 1
+    # calibrated on the training split of the very prepared set the run trained on
+    assert init["calibration"]["source"].startswith(f"prepared:{m['data']['content_hash'][:16]} train rows")
+    md = artifacts(state.state_details.flow_run_id)["layer-choice"].data
+    assert "| 2 | 0 |" in md and "strategy `measured`" in md

@@ -202,9 +202,13 @@ def test_real_preset_end_to_end_kl_halves_and_top1_rises(tmp_path, prefect_serve
     assert student["init"]["teacher_content_hash"] == digest_of(teacher["files"])
     # sample generations: evidence files (hashed by the manifest) and eval.json, three models per prompt
     samples = json.loads((run_dir / "samples.json").read_text())
-    assert [s["prompt"] for s in samples] == load_config(PRESET).eval.sample_prompts
+    fixed = [s for s in samples if s["source"] == "fixed"]
+    assert [s["prompt"] for s in fixed] == load_config(PRESET).eval.sample_prompts
     assert all(s["chat_template"] and set(s["completions"]) == {"teacher", "student_before", "student_after"}
-               for s in samples)
+               for s in fixed)
+    heldout = [s for s in samples if s["source"] == "heldout"]  # prompts cut from held-out data (ship verdict)
+    assert len(heldout) == load_config(PRESET).eval.heldout_sample_prompts and all(s["prompt"] for s in heldout)
+    assert m["eval"]["ship"]["verdict"] in ("ship", "dont_ship")
     assert "Paris" in samples[0]["completions"]["teacher"]  # a real model: the teacher answers
     md = (run_dir / "samples.md").read_text()
     assert "| student-after |" in md and {"samples.json", "samples.md"} <= set(m["files"])

@@ -74,9 +74,8 @@ def test_a_heldout_document_duplicated_in_training_is_left_out(tmp_path, tiny_pa
     assert dropped > 0 and not (set(texts) & train)
 
 
-@pytest.fixture(scope="module")
-def scored(prepared, tiny_pair):
-    """Teacher, a randomly re-initialised student (before) and the trained tiny student (after)."""
+def three_models(tiny_pair):
+    """(teacher, a randomly re-initialised student, the trained tiny student, teacher_dir, student_dir)."""
     from backends import get_backend
 
     be = get_backend("hf")
@@ -87,6 +86,13 @@ def scored(prepared, tiny_pair):
     for m in rand.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
+    return teacher, rand, trained, teacher_dir, student_dir
+
+
+@pytest.fixture(scope="module")
+def scored(prepared, tiny_pair):
+    """Teacher, a randomly re-initialised student (before) and the trained tiny student (after)."""
+    teacher, rand, trained, teacher_dir, student_dir = three_models(tiny_pair)
     cfg = BenchmarksConfig(tasks=TASKS, limit=24, limits={MC: 12}, require_no_regression=True, min_retention=0.01)
     folder = write_bundled_tasks(prepared.path, student_dir)
     logs: list[str] = []

@@ -67,16 +67,9 @@ def test_reference_passages_are_reference_text_and_not_training_text(prepared, t
 
 
 def test_reference_scored_beside_in_domain_bpb_with_bootstrap_stderr(prepared, tiny_pair):
-    from backends import get_backend
+    from tests.test_benchmarks import three_models
 
-    be = get_backend("hf")
-    teacher_dir, student_dir = map(str, tiny_pair)
-    load = lambda d: be.load(d, device="cpu", dtype=torch.float32, trust_remote_code=False)  # noqa: E731
-    teacher, trained, rand = load(teacher_dir), load(student_dir), load(student_dir)
-    torch.manual_seed(0)
-    for m in rand.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
+    teacher, rand, trained, teacher_dir, student_dir = three_models(tiny_pair)
     cfg = BenchmarksConfig(tasks=[BPB], limit=12, bootstrap_iters=200)
     report = run_benchmarks({"teacher": teacher, "student_before": rand, "student_after": trained},
                             {"teacher": teacher_dir, "student_before": student_dir, "student_after": student_dir},

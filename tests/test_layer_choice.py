@@ -157,8 +157,11 @@ def test_the_flow_records_the_scores_in_the_manifest_and_an_artifact(prefect_ser
         f"teacher.repo={deep_teacher}", "student.repo=from-teacher", "student.init.from_teacher.keep_layers=5",
         "student.init.from_teacher.calibration_tokens=64"])
     state = distill(cfg, return_state=True)
-    assert state.is_completed(), state.message
-    m = json.loads((Path(cfg.evidence_dir) / state.result()["run"] / "manifest.json").read_text())
+    # about where the scores are recorded, not about learning: 2 steps of a pruned toy may or may not lower its
+    # probe loss on another CPU (issue 26), so the run's pass/fail is not asserted, only that evidence exists
+    (run_dir,) = Path(cfg.evidence_dir).iterdir()
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["training"] is not None and m["eval"] is not None, state.message
     init = m["models"]["student"]["init"]
     assert init["strategy"] == "measured" and init["layers"] == [0, 1, 3, 4, 5]
     assert [s["layer"] for s in init["scores"]] == list(range(DEPTH)) and init["scores"][IDENTITY]["dropped_at"] == 1

@@ -400,6 +400,9 @@ class ShipConfig(_Part):
     """The ship verdict's thresholds (kd/evaluate/ship.py): whether the student is worth deploying, beside the
     pipeline gates. The generation checks always run; retention and on-sample thresholds when a preset sets them."""
 
+    min_reference_retention: float = Field(
+        0.9, gt=0, description="Least teacher ÷ student-after bits per byte on eval.reference_text, text the run did "
+        "not train on (out-of-domain retention). A run without a reference text cannot be called shippable.")
     min_heldout_retention: float = Field(
         0.9, gt=0, description="Least teacher ÷ student-after held-out loss per trained token (same tokens, one "
         "tokenizer: the ratio of their bits per byte). 1 = as good as the teacher on held-out text.")

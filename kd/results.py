@@ -355,6 +355,16 @@ class ControlReport(_Result):
     control_checkpoint_sha256: str | None = None
 
 
+class ReferenceRetention(_Result):
+    """Bits per byte of teacher and student-after on eval.reference_text, text the run did not train on."""
+
+    documents: int
+    bytes: int
+    teacher_bits_per_byte: float
+    student_bits_per_byte: float
+    retention: float = Field(description="teacher ÷ student bits per byte: 1 = as good as the teacher out of domain")
+
+
 class BaselineEval(_Result):
     """What eval measures of the teacher and student-before: the same for every trial of a sweep (computed once)."""
 
@@ -362,6 +372,7 @@ class BaselineEval(_Result):
     student_before: ModelEval
     samples: list[SampleGeneration] = Field(default_factory=list)
     benchmarks: BenchmarkReport | None = None
+    reference: DocumentScores | None = Field(None, description="The teacher's per-document NLL on eval.reference_text")
     produced_by: Provenance | None = Field(None, description="The run that computed it (kept when cached)")
 
 
@@ -381,6 +392,8 @@ class EvalReport(_Result):
         None, description="lm-eval downstream benchmarks (eval.benchmarks), when any were listed")
     control: ControlReport | None = Field(
         None, description="eval.control: the fine-tuning control and KD − control with paired intervals")
+    reference: ReferenceRetention | None = Field(
+        None, description="Teacher and student-after on eval.reference_text (not trained on): out-of-domain retention")
     ship: ShipVerdict | None = Field(
         None, description="The ship verdict (kd/evaluate/ship.py): whether the student is worth deploying")
 

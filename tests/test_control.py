@@ -130,6 +130,10 @@ def test_a_sweep_reuses_the_control_and_verify_recomputes_the_value_claim(prefec
     assert second["lineage"]["train_control"]["produced_by_run"] == first["run"]["name"]
     assert second["lineage"]["train_student"]["cached"] is False
     assert any(f["id"] == VALUE_ID for f in second["falsifiers"])
+    # out-of-domain retention on the default reference text, and the ship check that reads it
+    ref = second["eval"]["reference"]
+    assert ref["documents"] > 0 and ref["retention"] == ref["teacher_bits_per_byte"] / ref["student_bits_per_byte"]
+    assert "F-SHIP-REFERENCE-001" in {c["id"] for c in second["eval"]["ship"]["checks"]}
     assert second["eval"]["control"]["control_checkpoint_sha256"] == first["eval"]["control"]["control_checkpoint_sha256"]
 
     run_dir = tmp_path / "evidence" / second["run"]["name"]

@@ -11,11 +11,12 @@ import pytest
 from kd.config import EvalConfig, ShipConfig, load_config
 from kd.errors import ConfigError
 from kd.evaluate.ship import (
-    DIVERSITY_ID, HELDOUT_ID, ON_SAMPLE_ID, OUTPUT_ID, REPETITION_ID, RETENTION_ID, distinct, is_blank, repetition, ship_verdict,
+    DIVERSITY_ID, HELDOUT_ID, ON_SAMPLE_ID, REFERENCE_ID, OUTPUT_ID, REPETITION_ID, RETENTION_ID, distinct, is_blank, repetition, ship_verdict,
 )
 from tests.test_manifest import inputs  # noqa: F401  (the evidence fixture)
 from kd.results import (
-    BenchmarkReport, BenchmarkScore, EvalReport, ModelEval, OnSampleReport, SampleEval, SampleGeneration,
+    BenchmarkReport, BenchmarkScore, EvalReport, ModelEval, OnSampleReport, ReferenceRetention, SampleEval,
+    SampleGeneration,
 )
 
 TEACHER = ["The capital of France is Paris.", "The sea is wide and deep, and the waves roll in.",
@@ -31,8 +32,14 @@ def _report(student: list[str], teacher: list[str] = TEACHER, **extra) -> EvalRe
     samples = [SampleGeneration(prompt=f"p{i}", chat_template=True, max_new_tokens=24,
                                 completions={"teacher": t, "student_before": "x", "student_after": s})
                for i, (t, s) in enumerate(zip(teacher, student))]
+    extra.setdefault("reference", _reference(0.95))
     return EvalReport(teacher=_ev(1.0), student_before=_ev(3.0), student_after=_ev(1.05), vocab_size=360,
                       samples=samples, **extra)
+
+
+def _reference(retention: float) -> ReferenceRetention:
+    return ReferenceRetention(documents=40, bytes=4000, teacher_bits_per_byte=1.6,
+                              student_bits_per_byte=1.6 / retention, retention=retention)
 
 
 def _failed(report: EvalReport, cfg: ShipConfig = ShipConfig()) -> set[str]:
@@ -92,6 +99,16 @@ def test_a_student_far_from_the_teacher_on_heldout_text_does_not_ship():
     assert _failed(weak, ShipConfig(min_heldout_retention=0.6)) == set()
     nan = _report(good).model_copy(update={"student_after": _ev(float("nan"))})
     assert HELDOUT_ID in _failed(nan)
+
+
+def test_out_of_domain_retention_decides_and_no_reference_text_is_not_shippable():
+    """The 24-layer SmolLM2 student of bench/results/ship_table: 0.94 in domain, fluent-ish, 0.85 on text it never
+    saw: not shippable. Without a reference text nothing shows what it kept out of domain: not shippable either."""
+    good = ["Paris is the capital of France.", "The sea is blue and full of fish.", "Once a fox lived in the woods."]
+    assert _failed(_report(good, reference=_reference(0.8518))) == {REFERENCE_ID}
+    v = ship_verdict(_report(good, reference=None), ShipConfig())
+    assert v.verdict == "dont_ship" and "eval.reference_text is null" in v.reasons[0]
+    assert _failed(_report(good, reference=_reference(0.85)), ShipConfig(min_reference_retention=0.8)) == set()
 
 
 def test_no_samples_means_not_shippable():

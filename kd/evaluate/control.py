@@ -204,10 +204,9 @@ def compare_control(config: RunConfig, models: dict, heldout, alignment, tokeniz
     scores = [score_documents(pair, heldout_docs, tok, valid_vocab=v, batch_size=ev.batch_size,
                               chunk_size=config.kd.chunk_size, device=device, backend=backend, source="heldout")]
     if ev.reference_text is not None:  # text the run did not train on (eval.reference_text)
-        from kd.evaluate.bundled_tasks import reference_documents, reference_files
+        from kd.evaluate.step import reference_docs
 
-        docs = reference_token_ids(reference_documents(reference_files(ev.reference_text)), tok,
-                                   max_tokens=config.data.seq_len, max_documents=ev.control_max_documents)
+        docs = reference_docs(config, tokenizer_dir)
         scores.append(score_documents(pair, docs, tok, valid_vocab=v, chunk_size=config.kd.chunk_size, device=device,
                                       backend=backend, source="reference"))
     prov = getattr(control_training, "produced_by", None)

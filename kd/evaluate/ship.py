@@ -14,6 +14,10 @@ them. The ship verdict looks at what the student *does*:
   (`eval.ship.min_heldout_retention`, default 0.9; both score the same tokens with one tokenizer, so this
   is the ratio of their bits per byte). Degenerate-output checks alone can only say a student is broken,
   never that it is good: this one always runs;
+- how much of the teacher it kept on text it did not train on: teacher ÷ student bits per byte on
+  `eval.reference_text` (`eval.ship.min_reference_retention`, default 0.9). Always runs: a 24-layer SmolLM2
+  student kept 0.94 in domain and answered "The capital of France is the city of the Holy, which is in the
+  Holy, ..." (0.85 out of domain); a run without a reference text cannot be called shippable;
 - the thresholds a preset sets (`eval.ship`): benchmark retention vs the teacher (e.g. bits per byte on
   another source's text) and the reverse KL on the student's own samples.
 Fail-closed: a check whose inputs were not measured fails (no samples: not shippable), NaN fails.
@@ -33,6 +37,7 @@ OUTPUT_ID = "F-SHIP-OUTPUT-001"
 REPETITION_ID = "F-SHIP-REPETITION-001"
 DIVERSITY_ID = "F-SHIP-DIVERSITY-001"
 HELDOUT_ID = "F-SHIP-HELDOUT-001"
+REFERENCE_ID = "F-SHIP-REFERENCE-001"
 RETENTION_ID = "F-SHIP-RETENTION-001"
 ON_SAMPLE_ID = "F-SHIP-ONSAMPLE-001"
 STUDENT, TEACHER = "student_after", "teacher"
@@ -125,6 +130,18 @@ def heldout_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
                      f"student-before {_fmt(report.student_before.loss)})", verdict="pass" if ok else "fail")
 
 
+def reference_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
+    """F-SHIP-REFERENCE-001: teacher ÷ student-after bits per byte on eval.reference_text ≥ min_reference_retention."""
+    r = report.reference
+    ok = r is not None and r.retention >= cfg.min_reference_retention  # NaN fails
+    observed = ("not measured (eval.reference_text is null): nothing shows what the student kept out of domain"
+                if r is None else f"retention {_fmt(r.retention)} (teacher {_fmt(r.teacher_bits_per_byte)}, student-after "
+                f"{_fmt(r.student_bits_per_byte)} bits/byte over {r.documents} documents, {r.bytes} bytes)")
+    return Falsifier(id=REFERENCE_ID, claim=f"the student keeps ≥ eval.ship.min_reference_retention="
+                     f"{cfg.min_reference_retention:g} of the teacher on text it did not train on (eval.reference_text: "
+                     "teacher ÷ student bits per byte)", observed=observed, verdict="pass" if ok else "fail")
+
+
 def retention_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
     """F-SHIP-RETENTION-001: every `eval.ship.min_retention` entry ("task/metric": r) has retention ≥ r."""
     scores = {f"{s.task}/{s.metric}": s.retention for s in (report.benchmarks.scores if report.benchmarks else [])}
@@ -154,7 +171,7 @@ def ship_verdict(report: EvalReport, cfg: ShipConfig) -> ShipVerdict:
     """Every ship check for `report` under `cfg`; `ship` only when all pass."""
     samples = list(report.samples)
     checks = [output_check(samples), repetition_check(samples, cfg), diversity_check(samples, cfg),
-              heldout_check(report, cfg)]
+              heldout_check(report, cfg), reference_check(report, cfg)]
     if cfg.min_retention:
         checks.append(retention_check(report, cfg))
     if cfg.max_on_sample_reverse_kl is not None:

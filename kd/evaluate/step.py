@@ -12,7 +12,8 @@ import torch
 from kd.config import EvalConfig
 from kd.evaluate.gates import eval_gates
 from kd.evaluate.heldout import evaluate_models
-from kd.results import EvalReport, VocabAlignment
+from kd.evaluate.control import score_documents
+from kd.results import DocumentScores, EvalReport, ReferenceRetention, VocabAlignment
 
 
 def evaluate_run(
@@ -105,8 +106,39 @@ def evaluate_baselines(config, models: dict, tokenizer_dirs: dict, heldout, alig
         chunk_size=config.kd.chunk_size, device=device, max_batches=ev.max_batches, backend=backend)
     bench = score_benchmarks(models, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
                              device=device, log=log)
-    return BaselineEval(teacher=teacher_eval, student_before=before, benchmarks=bench,
+    docs = reference_docs(config, student_dir)
+    reference = None if docs is None else score_documents(
+        [models["teacher"]], docs, _tokenizer(student_dir), valid_vocab=alignment.valid_vocab,
+        chunk_size=config.kd.chunk_size, device=device, backend=backend, source="reference")
+    return BaselineEval(teacher=teacher_eval, student_before=before, benchmarks=bench, reference=reference,
                         samples=_samples(config, models, student_dir, heldout, alignment, device))
+
+
+def _tokenizer(student_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(student_dir)
+
+
+def reference_docs(config, student_dir) -> list[list[int]] | None:
+    """eval.reference_text's documents as the student's token ids (None: no reference text)."""
+    if config.eval.reference_text is None:
+        return None
+    from kd.evaluate.bundled_tasks import reference_documents, reference_files
+    from kd.evaluate.control import reference_token_ids
+
+    return reference_token_ids(reference_documents(reference_files(config.eval.reference_text)), _tokenizer(student_dir),
+                               max_tokens=config.data.seq_len, max_documents=config.eval.control_max_documents)
+
+
+def reference_retention(teacher: DocumentScores, student: DocumentScores) -> ReferenceRetention:
+    """Teacher ÷ student bits per byte over the same reference documents."""
+    import math
+
+    n_bytes = sum(teacher.bytes)
+    t, s = (sum(d.nll[0]) / math.log(2) / n_bytes if n_bytes else float("nan") for d in (teacher, student))
+    return ReferenceRetention(documents=len(teacher.bytes), bytes=n_bytes, teacher_bits_per_byte=t,
+                              student_bits_per_byte=s, retention=t / s if s > 0 else float("nan"))
 
 
 def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, heldout, alignment, *, heldout_path,
@@ -140,6 +172,11 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
                              device=device, log=log)
     if bench is not None:
         report = with_benchmarks(report, merge_benchmarks(baselines.benchmarks, bench), ev, log=log)
+    if baselines.reference is not None:  # out of domain: the same documents the teacher was scored on
+        docs = reference_docs(config, student_dir)
+        mine = score_documents([models["student_after"]], docs, _tokenizer(student_dir), valid_vocab=v,
+                               chunk_size=config.kd.chunk_size, device=device, backend=backend, source="reference")
+        report = report.model_copy(update={"reference": reference_retention(baselines.reference, mine)})
     if control_training is not None:  # did distillation beat fine-tuning? (kd/evaluate/control.py)
         from kd.evaluate.control import compare_control
 

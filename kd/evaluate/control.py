@@ -185,9 +185,10 @@ def reference_token_ids(texts: list[str], tokenizer, *, max_tokens: int, max_doc
 
 
 def compare_control(config: RunConfig, models: dict, heldout, alignment, tokenizer_dir: str | Path, control_training,
-                    *, device="cpu", backend: str = "hf") -> ControlReport:
+                    *, after_reference: DocumentScores | None = None, device="cpu", backend: str = "hf") -> ControlReport:
     """The eval step's control part: the control's held-out table row, both students scored per document on the
-    held-out split and on the reference text, and KD − control with paired intervals."""
+    held-out split and on the reference text, and KD − control with paired intervals. `after_reference`: the
+    student-after's reference scores when the eval already has them (only the control is then run there)."""
     from transformers import AutoTokenizer
 
     from kd.evaluate.heldout import evaluate_model
@@ -207,8 +208,12 @@ def compare_control(config: RunConfig, models: dict, heldout, alignment, tokeniz
         from kd.evaluate.step import reference_docs
 
         docs = reference_docs(config, tokenizer_dir)
-        scores.append(score_documents(pair, docs, tok, valid_vocab=v, chunk_size=config.kd.chunk_size, device=device,
-                                      backend=backend, source="reference"))
+        todo = pair if after_reference is None else [models["control"]]
+        ref = score_documents(todo, docs, tok, valid_vocab=v, chunk_size=config.kd.chunk_size, device=device,
+                              backend=backend, source="reference")
+        if after_reference is not None:  # the same documents, tokens and bytes: only the KD student's row is reused
+            ref = ref.model_copy(update={"nll": [after_reference.nll[0], ref.nll[0]]})
+        scores.append(ref)
     prov = getattr(control_training, "produced_by", None)
     return paired_report(scores, control_eval, ev, control_run=prov.run_name if prov else None,
                          control_checkpoint_sha256=control_training.checkpoint_sha256)

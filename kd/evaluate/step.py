@@ -172,6 +172,7 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
                              device=device, log=log)
     if bench is not None:
         report = with_benchmarks(report, merge_benchmarks(baselines.benchmarks, bench), ev, log=log)
+    mine = None
     if baselines.reference is not None:  # out of domain: the same documents the teacher was scored on
         docs = reference_docs(config, student_dir)
         mine = score_documents([models["student_after"]], docs, _tokenizer(student_dir), valid_vocab=v,
@@ -181,6 +182,7 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
         from kd.evaluate.control import compare_control
 
         report = report.model_copy(update={"control": compare_control(
-            config, models, heldout, alignment, student_dir, control_training, device=device, backend=backend)})
+            config, models, heldout, alignment, student_dir, control_training, after_reference=mine, device=device,
+            backend=backend)})
     # would someone deploy it? beside the pipeline gates, from what the student says (kd/evaluate/ship.py)
     return report.model_copy(update={"ship": ship_verdict(report, ev.ship)})

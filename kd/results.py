@@ -279,6 +279,19 @@ class BenchmarkTask(_Result):
     bundled: bool = Field(description="A kdflow bundled task (kd/evaluate/bundled_tasks.py)")
 
 
+class BenchmarkDifference(_Result):
+    """KD student − fine-tuning control on one benchmark metric, paired bootstrap interval over documents."""
+
+    documents: int
+    kd: float
+    control: float
+    difference: float = Field(description="kd − control, in the metric's units (its direction is the metric's)")
+    low: float
+    high: float
+    confidence: float
+    bootstrap_iters: int
+
+
 class BenchmarkScore(_Result):
     """One metric of one task for the three models, and the student's retention of the teacher's score."""
 
@@ -292,6 +305,8 @@ class BenchmarkScore(_Result):
         "(None: not computed)")
     retention: float | None = Field(
         description="after ÷ teacher (teacher ÷ after when lower is better): 1 = as good as the teacher")
+    kd_minus_control: BenchmarkDifference | None = Field(
+        None, description="eval.control: student-after − control with a paired bootstrap interval (None: no control)")
 
 
 class BenchmarkReport(_Result):

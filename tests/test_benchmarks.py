@@ -16,7 +16,8 @@ import torch
 from kd.config import BenchmarksConfig, load_config
 from kd.data import open_prepared, prepare_data
 from kd.data.sources import load_tokenizer
-from kd.evaluate.benchmarks import (NO_REGRESSION_ID, RETENTION_ID, benchmark_gates, run_benchmarks,
+from kd.evaluate.benchmarks import (NO_REGRESSION_ID, RETENTION_ID, benchmark_gates, paired_benchmark_difference,
+                                    benchmarks_markdown, run_benchmarks,
                                     retention)
 from kd.evaluate.bundled_tasks import (BPB, LASTWORD, MC, REFERENCE, bundled_info, heldout_texts, words,
                                       write_bundled_tasks)
@@ -173,7 +174,7 @@ def test_benchmarks_recorded_in_the_manifest_and_verified(scored, tmp_path, inpu
 
 
 def _kdflow(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout)
 
 
@@ -246,3 +247,38 @@ def test_smoke_flow_with_benchmarks(prefect_server, tiny_pair, tmp_path):
 def load_manifest_name(tmp_path: Path) -> str:
     [d] = [p.name for p in (tmp_path / "evidence").iterdir() if p.is_dir()]
     return d
+
+
+def test_paired_benchmark_difference_pairs_documents():
+    rng = np.random.default_rng(0)
+    hard = rng.uniform(0, 1, 200)  # what the two students share (a hard document is hard for both) cancels
+    kd = {i: float(hard[i] > 0.3) for i in range(200)}
+    same = paired_benchmark_difference(kd, dict(kd), "acc", iters=500)
+    assert same.difference == 0 and same.low == 0 and same.high == 0 and same.documents == 200
+    ctl = {i: float(hard[i] > 0.5) for i in range(200)}  # the control gets a subset right: KD ahead on ~40 docs
+    d = paired_benchmark_difference(kd, ctl, "acc", iters=2000)
+    assert d.difference == pytest.approx(np.mean([kd[i] - ctl[i] for i in range(200)]))
+    assert 0 < d.low < d.difference < d.high
+    # bits per byte: each arm's ratio of summed log-likelihood to summed bytes, the same documents resampled
+    ll_kd = {i: (-float(b) * 1.0, float(b)) for i, b in enumerate(rng.integers(10, 90, 50))}
+    ll_ctl = {i: (v[0] * 1.2, v[1]) for i, v in ll_kd.items()}
+    b = paired_benchmark_difference(ll_kd, ll_ctl, "bits_per_byte", iters=500)
+    assert b.kd == pytest.approx(1 / np.log(2)) and b.control == pytest.approx(1.2 / np.log(2))
+    assert b.high < 0 and b.high - b.low < 1e-9  # every document 20 % worse for the control: no spread
+    assert paired_benchmark_difference({0: 1.0}, {0: 0.0}, "acc", iters=500) is None  # one document: no interval
+    only_one = paired_benchmark_difference({0: 1.0, 1: 0.0}, {5: 1.0, 6: 1.0}, "acc", iters=500)
+    assert only_one is None  # no document scored by both: nothing to pair
+
+
+def test_a_control_model_gets_a_paired_column(prepared, tiny_pair):
+    teacher, rand, trained, teacher_dir, student_dir = three_models(tiny_pair)
+    cfg = BenchmarksConfig(tasks=[BPB], limit=12)
+    report = run_benchmarks({"student_after": trained, "control": rand},
+                            {"student_after": student_dir, "control": student_dir},
+                            cfg, bundled_dir=write_bundled_tasks(prepared.path, student_dir), log=lambda _: None)
+    [row] = [s for s in report.scores if s.metric == "bits_per_byte"]
+    d = row.kd_minus_control
+    assert d is not None and d.documents == 12
+    assert d.difference == pytest.approx(row.values["student_after"] - row.values["control"], rel=1e-6)
+    assert d.high < 0  # the trained student beats a randomly re-initialised one on every resample
+    assert "KD − control" in benchmarks_markdown(report)

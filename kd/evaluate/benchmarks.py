@@ -39,7 +39,7 @@ import numpy as np
 from kd.config import BenchmarksConfig
 from kd.errors import ConfigError
 from kd.evaluate.bundled_tasks import BUNDLED, REFERENCE, code_fingerprint, reference_fingerprint
-from kd.results import BenchmarkReport, BenchmarkScore, BenchmarkTask, Falsifier
+from kd.results import BenchmarkDifference, BenchmarkReport, BenchmarkScore, BenchmarkTask, Falsifier
 
 NO_REGRESSION_ID = "F-DISTILL-BENCH-001"
 RETENTION_ID = "F-DISTILL-BENCH-RETENTION-001"
@@ -286,10 +286,46 @@ def _sample_pairs(samples: list[dict], metric: str, filt: str) -> list:
             if s.get("filter", filt) == filt and isinstance(s.get(metric), (list, tuple)) and len(s[metric]) == 2]
 
 
+def _per_document(samples: list[dict], metric: str, filt: str) -> dict[int, object]:
+    """doc_id -> that document's value of `metric` (a number, or (log-likelihood, units) for a ratio metric)."""
+    return {int(s["doc_id"]): (tuple(s[metric]) if isinstance(s[metric], (list, tuple)) else float(s[metric]))
+            for s in samples if s.get("filter", filt) == filt and metric in s and "doc_id" in s}
+
+
+def paired_benchmark_difference(kd: dict[int, object], control: dict[int, object], metric: str, *, iters: int,
+                                confidence: float = 0.95, seed: int = BOOTSTRAP_SEED) -> BenchmarkDifference | None:
+    """KD − control on one benchmark metric, with a paired bootstrap interval over the documents both scored: the
+    same resampled documents for both students. A mean metric (accuracy) resamples per-document values; a
+    ratio metric (bits per byte) resamples (log-likelihood, units) pairs and takes each arm's ratio of sums."""
+    ids = sorted(set(kd) & set(control))
+    if len(ids) < 2 or iters < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(ids), size=(iters, len(ids)))
+    if metric in _RATIO_METRICS:
+        f = _RATIO_METRICS[metric]
+        arms = []
+        for side in (kd, control):
+            ll = np.asarray([float(side[i][0]) for i in ids])
+            units = np.asarray([float(side[i][1]) for i in ids])
+            arms.append((f(ll.sum() / units.sum()), f(ll[idx].sum(1) / units[idx].sum(1))))
+    else:
+        arms = []
+        for side in (kd, control):
+            v = np.asarray([float(side[i]) for i in ids])
+            arms.append((float(v.mean()), v[idx].mean(1)))
+    (k, kb), (c, cb) = arms
+    with np.errstate(invalid="ignore"):
+        low, high = np.quantile(kb - cb, [(1 - confidence) / 2, 1 - (1 - confidence) / 2]).tolist()
+    return BenchmarkDifference(documents=len(ids), kd=float(k), control=float(c), difference=float(k - c),
+                               low=float(low), high=float(high), confidence=confidence, bootstrap_iters=iters)
+
+
 def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device,
-                tasks: list[str] | None = None) -> tuple[dict, dict]:
-    """lm-eval on one in-memory model: ({task: {metric: (value, stderr)}}, {task: meta}). A bits-per-byte-like
-    metric's stderr, which lm-eval leaves out, is bootstrapped over its per-document results."""
+                tasks: list[str] | None = None) -> tuple[dict, dict, dict]:
+    """lm-eval on one in-memory model: ({task: {metric: (value, stderr)}}, {task: meta},
+    {task: {metric: {doc_id: value}}}). A bits-per-byte-like metric's stderr, which lm-eval leaves out, is
+    bootstrapped over its per-document results; the per-document values pair two students document by document."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -298,13 +334,15 @@ def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device,
               device=str(device))
     scores: dict[str, dict] = {}
     meta: dict[str, dict] = {}
+    docs: dict[str, dict] = {}
     for limit, names in _groups(cfg, tasks).items():
         res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=True,
                               bootstrap_iters=cfg.bootstrap_iters, random_seed=0, numpy_random_seed=1234,
                               torch_random_seed=1234, fewshot_random_seed=1234)
         for task, row in res["results"].items():
             hib = res.get("higher_is_better", {}).get(task, {})
-            scores[task] = {}
+            scores[task], docs[task] = {}, {}
+            logged = (res.get("samples") or {}).get(task, [])
             for key, v in row.items():
                 if "," not in key or "_stderr," in key:
                     continue
@@ -313,15 +351,15 @@ def score_model(model, tokenizer, cfg: BenchmarksConfig, tm, *, device,
                     continue
                 se = _num(row.get(f"{metric}_stderr,{filt}"))
                 if se is None and metric in _RATIO_METRICS:  # lm-eval gives none: bootstrap over documents
-                    se = bootstrap_stderr(_sample_pairs((res.get("samples") or {}).get(task, []), metric, filt),
-                                          metric, cfg.bootstrap_iters)
+                    se = bootstrap_stderr(_sample_pairs(logged, metric, filt), metric, cfg.bootstrap_iters)
                 scores[task][metric] = (float(v), se, bool(hib.get(metric, True)))
+                docs[task][metric] = _per_document(logged, metric, filt)
             n = res.get("n-samples", {}).get(task, {})
             meta[task] = {"n_docs": int(n.get("effective", 0)), "n_available": int(n.get("original", 0)),
                           "version": str(res.get("versions", {}).get(task)),
                           "definition_sha256": _definition_hash(res.get("configs", {}).get(task, {})),
                           "limit": limit}
-    return scores, meta
+    return scores, meta, docs
 
 
 def retention(after: float, teacher: float, higher_is_better: bool) -> float | None:
@@ -346,16 +384,18 @@ def run_benchmarks(models: dict, tokenizer_dirs: dict[str, str], cfg: Benchmarks
     tm = _task_manager(cfg.include_paths + ([str(reference_dir)] if reference_dir is not None else []), bundled_dir,
                        defaults=bool(_external(cfg)))
     values: dict[tuple[str, str, str], tuple] = {}
+    per_doc: dict[tuple[str, str, str], dict] = {}
     metas: dict[str, dict] = {}
     wall: dict[str, float] = {}
     for i, (name, model) in enumerate(models.items()):
         t0 = time.perf_counter()
         log(f"benchmarks: {name} ({i + 1}/{len(models)}) on {', '.join(tasks)}")
         tok = AutoTokenizer.from_pretrained(tokenizer_dirs[name])
-        scores, meta = score_model(model, tok, cfg, tm, device=device, tasks=tasks)
+        scores, meta, docs = score_model(model, tok, cfg, tm, device=device, tasks=tasks)
         for task, metrics in scores.items():
             for metric, v in metrics.items():
                 values[(task, metric, name)] = v
+                per_doc[(task, metric, name)] = docs.get(task, {}).get(metric, {})
         metas.update(meta)
         wall[name] = time.perf_counter() - t0
         summary = "; ".join(f"{t} " + ", ".join(f"{m}={v[0]:.4g}" for m, v in ms.items()) for t, ms in scores.items())
@@ -365,11 +405,17 @@ def run_benchmarks(models: dict, tokenizer_dirs: dict[str, str], cfg: Benchmarks
         per = {n: values.get((task, metric, n)) for n in models}
         hib = next(v[2] for v in per.values() if v is not None)
         t, a = per.get("teacher"), per.get("student_after")
+        vs_control = None
+        if "student_after" in models and "control" in models:  # eval.control: KD − fine-tuning, paired by document
+            vs_control = paired_benchmark_difference(per_doc.get((task, metric, "student_after"), {}),
+                                                     per_doc.get((task, metric, "control"), {}), metric,
+                                                     iters=cfg.bootstrap_iters)
         rows.append(BenchmarkScore(
             task=task, metric=metric, higher_is_better=hib,
             values={n: v[0] for n, v in per.items() if v is not None},
             stderr={n: v[1] for n, v in per.items() if v is not None},
             retention=retention(a[0], t[0], hib) if t is not None and a is not None else None,
+            kd_minus_control=vs_control,
         ))
     ran = [BenchmarkTask(task=t, **metas[t], bundled=t in BUNDLED) for t in tasks if t in metas]
     wall["total"] = time.perf_counter() - t_all
@@ -456,17 +502,22 @@ def benchmarks_markdown(report: BenchmarkReport) -> str:
     """The table a user reads: task, metric, teacher, before, after (± standard error), retention, n docs;
     above it, in-domain and out-of-domain bits per byte side by side."""
     line = domain_line(report)
-    lines = ([line, ""] if line else []) + [
-        "| task | metric | teacher | student-before | student-after | retention | docs |",
-        "|---|---|---|---|---|---|---|"]
+    control = any(s.kd_minus_control is not None or "control" in s.values for s in report.scores)
+    head = "| task | metric | teacher | student-before | student-after | retention |" + \
+        (" control | KD − control [interval] |" if control else "") + " docs |"
+    lines = ([line, ""] if line else []) + [head, "|---" * (head.count("|") - 1) + "|"]
     n = {t.task: t.n_docs for t in report.tasks}
     for s in report.scores:
         arrow = "↑" if s.higher_is_better else "↓"
         v, se = s.values, s.stderr
-        lines.append(f"| {s.task} | {s.metric} {arrow} | {value_pm(v.get('teacher'), se.get('teacher'))} | "
-                     f"{value_pm(v.get('student_before'), se.get('student_before'))} | "
-                     f"{value_pm(v.get('student_after'), se.get('student_after'))} | "
-                     f"{_f(s.retention)} | {n.get(s.task, '?')} |")
+        row = (f"| {s.task} | {s.metric} {arrow} | {value_pm(v.get('teacher'), se.get('teacher'))} | "
+               f"{value_pm(v.get('student_before'), se.get('student_before'))} | "
+               f"{value_pm(v.get('student_after'), se.get('student_after'))} | {_f(s.retention)} |")
+        if control:
+            d = s.kd_minus_control
+            row += (f" {value_pm(v.get('control'), se.get('control'))} | " +
+                    (f"{d.difference:+.4g} [{d.low:+.4g}, {d.high:+.4g}] |" if d is not None else "– |"))
+        lines.append(row + f" {n.get(s.task, '?')} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: smoke test bench bench-orchestration bench-sweep up down clean lock
+.PHONY: smoke test tokenizers bench bench-orchestration bench-sweep up down clean lock
 
 $(STAMP): pyproject.toml requirements.lock requirements-models.lock
 	$(PY) -m venv $(VENV)
@@ -31,8 +31,14 @@ smoke: $(STAMP)
 # Two pytest workers (pytest-xdist), one test module each at a time: a module's fixtures (a server, a
 # sweep) stay in one process. TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(STAMP) tokenizers
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+# Real tokenizers for the cross-tokenizer tests (issue 30): llama.cpp's vocabulary GGUFs from the registry's
+# llama-cpp-python source archive, hash-locked in requirements-tokenizers.lock, fetched once into $KDFLOW_HOME
+# (a no-op once there; nothing is built).
+tokenizers: $(STAMP)
+	$(BIN)/python -m kd.cross_tokenizer.vocab_files
 
 # Local Prefect stack: server (SQLite), cpu + gpu process pools, deployments, one worker per pool.
 # docs/prefect.md; `source .kdflow/up/env` points kdflow/prefect commands at it.

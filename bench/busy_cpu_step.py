@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from kd.config import RunConfig
 from kd.results import VocabAlignment
-from kd.train import _Objective
+from kd.train.objectives import OnlineObjective
 
 torch.manual_seed(0)
 layers = json.loads(sys.argv[7])
@@ -61,7 +61,7 @@ cfg = RunConfig.model_validate({"teacher": {"repo": "bench/t"}, "student": {"rep
                                 "kd": {"alpha": alpha, "temperature": T, "chunk_size": 256}, "data": {"seq_len": seq}})
 align = VocabAlignment(verdict="identical", teacher_rows=V, student_rows=V, teacher_tokenizer_size=V,
                        student_tokenizer_size=V, rows_kept=V, valid_vocab=V)
-objective = _Objective(cfg, student, teacher, align, autocast=False, device="cpu")
+objective = OnlineObjective(cfg, student, teacher, align, autocast=False, device="cpu")
 opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
 g = torch.Generator().manual_seed(1)
 

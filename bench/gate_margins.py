@@ -41,7 +41,7 @@ def run(setting: dict, args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MKL_", "ATEN_"))} | setting
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "kd.cli", "smoke", "--no-cache", "--evidence-dir", f"{tmp}/ev",
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "smoke", "--no-cache", "--evidence-dir", f"{tmp}/ev",
                                "--set", f"work_dir={tmp}/runs", *args], env=env, cwd=tmp, capture_output=True, text=True)
         (run_dir,) = Path(tmp, "ev").iterdir()
         manifest = json.loads((run_dir / "manifest.json").read_text())

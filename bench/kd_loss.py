@@ -11,7 +11,7 @@ Liger is given weight_hard_loss=alpha, weight_soft_loss=(1-alpha)*T^2, so all th
 
 Variants
     naive   student logits (N, V) by autograd, teacher logits under no_grad, `kd_loss_reference`, backward.
-    kdflow  `kd.losses.fused_linear_kd_loss` (chunk --chunk, default 256).
+    kdflow  `kd.train.losses.fused_linear_kd_loss` (chunk --chunk, default 256).
     liger   `liger_kernel.chunked_loss.LigerFusedLinearJSDLoss` (plain PyTorch chunked loss, compiled=False on
             CPU, chunk --chunk). Not a project dependency: if it cannot be imported, the parent installs the
             pinned wheel with `pip install --no-deps --target ~/.cache/kdflow/bench-liger liger-kernel==0.8.5`
@@ -121,7 +121,7 @@ def _step_fn(variant: str, chunk: int, divergence: str, device: str = "cpu"):
     """Returns f(h, w, ht, wt, y) -> loss tensor (forward only; the caller runs backward)."""
     import torch
 
-    from kd.losses import fused_linear_kd_loss, kd_loss_reference
+    from kd.train.losses import fused_linear_kd_loss, kd_loss_reference
 
     kw = dict(alpha=ALPHA, temperature=TEMP, divergence=divergence, beta=BETA)
     if variant == "naive":

@@ -7,8 +7,8 @@ The tiny teacher/student (kd/tiny.py) with a ChatML template, the bundled chat c
 (kd/corpus/chat/genesis-chat.jsonl) with the assistant-only mask, so blocks train uneven numbers of
 tokens. Two runs with the same seed, data order and hyper-parameters:
   after   kdflow as it is: every trained token of a step weighs 1/N, N = the step's trained tokens
-          (kd/loss_normalization.py)
-  before  the old rule, reimplemented here and swapped in for kd.loss_normalization.run_step (the one
+          (kd/train/loss_normalization.py)
+  before  the old rule, reimplemented here and swapped in for kd.train.loss_normalization.run_step (the one
           place the rule lives): each micro-batch's token mean / grad_accum, logged as the mean of the
           micro-batch means
 For the old run the per-token loss of each step (sum of its tokens' losses / N) is recorded next to
@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import kd.loss_normalization as norm  # noqa: E402
-from kd.loss_normalization import StepLoss, trained_tokens  # noqa: E402
+import kd.train.loss_normalization as norm  # noqa: E402
+from kd.train.loss_normalization import StepLoss, trained_tokens  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
@@ -90,13 +90,13 @@ def step1_gradient_gap(cfg, teacher, student, prepared) -> float:
     """max |g_old - g_new| / max |g_new| over the student's parameters, step 1 (float64)."""
     from backends import get_backend
     from kd.data import train_batch
-    from kd.train import _Objective
+    from kd.train.objectives import OnlineObjective
     from kd.vocab import align_vocab
 
     be, al = get_backend("hf"), align_vocab(teacher, student)
     s = be.load(student, dtype=torch.float64)
     t = be.load(teacher, dtype=torch.float64).requires_grad_(False)
-    obj = _Objective(cfg, s, t, al, False, "cpu")
+    obj = OnlineObjective(cfg, s, t, al, False, "cpu")
     tc = cfg.train
     batches = [train_batch(prepared.train, step=0, micro=m, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
                            seed=tc.seed) for m in range(tc.grad_accum)]
@@ -138,7 +138,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from kd.config import load_config
-    from kd.train import train_student
+    from kd.train.loop import train_student
     from kd.vocab import align_vocab
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-lossnorm-"))

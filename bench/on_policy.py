@@ -94,7 +94,7 @@ def setup(overrides: list[str]):
 
 def sample_spec(cfg, student_dir, packed, prompts: int, max_new: int):
     from kd.evaluate.on_samples import SampleSpec
-    from kd.on_policy import stop_ids_of
+    from kd.train.on_policy import stop_ids_of
 
     stops = stop_ids_of(student_dir)
     return SampleSpec(stop_ids=frozenset(stops), pad_id=min(stops), fmt=packed.manifest["format"], prompts=prompts,
@@ -123,7 +123,8 @@ def run_arm(name: str, fraction: float, cfg, teacher_dir, student_dir, alignment
     """kdflow's training step (kd.train objective, kd.on_policy GKD draw) until `budget_s` seconds are spent."""
     from backends import get_backend
     from kd.data import train_batch
-    from kd.train import _Objective, on_policy_objective, seed_everything
+    from kd.train.loop import seed_everything
+    from kd.train.objectives import OnlineObjective, on_policy_objective
 
     arm_cfg = cfg.model_copy(deep=True)
     arm_cfg.kd.on_policy.fraction = fraction
@@ -134,7 +135,7 @@ def run_arm(name: str, fraction: float, cfg, teacher_dir, student_dir, alignment
     if before is None:
         before = evaluate(student, teacher, packed, alignment, arm_cfg, spec, prompts)
     student.train()
-    base = _Objective(arm_cfg, student, teacher, alignment, False, "cpu")
+    base = OnlineObjective(arm_cfg, student, teacher, alignment, False, "cpu")
     objective = on_policy_objective(arm_cfg, base, student, teacher, alignment, packed, student_dir,
                                     autocast=False, device="cpu")
     tc = arm_cfg.train
@@ -169,7 +170,7 @@ def run_arm(name: str, fraction: float, cfg, teacher_dir, student_dir, alignment
 
 # ------------------------------------------------------------------------------------------ kdflow vs TRL
 def step_prompts(packed, cfg, n: int) -> list[list[int]]:
-    from kd.on_policy import prompts_from_batch
+    from kd.train.on_policy import prompts_from_batch
 
     rows = list(range(min(n, len(packed.train))))
     return prompts_from_batch(packed.train.batch(rows), fmt=packed.manifest["format"],
@@ -184,7 +185,7 @@ def worker(kind: str, args) -> dict:
     prompts = step_prompts(packed, cfg, B * steps)
     torch.manual_seed(0)
     from backends import get_backend
-    from kd.on_policy import stop_ids_of
+    from kd.train.on_policy import stop_ids_of
 
     stops = sorted(stop_ids_of(student_dir))
     backend = get_backend("hf")
@@ -196,11 +197,11 @@ def worker(kind: str, args) -> dict:
     mem = RssPeak()
     times, gen_times, gen_tokens = [], [], []
     if kind == "kdflow":
-        from kd.train import _Objective, on_policy_objective
+        from kd.train.objectives import OnlineObjective, on_policy_objective
 
         c = cfg.model_copy(deep=True)
         c.kd.on_policy.fraction, c.kd.on_policy.max_new_tokens, c.train.batch_size = 1.0, max_new, B
-        obj = on_policy_objective(c, _Objective(c, student, teacher, alignment, False, "cpu"), student, teacher,
+        obj = on_policy_objective(c, OnlineObjective(c, student, teacher, alignment, False, "cpu"), student, teacher,
                                   alignment, packed, student_dir, autocast=False, device="cpu")
         opt = torch.optim.AdamW(student.parameters(), lr=c.train.lr)
         student.train()

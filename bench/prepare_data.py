@@ -143,7 +143,7 @@ sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 from kd.config import load_config
 from kd.data import open_prepared
-from kd.train import train_student
+from kd.train.loop import train_student
 from kd.vocab import align_vocab
 models, prepared, run = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 ps = open_prepared(prepared)

@@ -103,7 +103,7 @@ def main() -> None:
 
     from kd.config import load_config
     from kd.data import pack_dataset
-    from kd.train import train_student
+    from kd.train.loop import train_student
     from kd.vocab import align_vocab
 
     out = Path(args.out)

@@ -48,7 +48,7 @@ def env_for(base: str, home: Path) -> dict:
 def kdflow(args: list[str], env: dict, log: Path) -> tuple[int, float]:
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", "kd.cli", *args], env=env, stdout=f, stderr=subprocess.STDOUT,
+        rc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, stdout=f, stderr=subprocess.STDOUT,
                             cwd=REPO).returncode
     return rc, time.perf_counter() - t0
 
@@ -101,7 +101,7 @@ def settled_task_runs(flow_run_id, ready, timeout_s: float = 60) -> list:
 
 
 def sweep_readback(sweep_run, evidence: Path) -> dict:
-    from kd.sweep.report import verify_sweep_dir
+    from kd.evidence.verify import verify_sweep_dir
 
     n_trials = len(json.loads((evidence / "sweep.json").read_text())["trials"])
     parent_tasks = settled_task_runs(sweep_run.id, lambda rs: sum(r.name.startswith("trial-") for r in rs) == n_trials)

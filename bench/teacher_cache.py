@@ -68,7 +68,7 @@ def _setup(tmp: Path):
 def fidelity(teacher, student, backend, blocks, alignment) -> list[dict]:
     import torch
 
-    from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, iter_logit_chunks, sparse_teacher_targets
+    from kd.train.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, iter_logit_chunks, sparse_teacher_targets
     from kd.teacher_cache.encoding import TopKSpec, decode, encode
 
     ve = alignment.valid_vocab
@@ -138,7 +138,7 @@ def train_child(args) -> None:
 
     from kd.data import open_prepared
     from kd.results import TeacherCacheResult, VocabAlignment
-    from kd.train import train_student
+    from kd.train.loop import train_student
 
     spec = json.loads(Path(args.child).read_text())
     torch.set_num_threads(spec["threads"])

@@ -5,11 +5,11 @@
 
 Models are randomly initialised from Qwen2.5 configs (no download): the step's cost depends on the
 shapes, not the weights. One step = teacher forward (no grad) + student forward/backward through
-the chunked fused-linear KD loss + AdamW update, exactly as `kd/train.py` runs it.
+the chunked fused-linear KD loss + AdamW update, exactly as `kd/train/loop.py` runs it.
 MFU counts 6·N_student + 2·N_teacher FLOPs per token (attention FLOPs left out, as is usual)
 against `--peak-tflops` (H100/H200 SXM dense bf16: 989). Writes `bench/results/train_step-<date>-<pair>.json`.
 
-Distributed (kd/distributed: the same KDModule, DDP or FSDP2 wrapping the training task uses):
+Distributed (kd/train/distributed: the same KDModule, DDP or FSDP2 wrapping the training task uses):
 
     python bench/train_step.py --distributed fsdp --nproc 8            # re-launches itself under torchrun
     python bench/train_step.py --compare 1,2,4,8 --distributed fsdp    # GPUs: scaling efficiency and MFU
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kd.config import RunConfig  # noqa: E402
 from kd.results import VocabAlignment  # noqa: E402
-from kd.train import _Objective  # noqa: E402
+from kd.train.objectives import OnlineObjective  # noqa: E402
 
 QWEN = {  # from the published config.json files
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -97,8 +97,8 @@ def measure(args) -> dict | None:
 
     import torch.distributed as dist
 
-    from kd.distributed.model import KDModule, enable_activation_checkpointing, wrap
-    from kd.distributed.runtime import process_group
+    from kd.train.distributed.model import KDModule, enable_activation_checkpointing, wrap
+    from kd.train.distributed.runtime import process_group
 
     distributed = "RANK" in os.environ
     cuda = args.device.startswith("cuda")
@@ -120,7 +120,7 @@ def measure(args) -> dict | None:
                                    valid_vocab=v_s)
         cfg = RunConfig.model_validate({"teacher": {"repo": "bench/teacher"}, "student": {"repo": "bench/student"},
                                         "kd": {"chunk_size": args.chunk}, "data": {"seq_len": args.seq}})
-        objective = _Objective(cfg, student, teacher, alignment, autocast=cuda, device="cuda" if cuda else "cpu")
+        objective = OnlineObjective(cfg, student, teacher, alignment, autocast=cuda, device="cuda" if cuda else "cpu")
         if distributed:
             shard_t = args.distributed == "fsdp" and args.shard_teacher
             model = wrap(KDModule(objective, student, teacher, shard_teacher=shard_t),

@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(args.config, overrides)
     if cfg.name and not args.dry_run:  # a run folder is never reused: refused before any work (exit 2)
-        from kd.manifest import ensure_new_run
+        from kd.evidence.manifest import ensure_new_run
 
         ensure_new_run(cfg.evidence_dir, cfg.work_dir, cfg.name)
     # preflight before Prefect starts: a bad input is one line naming it (exit 2), no flow-run traceback
@@ -183,20 +183,23 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_evidence(args) -> int:
-    from kd import manifest
+    from kd.evidence import manifest
+    from kd.evidence.verify import verify_run_dir
+    from kd.evidence.view import diff_runs, show_run
 
     if args.action == "schema":
         print(json.dumps(manifest.manifest_json_schema(), indent=2))
         return 0
     if args.action == "keygen":
-        from kd.signing import fingerprint, generate_keypair, load_public_key
+        from kd.evidence.signing import fingerprint, generate_keypair, load_public_key
 
         private, public = generate_keypair(Path(args.key), Path(args.pubkey) if args.pubkey else None)
         print(f"private key: {private} (keep it secret)\npublic key:  {public} "
               f"(fingerprint {fingerprint(load_public_key(public))[:16]}…)")
         return 0
     if args.action == "show" and _is_sweep(Path(args.run_dir)):
-        from kd.sweep.report import SUMMARY, verify_sweep_dir
+        from kd.evidence.verify import verify_sweep_dir
+        from kd.sweep.report import SUMMARY
 
         print((Path(args.run_dir) / SUMMARY).read_text(encoding="utf-8"))
         problems = verify_sweep_dir(Path(args.run_dir))
@@ -204,7 +207,7 @@ def cmd_evidence(args) -> int:
             print(f"FAIL {p}", file=sys.stderr)
         return 1 if problems else 0
     if args.action == "verify" and _is_sweep(Path(args.run_dir)):
-        from kd.sweep.report import verify_sweep_dir
+        from kd.evidence.verify import verify_sweep_dir
 
         problems = verify_sweep_dir(Path(args.run_dir))
         for p in problems:
@@ -220,9 +223,9 @@ def cmd_evidence(args) -> int:
                                          f"{run_dir}: no {manifest.MANIFEST} (not an evidence folder, or the run "
                                          "crashed before writing it)")
     if args.action == "verify":
-        from kd.signing import check_signature
+        from kd.evidence.signing import check_signature
 
-        problems = manifest.verify_run_dir(run_dir) + check_signature(run_dir, _key_path(args.pubkey))
+        problems = verify_run_dir(run_dir) + check_signature(run_dir, _key_path(args.pubkey))
         for p in problems:
             print(f"FAIL {p}", file=sys.stderr)
         if not problems:
@@ -230,9 +233,9 @@ def cmd_evidence(args) -> int:
             print(f"ok: {run_dir} verifies (schema, every sha256, every verdict recomputed{signed})")
         return 1 if problems else 0
     if args.action == "sign":
-        from kd.signing import sign_run
+        from kd.evidence.signing import sign_run
 
-        problems = manifest.verify_run_dir(run_dir)
+        problems = verify_run_dir(run_dir)
         if problems:  # a signature attests intact evidence; it is never put on a folder that fails
             for p in problems:
                 print(f"FAIL {p}", file=sys.stderr)
@@ -242,17 +245,17 @@ def cmd_evidence(args) -> int:
         return 0
     if args.action == "show":
         try:
-            print(manifest.show_run(run_dir))
+            print(show_run(run_dir))
         except manifest.EvidenceInvalid as err:
             print(f"FAIL {err}", file=sys.stderr)
             return 1
-        return 1 if manifest.verify_run_dir(run_dir) else 0
-    print(manifest.diff_runs(Path(args.a), Path(args.b)))
+        return 1 if verify_run_dir(run_dir) else 0
+    print(diff_runs(Path(args.a), Path(args.b)))
     return 0
 
 
 def _is_sweep(path: Path) -> bool:
-    from kd.sweep.report import is_sweep_dir
+    from kd.evidence.verify import is_sweep_dir
 
     return is_sweep_dir(path)
 
@@ -371,7 +374,7 @@ def exit_code(err: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kd.redact import shorten
+    from kd.evidence.redact import shorten
 
     args = build_parser().parse_args(argv)
     try:

@@ -16,20 +16,20 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.teacher_cache import cache_step
 from flows.train import train_via_deployment
 from kd.config import ModelRef, RunConfig, default_run_name, short_model_name
 from kd.errors import GateFailure
 from kd.evaluate.control import control_config
 from kd.evaluate.ship import ship_line
-from kd.manifest import claim_run_name
-from kd.verdicts import failure_reasons
+from kd.evidence.manifest import claim_run_name
+from kd.evidence.verdicts import failure_reasons
 from tasks.evaluate import evaluate, evaluate_baselines
 from tasks.evidence import write_evidence_task
 from tasks.lineage import StepStates
 from tasks.preflight import preflight
 from tasks.prepare import prepare_data_task
 from tasks.pull import pull_models
-from tasks.teacher_cache import cache_step
 from tasks.train import train_student_task
 from tasks.vocab import check_vocab
 

@@ -38,10 +38,11 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run, task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.teacher_cache import cache_step
 from kd.config import RunConfig
 from kd.hashing import sha256_file
-from kd.manifest import MANIFEST
-from kd.redact import redact
+from kd.evidence.manifest import MANIFEST
+from kd.evidence.redact import redact
 from kd.sweep.report import ATTEMPTS, PLOT, summary_markdown, trial_row, write_sweep
 from kd.sweep.spec import SweepSpec, Trial, expand, metric_path, preflight_trials, shared_groups, sweep_dir
 from tasks.policy import content_key, fresh_key
@@ -49,7 +50,6 @@ from kd.evaluate.control import control_config
 from tasks.evaluate import evaluate_baselines
 from tasks.prepare import prepare_data_task
 from tasks.pull import pull_models
-from tasks.teacher_cache import cache_step
 from tasks.train import train_student_task
 from tasks.vocab import check_vocab
 
@@ -71,7 +71,7 @@ def _finished(cfg: RunConfig) -> bool:
     """The trial's evidence folder exists for exactly this config, passed, and verifies."""
     import json
 
-    from kd.verify import verify_run_dir
+    from kd.evidence.verify import verify_run_dir
 
     tdir = _trial_evidence(cfg)
     try:
@@ -84,7 +84,7 @@ def _finished(cfg: RunConfig) -> bool:
 
 def _stale(result: dict) -> list[str]:
     """Why a cached trial result cannot be reused: its evidence folder is gone, changed or fails verify."""
-    from kd.verify import verify_run_dir
+    from kd.evidence.verify import verify_run_dir
 
     tdir = Path(result["evidence"])
     if not (tdir / MANIFEST).is_file():

@@ -7,8 +7,9 @@ flow at it:
     kdflow run configs/smoke.yaml --set kd.teacher_mode=offline \
         --set orchestration.cache_deployment=kd-teacher-cache/teacher
 
-`cache_via_deployment` starts the child run with `run_deployment(..., timeout=None)`, waits, and returns
-its persisted `TeacherCacheResult` (a folder path and numbers): `kd.cache_dir` must then be storage that
+`cache_step` is what the distill and sweep flows call: the step in-process, or (with
+`orchestration.cache_deployment` set) `cache_via_deployment`, which starts the child run with
+`run_deployment(..., timeout=None)`, waits, and returns its persisted `TeacherCacheResult` (a folder path and numbers): `kd.cache_dir` must then be storage that
 both pools see. A child that failed on bad input re-raises that InputError (exit 2).
 """
 
@@ -19,7 +20,8 @@ from prefect import flow
 from kd.config import RunConfig
 from kd.errors import InputError
 from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, VocabAlignment
-from tasks.teacher_cache import cache_teacher_logits_task
+from tasks.lineage import StepStates
+from tasks.teacher_cache import STEP, cache_artifact, cache_teacher_logits_task
 
 POLL_S = 2.0
 
@@ -62,3 +64,19 @@ def cache_via_deployment(config: RunConfig, teacher: ModelSnapshot, alignment: V
                                     f"{getattr(state, 'message', None)}")
     result = state.result()
     return result if isinstance(result, TeacherCacheResult) else TeacherCacheResult.model_validate(result)
+
+
+def cache_step(config: RunConfig, teacher: ModelSnapshot, alignment: VocabAlignment, prepared: PreparedData,
+               run_name: str, steps: StepStates | None = None, **opts) -> TeacherCacheResult:
+    """Run the step (in-process or on its deployment); a Prefect cache hit is reported as `reused` with
+    zero teacher forwards, still naming the run that built the cache."""
+    if config.orchestration.cache_deployment:
+        return cache_via_deployment(config, teacher, alignment, prepared, run_name)
+    steps = steps or StepStates()
+    state = steps.run_state(STEP, cache_teacher_logits_task.with_options(**opts), config, teacher, alignment,
+                            prepared, run_name)
+    result = state.result()
+    if state.name == "Cached":
+        result = result.model_copy(update={"status": "reused", "shards_built": 0, "teacher_forwards": 0})
+        cache_artifact(result, prefect_cached=True)
+    return result

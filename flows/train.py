@@ -22,6 +22,7 @@ from prefect import flow
 from kd.config import RunConfig
 from kd.errors import InputError
 from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, TrainResult, VocabAlignment
+from tasks.multinode import child_exception
 from tasks.train import train_student_task
 
 POLL_S = 2.0  # how often the parent asks the server whether the child has finished
@@ -61,7 +62,7 @@ def train_via_deployment(
     state = child.state
     where = f"training deployment {name}: flow run {child.name!r} ({child.id})"
     if state is None or not state.is_completed():
-        cause = _child_exception(state)
+        cause = child_exception(state)
         if isinstance(cause, InputError):
             raise type(cause)(f"{where}: {cause}") from cause
         status = "no state" if state is None else f"state {state.name}"
@@ -69,13 +70,3 @@ def train_via_deployment(
     result = state.result()
     return result if isinstance(result, TrainResult) else TrainResult.model_validate(result)
 
-
-def _child_exception(state) -> BaseException | None:
-    """The exception the child raised, when its failed state carries one we can load."""
-    if state is None:
-        return None
-    try:
-        value = state.result(raise_on_failure=False)
-    except Exception:  # result storage unreachable from here, or nothing persisted: the message must do
-        return None
-    return value if isinstance(value, BaseException) else None

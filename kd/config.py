@@ -228,7 +228,7 @@ class DataConfig(_Part):
 
 class OnPolicyConfig(_Part):
     """On-policy distillation (GKD, Agarwal et al. 2024; MiniLLM): the student samples completions of prompts
-    from the prepared data and learns to match the teacher on its own tokens (kd/on_policy/)."""
+    from the prepared data and learns to match the teacher on its own tokens (kd/train/on_policy/)."""
 
     fraction: float = Field(
         0.0, ge=0, le=1,
@@ -262,7 +262,7 @@ class OnPolicyConfig(_Part):
         192, ge=1, le=8192, description="Longest prompt kept; longer prompts keep their last tokens (left cut).",
     )
     generator: Literal["transformers"] = Field(
-        "transformers", description="Generation backend (kd/on_policy/generation.py GENERATORS): transformers = "
+        "transformers", description="Generation backend (kd/train/on_policy/generation.py GENERATORS): transformers = "
         "in-process `generate` with KV cache on the training device. The seam for a serving engine (vLLM) is "
         "the Generator protocol there; none other is implemented.",
     )
@@ -365,7 +365,7 @@ class TrainConfig(_Part):
         None, description="Checkpoint folder to resume from. None: the last checkpoint of this run, if any."
     )
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
-    # --- distributed training (issue 14; kd/distributed/) ---
+    # --- distributed training (issue 14; kd/train/distributed/) ---
     distributed: Literal["none", "ddp", "fsdp"] = Field(
         "none", description="none: one process. ddp: the student replicated on every rank (DistributedDataParallel). "
         "fsdp: the student sharded with FSDP2 `fully_shard`. ddp/fsdp are launched with torchrun."

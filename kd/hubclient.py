@@ -10,20 +10,32 @@ says what to do; transient ones (connection errors, timeouts, HTTP 408/429/5xx, 
 huggingface_hub 2.x raises as httpx2 transport errors or as LocalEntryNotFoundError caused by one)
 are retried with a bounded backoff and end as TransientError. Anything else is a bug and propagates.
 Messages never contain the token.
+
+    commit, folder, files, size = fetch(src, select, cache_dir, hub_token(None))   # verified snapshot
+
+`fetch` checks every file against the listing (sha256 for LFS files, git blob sha1 for the others)
+because huggingface_hub does not; a bad blob is evicted and fetched once more, then it fails.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal, TypeVar
 
 from kd.errors import DataError, InputError, ModelError, TransientError
-from kd.redact import scrub
+from kd.evidence.redact import scrub
+from kd.hashing import git_blob_sha1, sha256_memo
 
 log = logging.getLogger("kdflow.hub")
+HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+Select = Callable[[list[str]], list[str]]  # a repo's file listing -> the files to fetch
 
 # Attempts per hub operation inside one pull (Prefect task retries come on top of these).
 RETRY_ATTEMPTS = 4
@@ -188,3 +200,157 @@ def install_timeouts() -> None:
 
     set_client_factory(factory)
     _TIMEOUTS_INSTALLED = True
+
+
+# --------------------------------------------------------------------------- fetching a verified snapshot
+@dataclass(frozen=True)
+class _Expect:
+    size: int
+    blob_sha1: str | None
+    lfs_sha256: str | None
+
+
+def hub_token(token: str | None) -> str | None:
+    return token or os.environ.get("HF_TOKEN") or None
+
+
+def expected_file(entry) -> _Expect:
+    lfs = entry.lfs
+    return _Expect(lfs.size if lfs else entry.size, entry.blob_id, lfs.sha256 if lfs else None)
+
+
+def fetch(src: Source, select: Select, cache_dir: str | None, token: str | None):
+    """(commit, snapshot folder, {path: sha256}, total bytes) of the selected files, verified."""
+    from huggingface_hub import constants
+
+    install_timeouts()
+    if constants.is_offline_mode():
+        return _fetch_cached(src, select, cache_dir)
+    commit, listing = with_retries(lambda: resolve_and_list(src, token), src, token, "listing files")
+    wanted = select(list(listing))  # refuses (e.g. pickle-only) before any download
+    expected = {p: expected_file(listing[p]) for p in wanted}
+
+    def download() -> str:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(src.repo, repo_type=src.repo_type, revision=commit, cache_dir=cache_dir,
+                                 token=token, allow_patterns=[glob.escape(p) for p in wanted],
+                                 etag_timeout=constants.HF_HUB_ETAG_TIMEOUT)
+
+    folder = with_retries(download, src, token, "downloading")
+    files, bad = _verify(folder, expected)
+    if bad:
+        log.warning("%s@%s: %s; evicting and downloading once more", src.repo, commit, "; ".join(bad.values()))
+        _evict(folder, bad)
+        folder = with_retries(download, src, token, "downloading")
+        files, bad = _verify(folder, expected)
+        if bad:
+            _evict(folder, bad)  # never leave a known-bad blob in the cache
+            raise src.error(
+                f"{src.repo}@{commit}: downloaded twice and still does not match the hub listing: "
+                + "; ".join(bad.values())
+            )
+    _record_ref(src, commit, cache_dir)
+    return commit, folder, files, sum(e.size for e in expected.values())
+
+
+def resolve_and_list(src: Source, token: str | None):
+    """(40-hex commit, {path: RepoFile}) for the revision, from the hub (datasets: all depths)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    api = HfApi(token=token)
+    commit = src.revision if HEX40.match(src.revision) else api.repo_info(
+        src.repo, repo_type=src.repo_type, revision=src.revision).sha
+    if not commit or not HEX40.match(commit):
+        raise src.error(f"{src.where}: the hub returned no commit id ({commit!r})")
+    entries = api.list_repo_tree(src.repo, repo_type=src.repo_type, revision=commit,
+                                 recursive=src.repo_type == "dataset")
+    return commit, {e.path: e for e in entries if isinstance(e, RepoFile)}
+
+
+def cached_commit(src: Source, cache_dir: str | None) -> str:
+    ref = Path(storage_folder(src, cache_dir)) / "refs" / src.revision
+    if HEX40.match(src.revision):
+        return src.revision
+    if not ref.is_file():
+        raise offline_error(src, cache_dir)
+    return ref.read_text().strip()
+
+
+def _fetch_cached(src: Source, select: Select, cache_dir: str | None):
+    """HF_HUB_OFFLINE: the cached snapshot of the revision, complete and matching its blob names."""
+    from huggingface_hub import get_cached_repo_tree
+
+    commit = cached_commit(src, cache_dir)
+    folder = Path(storage_folder(src, cache_dir)) / "snapshots" / commit
+    if not folder.is_dir():
+        raise offline_error(src, cache_dir)
+    try:  # the listing huggingface_hub cached with the snapshot tells whether it is complete
+        listing = {f.path: f.size for f in get_cached_repo_tree(
+            src.repo, repo_type=src.repo_type, revision=commit, cache_dir=cache_dir)}
+    except Exception:
+        listing = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    # In the HF cache a blob is named by its hub id: sha256 for LFS files, git sha1 for the others.
+    expected = {}
+    for p in select(list(listing)):
+        blob = os.path.basename(os.path.realpath(folder / p))
+        expected[p] = _Expect(listing[p], blob if HEX40.match(blob) else None, blob if _HEX64.match(blob) else None)
+    files, bad = _verify(str(folder), expected)
+    if bad:
+        raise src.error(
+            f"{src.repo}@{commit}: the cached snapshot is incomplete or corrupt and HF_HUB_OFFLINE is set: "
+            f"{'; '.join(bad.values())}. Pull it once online."
+        )
+    return commit, str(folder), files, sum(e.size for e in expected.values())
+
+
+def _verify(folder: str, expected: dict[str, _Expect]) -> tuple[dict[str, str], dict[str, str]]:
+    """({path: sha256} of good files, {path: what is wrong} of bad ones)."""
+    files, bad = {}, {}
+    for path, exp in sorted(expected.items()):
+        p = Path(folder) / path
+        if not p.is_file():
+            bad[path] = f"{path}: missing"
+            continue
+        size = p.stat().st_size
+        if size != exp.size:
+            bad[path] = f"{path}: size {size} != listed {exp.size}"
+            continue
+        digest = sha256_memo(p)
+        if exp.lfs_sha256 is not None and digest != exp.lfs_sha256:
+            bad[path] = f"{path}: sha256 {digest[:12]}… != listed {exp.lfs_sha256[:12]}…"
+        elif exp.lfs_sha256 is None and exp.blob_sha1 is not None and git_blob_sha1(p) != exp.blob_sha1:
+            bad[path] = f"{path}: git blob id != listed {exp.blob_sha1[:12]}…"
+        else:
+            files[path] = digest
+    return files, bad
+
+
+def _evict(folder: str, bad: dict[str, str]) -> None:
+    """Delete the snapshot entry and the blob it points to, so the next download fetches it again."""
+    for path in bad:
+        p = Path(folder) / path
+        blob = os.path.realpath(p)
+        p.unlink(missing_ok=True)
+        if blob != str(p):
+            Path(blob).unlink(missing_ok=True)
+
+
+def _record_ref(src: Source, commit: str, cache_dir: str | None) -> None:
+    """Write refs/<revision> -> commit as huggingface_hub does, so HF_HUB_OFFLINE finds this snapshot.
+
+    (We download at the resolved commit, so huggingface_hub itself records no ref.)
+    """
+    if src.revision == commit:
+        return
+    path = Path(storage_folder(src, cache_dir)) / "refs" / src.revision
+    try:
+        if path.is_file() and path.read_text() == commit:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("%s: could not record ref %s -> %s: %s", src.repo, src.revision, commit, err)

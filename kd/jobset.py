@@ -11,7 +11,7 @@ ReadWriteMany claim mounted at /shared (work_dir, evidence_dir, KDFLOW_HOME and 
 a memory-backed /dev/shm, and `network.enableDNSHostnames` so the JobSet controller creates the
 headless Service `<subdomain>`: the rendezvous endpoint is node 0's stable name
 `<name>-node-0-0.<subdomain>:29400`, known before any pod exists. Node 0 hosts the c10d store
-(`is_host` from the JobSet job-index label). Every pod runs `python -m kd.distributed.pod` (pull the
+(`is_host` from the JobSet job-index label). Every pod runs `python -m kd.train.distributed.pod` (pull the
 models into the shared caches, write its spec, exec torchrun). `failurePolicy.maxRestarts` restarts
 all nodes together when one fails; training resumes from the last DCP checkpoint in work_dir.
 Nothing here talks to a cluster; tests/test_jobset.py validates the output against the published CRD
@@ -79,7 +79,7 @@ def render_jobset(cfg: RunConfig, *, run_name: str, image: str, namespace: str =
     ]
     container = {
         "name": "trainer", "image": image, "imagePullPolicy": "IfNotPresent", "workingDir": "/opt/kdflow",
-        "command": ["python", "-m", "kd.distributed.pod", "/etc/kdflow/config.json"],
+        "command": ["python", "-m", "kd.train.distributed.pod", "/etc/kdflow/config.json"],
         "env": env,
         "ports": [{"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"}],
         "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}},

@@ -189,6 +189,15 @@ class _Stack:
         return out
 
 
+def choose_layers(total: int, keep: int) -> list[int]:
+    """`keep` of `total` layer indices, evenly spaced, first and last included: (30, 10) -> 0,3,6,10,...,29."""
+    if not 0 < keep <= total:
+        raise ModelError(f"keep_layers must be between 1 and the teacher's {total} layers, got {keep}")
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
 def _protected(total: int, keep: int) -> set[int]:
     return {0} if keep < 2 or total < 2 else {0, total - 1}
 
@@ -197,8 +206,6 @@ def measure_layers(model, calib: Calibration, keep: int, strategy: str = DEFAULT
                    recheck: int = RECHECK) -> LayerChoice:
     """Rank the teacher `model`'s decoder layers on `calib` and choose `keep` of them (see the module doc)."""
     import time
-
-    from kd.prune import choose_layers
 
     if strategy not in STRATEGIES:
         raise ModelError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")

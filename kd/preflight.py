@@ -29,7 +29,7 @@ from kd.inspect_data import check_data_files, check_enough_tokens, data_files
 from kd.inspect_model import check_architecture, check_tokenizer, config_field, read_model_config
 from kd.inspect_weights import inspect_weights
 from kd.results import PreflightReport
-from kd.trainer_state import check_resume_dir
+from kd.train.checkpoint import check_resume_dir
 
 BYTES_PER_PARAM_TRAINED = 16  # fp32 weights + grads + AdamW m and v
 BYTES_PER_PARAM_FROZEN = 4
@@ -216,7 +216,7 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
     inputs = _Inputs()
     inputs.run("run-name", check_run_name, cfg)
     inputs.run("on-policy", check_on_policy, cfg)
-    if cfg.train.resume_from:  # files only: a planted trainer_state.pt is named, never opened (kd/trainer_state.py)
+    if cfg.train.resume_from:  # files only: a planted trainer_state.pt is named, never opened (kd/train/checkpoint.py)
         inputs.run("resume-from", check_resume_dir, cfg.train.resume_from)
     folders: dict[str, Path] = {}
     for ref, role in ((cfg.teacher, "teacher"), (cfg.student, "student")):
@@ -308,7 +308,7 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
     checks: list[dict] = check_inputs(cfg)
     import torch
 
-    from kd.manifest import package_version
+    from kd.evidence.manifest import package_version
 
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"name": name, "ok": bool(ok), "detail": detail})
@@ -329,7 +329,7 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
             check("bf16", bf16 or on_cpu, "bf16 autocast on CPU" if on_cpu else "bf16 supported" if bf16
                   else "train.dtype=bfloat16 needs a CUDA device with bf16")
         if cfg.train.distributed != "none":  # torchrun ranks on this host (issue 14)
-            from kd.distributed.launch import resolve_nproc
+            from kd.train.distributed.launch import resolve_nproc
             from kd.errors import ConfigError
 
             try:

@@ -30,6 +30,7 @@ from kd.config import PruneSpec
 from kd.build_once import build_once
 from kd.errors import ModelError
 from kd.hashing import digest_of
+from kd.layer_choice import choose_layers
 from kd.model_build_lock import MODEL_BUILD_LOCK
 from kd.results import ModelSnapshot, PrunedInit
 
@@ -38,15 +39,6 @@ DEFAULT_CALIBRATION = "bundled:english"  # make-student's calibration text when 
 PRUNED_FORMAT = 1  # bump when the pruned layout changes, so cached students are rebuilt
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
            "tokenizer.model", "chat_template.jinja", "generation_config.json")
-
-
-def choose_layers(total: int, keep: int) -> list[int]:
-    """`keep` of `total` layer indices, evenly spaced, first and last included: (30, 10) -> 0,3,6,10,...,29."""
-    if not 0 < keep <= total:
-        raise ModelError(f"keep_layers must be between 1 and the teacher's {total} layers, got {keep}")
-    if keep == 1:
-        return [0]
-    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
 def resolve_layers(spec: PruneSpec, total: int) -> list[int]:

@@ -200,7 +200,7 @@ class TrainResult(_Result):
     wall_s: float
     peak_memory_bytes: int
     loss_normalization: str | None = Field(
-        None, description="What the step's loss is normalized by (kd/loss_normalization.py): 'per-token, global "
+        None, description="What the step's loss is normalized by (kd/train/loss_normalization.py): 'per-token, global "
         "step' = every trained token of an optimizer step weighs 1 / (trained tokens of the whole step: all "
         "micro-batches, all ranks), for the CE and every KD / on-policy term. None: a run from before issue 31")
     device: str

@@ -7,7 +7,7 @@
 
 Why: a sweep's concurrent trials are threads of one process, and torch's default generators are
 process-wide. Where kdflow draws on purpose it passes its own `torch.Generator` (data order:
-kd/data/prepared.py; on-policy sampling: kd/on_policy/generation.py), so those draws depend only on
+kd/data/prepared.py; on-policy sampling: kd/train/on_policy/generation.py), so those draws depend only on
 (seed, step, micro-batch, rank). What cannot take a generator is a model's dropout in train mode (and
 activation checkpointing, whose backward sets the process generator to replay it): such a run keeps its
 own generator state here and `scope()` swaps it in, under PROCESS_RNG_LOCK, for the micro-batch, and

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from kd.errors import ModelError, VocabError
-from kd.losses import iter_logit_chunks
+from kd.train.losses import iter_logit_chunks
 from kd.results import VocabAlignment
 
 SPECIALS = ("eos", "pad", "bos")

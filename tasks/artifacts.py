@@ -262,6 +262,32 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def prepared_markdown(r) -> str:
+    """The prepare_data step's artifact: counts, the document-length histogram, samples (a PreparedData)."""
+    c = r.counts
+    rows = "\n".join(f"| {k} | {v:,} |" for k, v in c.items())
+    hist = "\n".join(f"| {k} | {v:,} |" for k, v in r.length_histogram.items())
+    skipped = ", ".join(f"{k}: {v}" for k, v in r.skipped.items()) or "none"
+    samples = "\n\n".join(f"**Sample {i + 1}**\n\n```text\n{s.replace('```', '` ` `')}\n```"
+                          for i, s in enumerate(r.samples))
+    return (f"# Prepared data ({r.format}, seq_len {r.seq_len})\n\n`{r.path}`"
+            f"{' (reused)' if r.reused else f' in {r.wall_s:.1f} s, {r.tokens_per_s:,.0f} tokens/s'}\n\n"
+            f"| count | value |\n|---|---|\n{rows}\n\nSkipped records: {skipped}\n\n"
+            f"| document tokens | documents |\n|---|---|\n{hist}\n\n"
+            f"Text inside ⟦…⟧ carries no loss (prompt, system, user turns, segment starts).\n\n{samples}\n")
+
+
+def layer_choice_artifact(student, reused_from: str | None = None) -> None:
+    """A pruned student's layers and their measured scores (kd/layer_choice.py), as a markdown table."""
+    if student.init is None:
+        return
+    from kd.layer_choice import choice_markdown
+
+    create_markdown_artifact(key="layer-choice", markdown=choice_markdown(student.init.model_dump()),
+                             description=f"Teacher layers the pruned student keeps, strategy {student.init.strategy}, "
+                             f"with per-layer scores{reused(reused_from)}")
+
+
 def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None, training=None,
                    evaluation=None, prepared=None) -> list[str]:
     """Recreate the artifacts of the steps this run took from the cache; returns the steps rebuilt.
@@ -274,9 +300,7 @@ def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None,
         src = lin.produced_by_run or "an earlier run (unknown)"
         if step == "pull_models" and teacher is not None and student is not None:
             pull_files(teacher, student, src)
-            from tasks.pull import layer_choice_artifact  # a pruned student's layer scores (issue 27)
-
-            layer_choice_artifact(student, src)
+            layer_choice_artifact(student, src)  # a pruned student's layer scores (issue 27)
         elif step == "check_vocab" and alignment is not None:
             vocab_alignment(alignment, src)
         elif step == "train_student" and training is not None:
@@ -295,9 +319,7 @@ def rebuild_cached(lineage: dict, *, teacher=None, student=None, alignment=None,
                                          description="Greedy completions: teacher, student-before, student-after"
                                          + reused(src))
         elif step == "prepare_data" and prepared is not None:
-            from tasks.prepare import _markdown
-
-            create_markdown_artifact(key="prepared-data", markdown=_markdown(prepared),
+            create_markdown_artifact(key="prepared-data", markdown=prepared_markdown(prepared),
                                      description="Documents, tokens, skipped/truncated/dropped counts, samples"
                                      + reused(src))
         else:

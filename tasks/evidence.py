@@ -4,7 +4,7 @@ The manifest's `lineage` says, per cached step, whether this run reused a cached
 run produced it: from the States the flow saw and the results' own provenance (tasks/lineage.py),
 never from reading task states back from the server. When
 `orchestration.evidence_signing_key_block` names an existing Prefect Secret block (an Ed25519
-private key in PEM), the manifest is signed (manifest.sig, kd/signing.py):
+private key in PEM), the manifest is signed (manifest.sig, kd/evidence/signing.py):
 
     kdflow evidence keygen keys/nightly.pem
     python -c "from prefect.blocks.system import Secret; \
@@ -22,7 +22,7 @@ from prefect.logging import get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 from kd.config import RunConfig
-from kd.manifest import Manifest, write_evidence
+from kd.evidence.manifest import Manifest, write_evidence
 from tasks import artifacts
 from kd.results import (BaselineEval, EvalReport, Falsifier, ModelSnapshot, PreflightReport, PreparedData, TeacherCacheResult,
                         TrainResult, VocabAlignment)
@@ -80,7 +80,7 @@ def sign_with_secret_block(run_dir: Path, block_name: str | None) -> str:
         return ""
     from prefect.blocks.system import Secret
 
-    from kd.signing import fingerprint, load_private_key, sign_run
+    from kd.evidence.signing import fingerprint, load_private_key, sign_run
     from tasks.policy import warn_in_run
 
     try:

@@ -18,6 +18,7 @@ from kd.config import RunConfig
 from kd.data import fingerprint, model_max_positions, prepare_data, prepared_base
 from kd.hashing import code_version
 from kd.results import ModelSnapshot, PreparedData
+from tasks import artifacts
 from tasks.policy import content_key, fresh_key, provenance, retry_transient
 
 
@@ -44,25 +45,11 @@ def prepared_problems(result: PreparedData) -> list[str]:
     return [] if recorded == result.content_hash else [f"prepared set {result.path} changed since it was cached"]
 
 
-def _markdown(r: PreparedData) -> str:
-    c = r.counts
-    rows = "\n".join(f"| {k} | {v:,} |" for k, v in c.items())
-    hist = "\n".join(f"| {k} | {v:,} |" for k, v in r.length_histogram.items())
-    skipped = ", ".join(f"{k}: {v}" for k, v in r.skipped.items()) or "none"
-    samples = "\n\n".join(f"**Sample {i + 1}**\n\n```text\n{s.replace('```', '` ` `')}\n```"
-                          for i, s in enumerate(r.samples))
-    return (f"# Prepared data ({r.format}, seq_len {r.seq_len})\n\n`{r.path}`"
-            f"{' (reused)' if r.reused else f' in {r.wall_s:.1f} s, {r.tokens_per_s:,.0f} tokens/s'}\n\n"
-            f"| count | value |\n|---|---|\n{rows}\n\nSkipped records: {skipped}\n\n"
-            f"| document tokens | documents |\n|---|---|\n{hist}\n\n"
-            f"Text inside ⟦…⟧ carries no loss (prompt, system, user turns, segment starts).\n\n{samples}\n")
-
-
 @task(name="prepare_data", cache_key_fn=_prepare_key, persist_result=True, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_transient)
 def prepare_data_task(config: RunConfig, student: ModelSnapshot) -> PreparedData:
     result = prepare_data(config.data, Path(student.local_dir), max_positions=model_max_positions(student.local_dir),
                           min_train_blocks=config.train.batch_size)
-    create_markdown_artifact(key="prepared-data", markdown=_markdown(result),
+    create_markdown_artifact(key="prepared-data", markdown=artifacts.prepared_markdown(result),
                              description="Documents, tokens, skipped/truncated/dropped counts, samples")
     return result.model_copy(update={"produced_by": provenance()})  # a cache hit keeps naming this run

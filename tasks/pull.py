@@ -86,19 +86,7 @@ def pull_models(config: RunConfig) -> tuple[ModelSnapshot, ModelSnapshot]:
     teacher = pull_model(config.teacher, "teacher", dtype=dtype)
     student = pull_model(config.student, "student", teacher=teacher, dtype=dtype, data=config.data)
     artifacts.pull_files(teacher, student)  # sizes in MB/GB, GGUF sources too
-    layer_choice_artifact(student)
+    artifacts.layer_choice_artifact(student)
     made = {"produced_by": provenance()}  # a cache hit keeps naming this run
     return teacher.model_copy(update=made), student.model_copy(update=made)
 
-
-def layer_choice_artifact(student: ModelSnapshot, reused_from: str | None = None) -> None:
-    """A pruned student's layers and their measured scores (kd/layer_choice.py), as a markdown table."""
-    if student.init is None:
-        return
-    from prefect.artifacts import create_markdown_artifact
-
-    from kd.layer_choice import choice_markdown
-
-    create_markdown_artifact(key="layer-choice", markdown=choice_markdown(student.init.model_dump()),
-                             description=f"Teacher layers the pruned student keeps, strategy {student.init.strategy}, "
-                             f"with per-layer scores{artifacts.reused(reused_from)}")

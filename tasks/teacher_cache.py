@@ -3,8 +3,9 @@
 Cached on what the cache is a function of (teacher content, tokenizer and prepared-data hashes, k, encoding,
 temperature; not alpha, lr, steps or seed) plus where the store is; a hit whose folder has since been
 deleted, left incomplete or changed (size/mtime of a shard) is a miss, and the step then verifies
-sha256, rebuilds what is bad and resumes what is missing. `cache_step` is what the flow calls: in-process,
-or as the `kd-teacher-cache` deployment (`orchestration.cache_deployment`, e.g. on a big-GPU pool).
+sha256, rebuilds what is bad and resumes what is missing. The flows call it through
+flows.teacher_cache.cache_step: in-process, or as the `kd-teacher-cache` deployment
+(`orchestration.cache_deployment`, e.g. on a big-GPU pool).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, VocabAli
 from kd.teacher_cache.step import cache_problems, cache_root, identity_for
 from kd.teacher_cache.step import cache_teacher_logits as build_cache
 from kd.teacher_cache.store import cache_key
-from tasks.lineage import StepStates
 from tasks.policy import content_key, fresh_key, provenance, retry_transient
 
 STEP = "cache_teacher_logits"
@@ -62,20 +62,3 @@ def cache_teacher_logits_task(config: RunConfig, teacher: ModelSnapshot, alignme
     cache_artifact(result)
     return result
 
-
-def cache_step(config: RunConfig, teacher: ModelSnapshot, alignment: VocabAlignment, prepared: PreparedData,
-               run_name: str, steps: StepStates | None = None, **opts) -> TeacherCacheResult:
-    """Run the step (in-process or on its deployment); a Prefect cache hit is reported as `reused` with
-    zero teacher forwards, still naming the run that built the cache."""
-    if config.orchestration.cache_deployment:
-        from flows.teacher_cache import cache_via_deployment
-
-        return cache_via_deployment(config, teacher, alignment, prepared, run_name)
-    steps = steps or StepStates()
-    state = steps.run_state(STEP, cache_teacher_logits_task.with_options(**opts), config, teacher, alignment,
-                            prepared, run_name)
-    result = state.result()
-    if state.name == "Cached":
-        result = result.model_copy(update={"status": "reused", "shards_built": 0, "teacher_forwards": 0})
-        cache_artifact(result, prefect_cached=True)
-    return result

@@ -19,7 +19,7 @@ from kd.data import data_fingerprint, model_max_positions, open_prepared, pack_d
 from kd.hashing import code_version
 from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, TrainResult, VocabAlignment
 from kd.teacher_cache.step import check_cache_is_for
-from kd.train import train_student
+from kd.train.loop import train_student
 from tasks.policy import content_key, fresh_key, provenance, resume_fingerprint, retry_transient, train_outputs_problems
 from tasks import artifacts
 from tasks.slots import gpu_slot
@@ -78,7 +78,7 @@ def train_student_task(
 
     run_dir = Path(config.work_dir).expanduser().resolve() / (folder or run_name)  # results hold absolute paths
     if config.train.rendezvous.nnodes > 1:  # one flow run per node on the node deployment's pool (issue 19)
-        from flows.multinode import train_multinode
+        from tasks.multinode import train_multinode
 
         result = train_multinode(config, teacher, student, alignment, run_name, prepared, teacher_cache, run_dir,
                                  _rank0_logger(get_run_logger(), on_step))
@@ -86,7 +86,7 @@ def train_student_task(
         artifacts.train_metrics(result)
         return result
     with gpu_slot(config.orchestration.gpu_slots):
-        if config.train.distributed != "none":  # torchrun, N ranks: kd/distributed (issue 14)
+        if config.train.distributed != "none":  # torchrun, N ranks: kd/train/distributed (issue 14)
             result = _train_with_torchrun(config, teacher, student, alignment, packed,
                                           run_dir, on_step, teacher_cache)
         else:
@@ -104,7 +104,7 @@ def _train_with_torchrun(config: RunConfig, teacher: ModelSnapshot, student: Mod
     artifact. A dead or silent rank raises TransientError within train.rank_timeout_s (the job is
     killed), so the task's retry resumes from the last distributed checkpoint; bad input raises the
     InputError the worker reported (no retry)."""
-    from kd.distributed.launch import run_torchrun
+    from kd.train.distributed.launch import run_torchrun
 
     on_event = _rank0_logger(get_run_logger(), on_step)
     return run_torchrun(config, teacher.local_dir, student.local_dir, alignment, run_dir,

@@ -3,8 +3,8 @@ tensor or line at fault, and no manifest anywhere claims `pass`.
 
 Every case is tested at the cheapest level that catches it:
 - unit: the preflight inspectors (kd.inspect_weights / inspect_model / inspect_data), kd.vocab and
-  kd.config called directly; the exit code is the one kd.cli gives the raised error;
-- cli: `kdflow run ... --dry-run` in-process through kd.cli.main (exit code + stderr);
+  kd.config called directly; the exit code is the one flows.cli gives the raised error;
+- cli: `kdflow run ... --dry-run` in-process through flows.cli.main (exit code + stderr);
 - subprocess: the installed `kdflow` console script, a fresh process per case;
 - flow: one input error found inside the flow (the vocab check), through the real Prefect flow:
   exit 2, one line, no Prefect traceback, and the fail manifest written.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from kd.cli import exit_code, main
+from flows.cli import exit_code, main
 from kd.config import DataConfig, load_config
 from kd.errors import InputError
 from kd.inspect_data import check_data_files, check_enough_tokens, data_files
@@ -663,7 +663,7 @@ KDFLOW = Path(sys.executable).parent / "kdflow"
 
 
 def _kdflow(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [str(KDFLOW)] if KDFLOW.exists() else [sys.executable, "-m", "kd.cli"]
+    cmd = [str(KDFLOW)] if KDFLOW.exists() else [sys.executable, "-m", "flows.cli"]
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 

@@ -146,8 +146,9 @@ def test_benchmarks_recorded_in_the_manifest_and_verified(scored, tmp_path, inpu
     """eval.json + manifest carry the table; verify recomputes the benchmark falsifiers; a flipped
     verdict is named; `evidence show` prints the table."""
     from tests.test_manifest import _eval_report
-    from kd.manifest import verify_run_dir, write_evidence
-    from kd.evidence_view import show_run
+    from kd.evidence.manifest import write_evidence
+    from kd.evidence.verify import verify_run_dir
+    from kd.evidence.view import show_run
 
     cfg, report, _ = scored
     config = inputs["config"].model_copy(deep=True)
@@ -220,7 +221,8 @@ def test_smoke_flow_with_benchmarks(prefect_server, tiny_pair, tmp_path):
     is on the run page, the manifest records and verifies the table, `kdflow evidence show` prints it,
     and the Logs tab has the progress lines."""
     from flows.distill import distill
-    from kd.manifest import load_manifest, verify_run_dir
+    from kd.evidence.manifest import load_manifest
+    from kd.evidence.verify import verify_run_dir
     from tests.conftest import smoke_overrides
     from tests.prefect_helpers import artifacts
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kd.bundled import CORPUS, source_path
-from kd.cli import main
+from flows.cli import main
 from kd.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent

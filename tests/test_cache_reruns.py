@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kd.cli import main
+from flows.cli import main
 from tasks.policy import fresh_key, resume_fingerprint, train_outputs_problems
 
 SMOKE_ARGS = ["--steps", "6", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=1",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kd.cli import main
+from flows.cli import main
 
 
 def test_bad_value_exits_2_naming_the_field(capsys):

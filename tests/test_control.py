@@ -16,7 +16,7 @@ from kd.data import open_prepared, pack_dataset
 from kd.evaluate.control import VALUE_ID, control_config, paired, score_documents, value_gate
 from kd.evaluate.heldout import evaluate_model
 from kd.results import ControlReport, DocumentScores, ModelEval
-from kd.train import train_student
+from kd.train.loop import train_student
 from kd.vocab import align_vocab
 
 
@@ -41,7 +41,7 @@ def test_fine_tuning_never_loads_the_teacher_and_equals_alpha_one_with_it(tiny_p
     al = align_vocab(teacher, student)
     alone = train_student(cfg, tmp_path / "no-teacher-here", student, al, packed, tmp_path / "alone")
     assert "not loaded: alpha = 1" in (tmp_path / "alone" / "train.log").read_text()
-    import kd.train as kt
+    import kd.train.loop as kt
 
     real = kt.fine_tuning_only
     kt.fine_tuning_only = lambda c: False  # the teacher loaded and run, as before the control existed
@@ -111,7 +111,7 @@ def test_a_sweep_reuses_the_control_and_verify_recomputes_the_value_claim(prefec
     """Two runs that differ only in KD settings share one control (the second's train_control is a cache hit
     produced by the first); a manifest whose control numbers are edited to favour KD fails verify."""
     from flows.distill import distill
-    from kd.manifest import verify_run_dir
+    from kd.evidence.verify import verify_run_dir
 
     from tests.conftest import smoke_overrides
 

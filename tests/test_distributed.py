@@ -23,12 +23,12 @@ from safetensors.torch import load_file
 
 from kd.config import load_config
 from kd.data import pack_dataset
-from kd.distributed import checkpoint as dckpt
-from kd.distributed.launch import resolve_nproc, run_torchrun, supervise, torchrun_command
-from kd.distributed.loop import train_distributed
-from kd.distributed.runtime import process_group
+from kd.train.distributed import checkpoint as dckpt
+from kd.train.distributed.launch import resolve_nproc, run_torchrun, supervise, torchrun_command
+from kd.train.distributed.loop import train_distributed
+from kd.train.distributed.runtime import process_group
 from kd.errors import ConfigError, TransientError
-from kd.train import train_student
+from kd.train.loop import train_student
 from kd.vocab import align_vocab
 
 STEPS, CKPT_AT = 5, 3
@@ -98,7 +98,7 @@ def fsdp_killed_then_retried(tiny_pair, single, tmp_path_factory, prefect_server
 
     from prefect import flow
 
-    import kd.distributed.launch as launch
+    import kd.train.distributed.launch as launch
     from kd.config import ModelRef
     from kd.hub import pull_model
     from tasks.train import train_student_task
@@ -220,7 +220,7 @@ def test_launch_command_and_rank_count():
     cfg = _cfg("train.distributed=fsdp", "train.nproc_per_node=2")
     cmd = torchrun_command(cfg, Path("/x/spec.json"))
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd
-    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[-3:] == ["-m", "kd.distributed.worker", "/x/spec.json"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[-3:] == ["-m", "kd.train.distributed.worker", "/x/spec.json"]
     multi = _cfg("train.distributed=fsdp", "train.nproc_per_node=8", "train.rendezvous.nnodes=4",
                  "train.rendezvous.endpoint=head-0.kd:29500", "train.rendezvous.id=run-42")
     cmd = torchrun_command(multi, Path("s.json"))
@@ -271,7 +271,7 @@ def test_cancellation_kills_the_whole_job(tmp_path):
 
 def test_input_error_of_rank_0_keeps_its_class(tiny_pair, tmp_path, monkeypatch):
     """torchrun exits 1 whatever its ranks exit with: the error class rank 0 reports decides (no retry)."""
-    import kd.distributed.launch as launch
+    import kd.train.distributed.launch as launch
     from kd.errors import DataError
 
     line = 'KDFLOW {"kind": "error", "class": "DataError", "msg": "data.source: bad record at x.jsonl:3"}'
@@ -293,7 +293,7 @@ def test_dcp_metadata_is_read_without_running_a_pickle(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from kd.distributed.checkpoint import SafeReader
+    from kd.train.distributed.checkpoint import SafeReader
     from kd.errors import ConfigError
 
     model = torch.nn.Linear(3, 2)

@@ -142,7 +142,8 @@ def test_nan_student_fails_finite_and_nothing_passes(setup, tmp_path):
     from datetime import datetime, timezone
 
     from kd.config import RunConfig
-    from kd.manifest import load_manifest, verify_run_dir, write_evidence
+    from kd.evidence.manifest import load_manifest, write_evidence
+    from kd.evidence.verify import verify_run_dir
 
     cfg = RunConfig.model_validate({"name": "nan", "teacher": {"repo": "tiny:teacher"}, "student": {"repo": "tiny:student"}})
     now = datetime.now(timezone.utc)

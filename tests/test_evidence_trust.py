@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kd.cli import main
-from kd.manifest import verify_run_dir, write_evidence
+from flows.cli import main
+from kd.evidence.manifest import write_evidence
+from kd.evidence.verify import verify_run_dir
 from kd.results import TrainResult
-from kd.signing import check_signature, sign_run
+from kd.evidence.signing import check_signature, sign_run
 from tests.test_manifest import _eval_report, inputs, run_dir  # noqa: F401  (fixtures)
 
 
@@ -142,7 +143,7 @@ def test_run_folders_are_never_reused(tmp_path):
     """The flow's rule (deployments too): an explicit name that exists is refused, a generated one gets a suffix."""
     from kd.config import RunConfig
     from kd.errors import ConfigError
-    from kd.manifest import claim_run_name
+    from kd.evidence.manifest import claim_run_name
 
     base = {"teacher": {"repo": "tiny:teacher"}, "student": {"repo": "tiny:student"},
             "evidence_dir": str(tmp_path / "ev"), "work_dir": str(tmp_path / "runs")}

@@ -6,7 +6,7 @@ import pytest
 
 from kd.config import load_config
 from kd.errors import VocabError
-from kd.manifest import verify_run_dir
+from kd.evidence.verify import verify_run_dir
 from tests.conftest import smoke_overrides
 from tests.prefect_helpers import artifacts, task_states
 
@@ -80,7 +80,7 @@ def test_secrets_appear_nowhere(prefect_server, tiny_pair, tmp_path):
     env = {**os.environ, **SECRETS, "PREFECT_API_URL": api_url(), "PREFECT_HOME": str(home),
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "storage")}
     proc = subprocess.run(
-        [sys.executable, "-m", "kd.cli", "smoke", "--steps", "6", "--no-cache", "--evidence-dir", str(tmp_path / "ev"),
+        [sys.executable, "-m", "flows.cli", "smoke", "--steps", "6", "--no-cache", "--evidence-dir", str(tmp_path / "ev"),
          "--set", f"work_dir={tmp_path / 'runs'}", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=1",
          "--set", "eval.require_kl_improvement=false"],  # about secrets in the evidence, not learning
         capture_output=True, text=True, env=env, timeout=600)

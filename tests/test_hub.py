@@ -13,7 +13,8 @@ import pytest
 import kd.hubclient
 from kd.config import ModelRef
 from kd.errors import DataError, ModelError, TransientError
-from kd.hub import hash_tree, pull_dataset, pull_model, remote_download_bytes, resolve_commit, sha256_file
+from kd.data.sources import pull_dataset
+from kd.hub import hash_tree, pull_model, remote_download_bytes, resolve_commit, sha256_file
 from kd.hubclient import Source, storage_folder
 
 REPO = "org/tiny"

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from kd.cli import main
+from flows.cli import main
 from kd.config import RunConfig, load_config
 from kd.errors import ConfigError
 from kd.jobset import render_jobset

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cli import main
+from flows.cli import main
 from kd.config import DataConfig, ModelRef, PruneSpec, load_config
 from kd.errors import ConfigError
 from kd.layer_choice import calibration_from_text, measure_layers

@@ -1,4 +1,4 @@
-"""Issue 31: a token counts the same wherever it lands (kd/loss_normalization.py).
+"""Issue 31: a token counts the same wherever it lands (kd/train/loss_normalization.py).
 
 One global batch of 4 blocks of chat data (assistant-only mask: 79, 46, 32 and 66 trained tokens) and
 one of on-policy completions of uneven lengths, each run through the real training loops in float64 as
@@ -40,9 +40,9 @@ def _patch(on_policy: bool) -> dict:
     turn of each row as its prompt, so the same global batch generates the same completions however it
     is split (the test is about normalization, not sampling). Returns the recorded gradients."""
     import backends.hf
-    import kd.on_policy.objective as objective
-    from kd.on_policy.generation import Samples
-    from kd.on_policy.prompts import row_candidates
+    import kd.train.on_policy.objective as objective
+    from kd.train.on_policy.generation import Samples
+    from kd.train.on_policy.prompts import row_candidates
 
     grads: dict = {"steps": []}
     load = backends.hf.HFBackend.load
@@ -90,8 +90,8 @@ def _rank_main(rank: int, port: int, args: dict) -> None:
     torch.set_num_threads(1)
     from kd.config import load_config
     from kd.data import open_prepared
-    from kd.distributed.loop import train_distributed
-    from kd.distributed.runtime import process_group
+    from kd.train.distributed.loop import train_distributed
+    from kd.train.distributed.runtime import process_group
     from kd.vocab import align_vocab
 
     grads = _patch(args["on_policy"])
@@ -126,10 +126,10 @@ def _distributed(chat, run_dir: Path, overrides: list[str], on_policy: bool) -> 
 def _single(chat, run_dir: Path, overrides: list[str], on_policy: bool) -> dict:
     """train_student in this process with the patches, undone afterwards."""
     import backends.hf
-    import kd.on_policy.objective as objective
+    import kd.train.on_policy.objective as objective
     from kd.config import load_config
     from kd.data import open_prepared
-    from kd.train import train_student
+    from kd.train.loop import train_student
     from kd.vocab import align_vocab
 
     saved = (backends.hf.HFBackend.load, torch.nn.utils.clip_grad_norm_, objective.prompts_from_batch,
@@ -253,7 +253,7 @@ def test_resumed_run_keeps_counting_tokens(chat, tmp_path):
     """A resume continues the trained-token count from the checkpoint (it is in the trainer state)."""
     from kd.config import load_config
     from kd.data import open_prepared
-    from kd.train import train_student
+    from kd.train.loop import train_student
     from kd.vocab import align_vocab
 
     teacher, student, prepared = chat
@@ -278,7 +278,7 @@ def test_resumed_run_keeps_counting_tokens(chat, tmp_path):
 def test_losses_divide_their_token_sums_by_the_normalizer():
     """normalizer=N: loss, ce, kd and the gradients are the token sums / N, for the online, the sparse and the
     reference loss; two halves with the whole's N add up to the whole call's token mean."""
-    from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, kd_loss_reference, sparse_teacher_targets
+    from kd.train.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, kd_loss_reference, sparse_teacher_targets
 
     g = torch.Generator().manual_seed(0)
     n, h, v = 12, 8, 20

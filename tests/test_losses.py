@@ -1,4 +1,4 @@
-"""Property tests for kd/losses.py: the fused chunked KD loss against the plain reference and the math.
+"""Property tests for kd/train/losses.py: the fused chunked KD loss against the plain reference and the math.
 
 Random shapes and values from hypothesis (N <= 64, V <= 97, H <= 16); everything runs in seconds.
 """
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd.losses import DIVERGENCES, KDLossOutput, fused_linear_kd_loss, iter_logit_chunks, kd_loss_reference
+from kd.train.losses import DIVERGENCES, KDLossOutput, fused_linear_kd_loss, iter_logit_chunks, kd_loss_reference
 
 FAST = settings(max_examples=25, deadline=None)
 DIV_BETA = st.one_of(

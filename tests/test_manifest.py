@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import kd.manifest as km
+import kd.evidence.manifest as km
 from kd.config import RunConfig
-from kd.manifest import (
-    Manifest, diff_runs, git_info, load_manifest, manifest_json_schema, show_run, training_falsifiers,
-    verify_run_dir, write_evidence,
-)
-from kd.redact import is_secret_key, redact, scrub
+from kd.evidence.manifest import Manifest, git_info, load_manifest, manifest_json_schema, write_evidence
+from kd.evidence.verdicts import training_falsifiers
+from kd.evidence.verify import verify_run_dir
+from kd.evidence.view import diff_runs, show_run
+from kd.evidence.redact import is_secret_key, redact, scrub
 from kd.results import (
     EvalReport, Falsifier, ModelEval, ModelSnapshot, PreflightReport, TrainResult, VocabAlignment,
 )

@@ -32,7 +32,7 @@ import pytest
 from safetensors.torch import load_file
 
 from kd.config import load_config
-from kd.manifest import verify_run_dir
+from kd.evidence.verify import verify_run_dir
 from tests.conftest import REPO
 from tests.prefect_helpers import SMOKE, api_url, orch_overrides, stop_process, task_run
 
@@ -150,7 +150,7 @@ def two_nodes(node_pool, tiny_pair, tmp_path_factory):
 
 @full
 def test_two_nodes_equal_one_node_with_two_ranks(two_nodes, tiny_pair, tmp_path):
-    from kd.distributed.launch import run_torchrun
+    from kd.train.distributed.launch import run_torchrun
     from kd.vocab import align_vocab
 
     cfg, summary, tmp, took = two_nodes
@@ -191,7 +191,7 @@ def test_training_task_places_two_nodes_and_equals_one_node_with_two_ranks(node_
     """Lean: the train_student task in a small flow; both the nodes and the reference pack the data themselves."""
     from prefect import flow
 
-    from kd.distributed.launch import run_torchrun
+    from kd.train.distributed.launch import run_torchrun
     from kd.hub import pull_model
     from kd.vocab import align_vocab
     from tasks.train import train_student_task
@@ -241,7 +241,7 @@ def _node_tree_with_rank(w: Workers, rank: str) -> subprocess.Popen | None:
         try:
             for child in psutil.Process(p.pid).children(recursive=True):
                 try:
-                    if child.environ().get("RANK") == rank and "kd.distributed.worker" in " ".join(child.cmdline()):
+                    if child.environ().get("RANK") == rank and "kd.train.distributed.worker" in " ".join(child.cmdline()):
                         return p
                 except psutil.Error:
                     continue
@@ -348,7 +348,7 @@ def test_cancelling_the_step_cancels_every_node_run(node_pool, tiny_pair, tmp_pa
     torchrun and the ranks."""
     from prefect import flow
 
-    from flows.multinode import train_multinode
+    from tasks.multinode import train_multinode
     from kd.hub import pull_model
     from kd.vocab import align_vocab
     from tests.prefect_helpers import flow_run
@@ -369,7 +369,7 @@ def test_cancelling_the_step_cancels_every_node_run(node_pool, tiny_pair, tmp_pa
     def cancel_flow():
         return train_multinode(cfg, teacher, student, alignment, "cancel", None, None, run_dir, on_event)
 
-    import flows.multinode as mn
+    import tasks.multinode as mn
 
     seen_runs: list = []
     real = mn.stop_node_runs

@@ -11,8 +11,8 @@ import pytest
 
 import kd.preflight as preflight
 from kd.config import load_config
-from kd.distributed.launch import torchrun_command
-from kd.distributed.nodes import Rendezvous, check_shared_storage
+from kd.train.distributed.launch import torchrun_command
+from kd.train.distributed.nodes import Rendezvous, check_shared_storage
 from kd.errors import ConfigError
 from tests.conftest import REPO
 
@@ -88,7 +88,7 @@ def test_stopping_cancels_node_runs_and_forces_those_no_worker_answers(prefect_s
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running, Scheduled
 
-    from flows.multinode import stop_node_runs
+    from tasks.multinode import stop_node_runs
 
     @flow(name="e19-node-probe")
     def probe():
@@ -110,7 +110,7 @@ def test_stopping_cancels_node_runs_and_forces_those_no_worker_answers(prefect_s
 def test_a_node_that_cannot_see_the_student_builds_a_from_teacher_student_itself(tiny_pair, tmp_path, monkeypatch):
     """A node whose filesystem lacks the pruned student's folder rebuilds it from the teacher's snapshot, with the
     content the run trained from (before the fix it called pull_model without the teacher: ConfigError)."""
-    from flows.multinode import _local_dir
+    from flows.multinode import node_local_dir
     from kd.config import load_config
     from kd.hub import pull_model
 
@@ -123,6 +123,6 @@ def test_a_node_that_cannot_see_the_student_builds_a_from_teacher_student_itself
     student = pull_model(cfg.student, "student", teacher=teacher, data=cfg.data)
     monkeypatch.setenv("KDFLOW_HOME", str(tmp_path / "node-home"))  # this node's own cache: the folder is not here
     unseen = student.model_copy(update={"local_dir": str(tmp_path / "not-on-this-node")})
-    here = _local_dir(cfg, unseen, "student", teacher=teacher)
+    here = node_local_dir(cfg, unseen, "student", teacher=teacher)
     assert here != student.local_dir and str(tmp_path / "node-home") in here
     assert (tmp_path / "not-on-this-node").exists() is False

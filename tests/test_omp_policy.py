@@ -28,7 +28,7 @@ print("AT_TORCH_IMPORT=" + str(seen[0] if seen else os.environ.get("OMP_WAIT_POL
 """.replace("os environ_get", "os.environ.get('OMP_WAIT_POLICY')")
 
 # the `kdflow` command, the flow a Prefect worker loads, and the module every torchrun rank runs
-ENTRY_POINTS = ["kd.cli", "flows.distill", "kd.distributed.worker"]
+ENTRY_POINTS = ["flows.cli", "flows.distill", "kd.train.distributed.worker"]
 
 
 def _policy_at_torch_import(module: str, **env) -> str:
@@ -45,4 +45,4 @@ def test_entry_points_set_passive_before_torch_loads(module):
 
 
 def test_an_explicit_user_setting_wins():
-    assert _policy_at_torch_import("kd.cli", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert _policy_at_torch_import("flows.cli", OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"

@@ -15,9 +15,10 @@ import torch
 from backends import get_backend
 from kd.config import load_config
 from kd.data import IGNORE, Batch, pack_dataset
-from kd.on_policy import GenerationSettings, batch_kind, get_generator, prompts_from_batch, stop_ids_of
-from kd.on_policy.generation import Samples
-from kd.train import _Objective, train_student
+from kd.train.on_policy import GenerationSettings, batch_kind, get_generator, prompts_from_batch, stop_ids_of
+from kd.train.on_policy.generation import Samples
+from kd.train.loop import train_student
+from kd.train.objectives import OnlineObjective
 from kd.vocab import align_vocab
 from tests.test_manifest import inputs  # noqa: F401  (fixture)
 from tests.test_train import straight_and_resumed, weights
@@ -67,7 +68,7 @@ def test_sampling_is_seeded_and_stays_inside_the_valid_vocab(tiny_pair):
     drawn = [t for comp in a.completions + c.completions for t in comp]
     assert len(drawn) > 300 and max(drawn) < al.valid_vocab
     # without the mask the same draws reach the padding rows
-    from kd.on_policy import generation as g
+    from kd.train.on_policy import generation as g
 
     unmasked = get_generator("transformers", stop_ids=stop_ids_of(student), pad_id=0,
                              valid_vocab=model.get_output_embeddings().weight.shape[0])
@@ -83,7 +84,7 @@ def test_prompt_and_padding_get_zero_gradient(setup):
     t.requires_grad_(False)
     gcfg = cfg.model_copy(deep=True)
     gcfg.kd.alpha, gcfg.kd.divergence, gcfg.kd.temperature = 0.0, "reverse_kl", 1.0
-    obj = _Objective(gcfg, s, t, al, False, "cpu")
+    obj = OnlineObjective(gcfg, s, t, al, False, "cpu")
     samples = Samples(prompts=[[5, 6, 7, 8], [9, 10]], completions=[[11, 12], [13, 14, 15, 0]], pad_id=0)
     batch = samples.batch()
     assert batch.ids.tolist() == [[5, 6, 7, 8, 11, 12], [9, 10, 13, 14, 15, 0]]
@@ -148,7 +149,7 @@ def test_resumed_on_policy_run_equals_uninterrupted(setup, tmp_path):
 
 
 def test_offline_teacher_and_on_policy_exit_2_through_the_cli(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kd.cli", "run", "configs/smoke.yaml", "--evidence-dir",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "configs/smoke.yaml", "--evidence-dir",
                            str(tmp_path), "--set", "kd.teacher_mode=offline", "--set", "kd.on_policy.fraction=1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -162,7 +163,7 @@ def test_two_gloo_ranks_ddp_and_fsdp2_on_policy(setup, tmp_path):
     """Each rank samples its own rows' prompts (seed includes the rank); DDP and FSDP2 (teacher sharded,
     activation checkpointing: generation gathers every layer, ranks step together) draw as many samples per
     step and generated tokens per run and end with the same weights (the sampled ids are not compared)."""
-    from kd.distributed.launch import run_torchrun
+    from kd.train.distributed.launch import run_torchrun
 
     _, teacher, student, al, packed = setup
     base = OP + ["train.steps=3", "train.checkpoint_every=0", "kd.on_policy.fraction=1", "train.nproc_per_node=2",
@@ -185,11 +186,12 @@ def test_two_gloo_ranks_ddp_and_fsdp2_on_policy(setup, tmp_path):
 
 
 def test_eval_on_own_samples_is_recorded_and_verify_recomputes_its_falsifier(tiny_pair, inputs, tmp_path, capsys):  # noqa: F811
-    from kd.cli import main
+    from flows.cli import main
     from kd.data import open_prepared
     from kd.evaluate import ON_SAMPLE_ID, eval_gates
     from kd.evaluate.on_samples import SampleSpec, evaluate_on_samples
-    from kd.manifest import verify_run_dir, write_evidence
+    from kd.evidence.manifest import write_evidence
+    from kd.evidence.verify import verify_run_dir
 
     teacher_dir, student_dir = tiny_pair
     cfg = load_config("configs/smoke.yaml", ["eval.on_sample_prompts=4"])

@@ -1,4 +1,4 @@
-"""Issue 26: the JobSet pod entry point (`python -m kd.distributed.pod CONFIG.json`, kd/jobset.py) run as a pod
+"""Issue 26: the JobSet pod entry point (`python -m kd.train.distributed.pod CONFIG.json`, kd/jobset.py) run as a pod
 would run it: the command, environment and config the rendered JobSet gives it, a shared folder standing in
 for the ReadWriteMany claim. It had never run; it called pull_model(cfg.student, "student") without the
 teacher, so every `from-teacher` student (both SmolLM2 presets) failed in a pod.
@@ -48,7 +48,7 @@ def test_pod_trains_a_from_teacher_student_from_the_jobset_config(tiny_pair, tmp
         env[var["name"]] = var.get("value", "0")
     assert env["KDFLOW_HOME"] == f"{shared}/kdflow-home" and env["KDFLOW_NODE_RANK"] == "0"
     command = container["command"]
-    assert command[:3] == ["python", "-m", "kd.distributed.pod"]
+    assert command[:3] == ["python", "-m", "kd.train.distributed.pod"]
     workdir = tmp_path / "workdir"  # the image's workingDir: not the repository
     workdir.mkdir()
     proc = subprocess.run([sys.executable, *command[1:-1], str(config_path)], cwd=workdir, env=env,

@@ -21,7 +21,7 @@ import yaml
 
 from kd.config import RunConfig, load_config
 from kd.errors import ConfigError, TransientError
-from kd.manifest import verify_run_dir
+from kd.evidence.verify import verify_run_dir
 from tests.prefect_helpers import (
     SMOKE, artifacts, concurrency_limit, flow_run_by_name, orch_overrides, stop_process, task_run, task_states,
 )
@@ -101,7 +101,7 @@ def test_no_cache_run_retries_transient_failure_and_resumes_from_checkpoint(firs
     checkpoint): nothing is served from the cache, the retry resumes at step 3, the run passes, and both
     attempts held the GPU slot (global concurrency limit with 1 slot), released at the end."""
     import tasks.train
-    from kd.cli import main
+    from flows.cli import main
 
     real_train = tasks.train.train_student
     attempts: list[dict] = []

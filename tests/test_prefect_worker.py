@@ -21,7 +21,7 @@ from prefect import flow
 
 from kd.config import load_config
 from kd.errors import ConfigError
-from kd.manifest import verify_run_dir
+from kd.evidence.verify import verify_run_dir
 from tests.conftest import REPO
 from tests.prefect_helpers import SMOKE, api_url, flow_run, orch_overrides, stop_process, task_runs, task_states
 

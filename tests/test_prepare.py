@@ -215,7 +215,7 @@ def test_training_and_eval_read_the_prepared_set_without_tokenising(tmp_path, ti
     from backends import get_backend
     from kd.data.encode import RecordEncoder
     from kd.evaluate import evaluate_model
-    from kd.train import train_student
+    from kd.train.loop import train_student
     from kd.vocab import align_vocab
 
     teacher = tmp_path / "teacher"
@@ -246,7 +246,7 @@ def test_bad_chat_data_through_the_cli_exits_2_and_leaves_fail_evidence(tmp_path
                                                                         chat_student):
     """The real `kdflow run`: the prepare_data task fails on a bad record, the CLI exits 2 with one line
     naming file, line and field, and the evidence says fail."""
-    from kd.cli import main
+    from flows.cli import main
 
     recs = _conversations(30)
     recs[7]["messages"][0]["role"] = "human"

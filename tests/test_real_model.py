@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.cli import main
+from flows.cli import main
 from kd.config import ModelRef, load_config
 from kd.errors import ConfigError, ModelError
 from kd.gguf import converted_dir, ensure_hf_folder, inspect_gguf, packaged_smollm2

@@ -121,7 +121,7 @@ def test_a_changed_reference_text_is_a_cache_miss(tmp_path):
 
 
 def test_bad_reference_text_exits_2_naming_the_field(tmp_path, monkeypatch, capsys):
-    from kd.cli import main
+    from flows.cli import main
 
     bad = {
         str(tmp_path / "absent.txt"): "eval.reference_text",

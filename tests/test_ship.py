@@ -146,8 +146,9 @@ def test_a_threshold_on_something_never_measured_is_refused():
 
 def test_verify_refutes_a_forged_ship_verdict_and_show_says_dont_ship(inputs, tmp_path, capsys):
     """Evidence whose student printed newlines, edited to say `ship`: verify names eval.ship, show says DON'T SHIP."""
-    from kd.cli import main
-    from kd.manifest import verify_run_dir, write_evidence
+    from flows.cli import main
+    from kd.evidence.manifest import write_evidence
+    from kd.evidence.verify import verify_run_dir
 
     report = _report(["\n" * 12, "", "\n" * 12])
     report = report.model_copy(update={"gates": inputs["eval_report"].gates,

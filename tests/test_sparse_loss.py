@@ -1,4 +1,4 @@
-"""Property tests for the offline (sparse top-k + tail) KD loss in kd/losses.py.
+"""Property tests for the offline (sparse top-k + tail) KD loss in kd/train/losses.py.
 
 With k = vocab the offline loss and its gradients equal the online fused loss (rel 1e-5, fp32); with k < vocab
 they equal autograd through the bucketed objective written out plainly; nonsense is refused.
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kd.errors import ConfigError
-from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, sparse_teacher_targets
+from kd.train.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss, sparse_teacher_targets
 from tests.test_losses import DIV_BETA, close_to_ref, floors, problems, run_fused
 
 FAST = settings(max_examples=8, deadline=None)

@@ -15,7 +15,7 @@ from uuid import UUID
 import pytest
 import yaml
 
-from kd.cli import main
+from flows.cli import main
 from tests.conftest import REPO
 from tests.prefect_helpers import task_runs, task_states
 
@@ -69,7 +69,7 @@ def test_bad_spec_exits_2_naming_the_field_before_any_trial(tmp_path, capsys, ch
 
 def test_bad_spec_through_the_installed_cli_process(tmp_path):
     path = _write(tmp_path, _spec(tmp_path, grid={"kd.alpha": [0.3], "train.lr": [-1]}))
-    p = subprocess.run([sys.executable, "-m", "kd.cli", "sweep", str(path)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", str(path)], capture_output=True, text=True,
                        cwd=REPO, timeout=120)
     assert p.returncode == 2, p.stderr
     assert "grid.train.lr[0]=-1: train.lr: must be > 0, got -1" in p.stderr

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from kd.cli import main
+from flows.cli import main
 from kd.errors import ConfigError
 from tests.test_manifest import inputs  # noqa: F401  (fixture)
 
@@ -35,7 +35,7 @@ def _spec(tmp, **over):
 
 
 def test_every_number_of_a_real_manifest_can_rank_trials(inputs, tmp_path):  # noqa: F811
-    from kd.manifest import write_evidence
+    from kd.evidence.manifest import write_evidence
     from kd.results import OnSampleReport, SampleEval
     from kd.sweep.report import objective_value
     from kd.sweep.spec import validate_spec

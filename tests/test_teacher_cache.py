@@ -15,7 +15,7 @@ import torch
 
 from backends import get_backend
 from kd.errors import DataError
-from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
+from kd.train.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from kd.teacher_cache import (TeacherCacheReader, TopKSpec, build_teacher_cache, cache_folder, make_identity,
                               read_manifest, stat_fingerprint)
 
@@ -158,7 +158,7 @@ def test_packed_encoding_round_trip_and_size(vocab, k):
     """Same id set, log-probs within half a quantisation step, tail kept, and bytes/token as the formula says."""
     import numpy as np
 
-    from kd.losses import sparse_teacher_targets
+    from kd.train.losses import sparse_teacher_targets
     from kd.teacher_cache import decode, encode
 
     g = torch.Generator().manual_seed(vocab + k)

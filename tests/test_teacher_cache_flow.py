@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kd.config import load_config
-from kd.manifest import verify_run_dir
+from kd.evidence.verify import verify_run_dir
 from tests.conftest import smoke_overrides
 from tests.prefect_helpers import artifacts, task_states
 
@@ -90,7 +90,7 @@ def test_cache_step_delegates_to_its_deployment(monkeypatch, crash):
 
     from flows.teacher_cache import CacheDeploymentFailed
     from kd.results import ModelSnapshot, PreparedData, VocabAlignment
-    from tasks.teacher_cache import cache_step
+    from flows.teacher_cache import cache_step
 
     want = _fake_cache_result()
     child = SimpleNamespace(id=uuid4(), name="teacher-cache-run-1",

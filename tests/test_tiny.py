@@ -68,7 +68,7 @@ def test_same_seed_same_bytes_through_the_console_command(tmp_path, tiny_pair):
     """`kdflow make-tiny` (a fresh process) rebuilds the shared pair byte for byte, also when the machine
     pushes MKL onto another code path (MKL_ENABLE_INSTRUCTIONS=AVX2 gave another teacher before issue 26)."""
     env = os.environ | {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-    proc = subprocess.run([sys.executable, "-m", "kd.cli", "make-tiny", str(tmp_path / "m")],
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "make-tiny", str(tmp_path / "m")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m" / "student" / "tokenizer.json").is_file()

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from kd.config import load_config
 from kd.data import pack_dataset
 from kd.errors import ConfigError
-from kd.train import latest_checkpoint, lr_lambda, train_student
+from kd.train.checkpoint import latest_checkpoint
+from kd.train.loop import lr_lambda, train_student
 from kd.vocab import align_vocab
 
 
@@ -118,7 +119,7 @@ def test_resume_from_a_pickle_never_runs_it(setup, tmp_path, capsys):
         train_student(bad, teacher, student, alignment, packed, tmp_path / "run")
     assert not marker.exists()
     # through the real command: preflight names the file (exit 2) before Prefect starts; nothing is written
-    from kd.cli import main
+    from flows.cli import main
 
     assert main(["run", "configs/smoke.yaml", "--set", f"train.resume_from={evil}", "--set",
                  f"work_dir={tmp_path / 'runs'}", "--set", f"evidence_dir={tmp_path / 'ev'}"]) == 2
@@ -135,7 +136,7 @@ def test_trainer_state_round_trips_exactly(tmp_path):
 
     import numpy as np
 
-    from kd.trainer_state import load_trainer_state, save_trainer_state
+    from kd.train.checkpoint import load_trainer_state, save_trainer_state
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -15,7 +15,7 @@ import torch
 
 from kd.config import load_config
 from kd.data import pack_dataset
-from kd.train import train_student
+from kd.train.loop import train_student
 from kd.vocab import align_vocab
 from tests.test_train import weights
 

@@ -26,8 +26,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def source_files(cfg) -> list[Path]:
     """The files behind `data.source`, in a stable order."""
     if cfg.source.startswith("hf-dataset:"):
-        from kd.hub import pull_dataset
-
         root = Path(pull_dataset(cfg.source.removeprefix("hf-dataset:"), cfg.revision))
     else:
         from kd.bundled import source_path
@@ -169,3 +167,17 @@ def detect_format(cfg, path: Path) -> str:
         f"{cfg.messages_field!r} (chat), {cfg.prompt_field!r}+{cfg.completion_field!r} (prompt_completion), "
         f"{cfg.text_field!r} (text); its fields: {sorted(rec)}"
     )
+
+
+def pull_dataset(repo: str, revision: str = "main", *, cache_dir: str | None = None,
+                 token: str | None = None) -> str:
+    """Local folder with the .txt/.jsonl/.parquet files (any depth) of hub dataset `repo`, verified."""
+    from kd.hubclient import Source, fetch, hub_token
+
+    def select(paths: list[str]) -> list[str]:
+        wanted = sorted(p for p in paths if p.lower().endswith(DATA_SUFFIXES))
+        if not wanted:
+            raise DataError(f"hf-dataset:{repo}@{revision}: no {'/'.join(DATA_SUFFIXES)} files in the repo")
+        return wanted
+
+    return fetch(Source(repo, revision, "dataset"), select, cache_dir, hub_token(token))[1]

@@ -432,7 +432,7 @@ def _better_or_equal(after: float, before: float, hib: bool) -> bool:
 
 
 def benchmark_gates(report: BenchmarkReport | None, cfg: BenchmarksConfig) -> list[Falsifier]:
-    """The optional benchmark falsifiers, from recorded numbers only (kd/verdicts.py recomputes them)."""
+    """The optional benchmark falsifiers, from recorded numbers only (kd/evidence/verdicts.py recomputes them)."""
     if report is None:
         return []
     out = []

@@ -205,8 +205,6 @@ def compare_control(config: RunConfig, models: dict, heldout, alignment, tokeniz
     scores = [score_documents(pair, heldout_docs, tok, valid_vocab=v, batch_size=ev.batch_size,
                               chunk_size=config.kd.chunk_size, device=device, backend=backend, source="heldout")]
     if ev.reference_text is not None:  # text the run did not train on (eval.reference_text)
-        from kd.evaluate.step import reference_docs
-
         docs = reference_docs(config, tokenizer_dir)
         todo = pair if after_reference is None else [models["control"]]
         ref = score_documents(todo, docs, tok, valid_vocab=v, chunk_size=config.kd.chunk_size, device=device,
@@ -237,3 +235,16 @@ class _Head:
 
     def batch(self, rows):
         return self.split.batch(rows)
+
+
+def reference_docs(config, student_dir) -> list[list[int]] | None:
+    """eval.reference_text's documents as the student's token ids (None: no reference text)."""
+    if config.eval.reference_text is None:
+        return None
+    from transformers import AutoTokenizer
+
+    from kd.evaluate.bundled_tasks import reference_documents, reference_files
+
+    return reference_token_ids(reference_documents(reference_files(config.eval.reference_text)),
+                               AutoTokenizer.from_pretrained(student_dir), max_tokens=config.data.seq_len,
+                               max_documents=config.eval.control_max_documents)

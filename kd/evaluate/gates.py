@@ -2,7 +2,7 @@
 
 A failed gate is recorded with verdict `fail`; the caller writes the evidence and then fails the
 run. Every gate is written fail-closed: NaN compares false, so a metric that is not a real number
-can never satisfy a claim. `kd.verdicts` recomputes them from a manifest with these functions.
+can never satisfy a claim. `kd.evidence.verdicts` recomputes them from a manifest with these functions.
 """
 
 from __future__ import annotations

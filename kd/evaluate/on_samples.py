@@ -4,7 +4,7 @@
     report = evaluate_on_samples(teacher, before, after, heldout_split, alignment, spec, chunk_size=256)
     report.before.reverse_kl, report.after.reverse_kl, report.after.teacher_nll
 
-The first `prompts` rows of the held-out split give one prompt each (kd/on_policy/prompts.py: chat = the
+The first `prompts` rows of the held-out split give one prompt each (kd/train/on_policy/prompts.py: chat = the
 conversation before an assistant turn, text = a prefix). Each student completes them by sampling at T=1,
 top_p=1 (its own distribution, so the per-token KL(student||teacher) averaged over its samples is the
 sequence-level reverse KL that on-policy distillation minimises), with the same seed for before and after,
@@ -22,9 +22,9 @@ import torch
 
 from backends import get_backend
 from kd.data.prepared import IGNORE, Batch
-from kd.losses import iter_logit_chunks
-from kd.on_policy.generation import GenerationSettings, get_generator
-from kd.on_policy.prompts import prompts_from_batch
+from kd.train.losses import iter_logit_chunks
+from kd.train.on_policy.generation import GenerationSettings, get_generator
+from kd.train.on_policy.prompts import prompts_from_batch
 from kd.results import OnSampleReport, SampleEval, VocabAlignment
 
 

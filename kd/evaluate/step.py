@@ -12,7 +12,7 @@ import torch
 from kd.config import EvalConfig
 from kd.evaluate.gates import eval_gates
 from kd.evaluate.heldout import evaluate_models
-from kd.evaluate.control import score_documents
+from kd.evaluate.control import reference_docs, score_documents
 from kd.results import DocumentScores, EvalReport, ReferenceRetention, VocabAlignment
 
 
@@ -66,7 +66,7 @@ def sample_spec(config, student_dir, heldout, prompts: int | None = None):
 
     from kd.data import open_prepared
     from kd.evaluate.on_samples import SampleSpec
-    from kd.on_policy import stop_ids_of
+    from kd.train.on_policy import stop_ids_of
 
     ev = config.eval
     n = ev.on_sample_prompts if prompts is None else prompts
@@ -118,17 +118,6 @@ def _tokenizer(student_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(student_dir)
-
-
-def reference_docs(config, student_dir) -> list[list[int]] | None:
-    """eval.reference_text's documents as the student's token ids (None: no reference text)."""
-    if config.eval.reference_text is None:
-        return None
-    from kd.evaluate.bundled_tasks import reference_documents, reference_files
-    from kd.evaluate.control import reference_token_ids
-
-    return reference_token_ids(reference_documents(reference_files(config.eval.reference_text)), _tokenizer(student_dir),
-                               max_tokens=config.data.seq_len, max_documents=config.eval.control_max_documents)
 
 
 def reference_retention(teacher: DocumentScores, student: DocumentScores) -> ReferenceRetention:

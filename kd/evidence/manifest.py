@@ -1,10 +1,12 @@
-"""The evidence manifest: a versioned schema, an atomic writer, and a verifier.
+"""The evidence manifest: a versioned schema, an atomic writer, and its reader.
 
     m = write_evidence(Path("evidence/run-1"), config=cfg, preflight=pre, models={"teacher": t,
                        "student": s}, vocab=va, training=tr, eval_report=ev, falsifiers=None,
                        flow_run_id=id, flow_run_url=url, start=t0, end=t1)
-    problems = verify_run_dir(Path("evidence/run-1"))   # [] when intact
-    print(show_run(run_dir)); print(diff_runs(a, b)); manifest_json_schema()
+    m = load_manifest(Path("evidence/run-1")); manifest_json_schema()
+
+Verifying a run folder is kd/evidence/verify.py (`verify_run_dir`), showing and diffing it
+kd/evidence/view.py: both read manifests through this module, which imports neither.
 
 A run folder holds `manifest.json`, `train.log`, `metrics.jsonl`, `eval.json`, `loss_curve.png`,
 the student checkpoint under `checkpoint/` (or, when kept elsewhere, its path and sha256 in
@@ -15,12 +17,12 @@ status}, config, environment, code {git_commit, dirty}, models, vocab, training 
 initial_loss, final_loss, tokens, wall_s, ...}, eval, falsifiers [{id, claim, observed, verdict}],
 files, lineage (which steps were reused from cache, and from which run). `status` is `pass` only
 when every falsifier passes and nothing is missing (`notes` is empty); the schema refuses anything
-else. Falsifiers come from kd/verdicts.py, and `verify_run_dir` recomputes them from the recorded
+else. Falsifiers come from kd/evidence/verdicts.py, and `verify_run_dir` recomputes them from the recorded
 numbers with the same functions: a verdict or status edited to `pass` fails verification.
-`manifest.sig` (kd/signing.py), when present, is the only file not listed in `files`.
+`manifest.sig` (kd/evidence/signing.py), when present, is the only file not listed in `files`.
 The manifest is written last, through a temp file and os.replace, after any old manifest is
 removed: a crash leaves no manifest, never one that claims success. Secrets are redacted (see
-kd/redact.py). `verify_run_dir` checks integrity, not success: a `fail` run with intact files
+kd/evidence/redact.py). `verify_run_dir` checks integrity, not success: a `fail` run with intact files
 verifies.
 """
 
@@ -42,20 +44,18 @@ from kd.config import RunConfig, format_validation_error
 from kd.errors import InputError
 from kd.hashing import digest_of, hash_tree, sha256_file
 from kd.plots import plot_loss_curve
-from kd.redact import recordable_env, redact, scrub, secret_values, shorten
+from kd.evidence.redact import recordable_env, redact, scrub, secret_values, shorten
 from kd.results import (
     EvalReport, Falsifier, ModelSnapshot, PreparedData, PreflightReport, StepLineage, TrainResult, VocabAlignment,
 )
-from kd.verdicts import (  # noqa: F401  (SMOKE_ID, VOCAB_ID, *_falsifiers: re-exported for callers)
-    SMOKE_ID, VOCAB_ID, failure_reasons, recompute_falsifiers, run_status, training_falsifiers, vocab_falsifiers,
-)
+from kd.evidence.verdicts import recompute_falsifiers, run_status
 
 SCHEMA_VERSION = "1.1"  # bump the minor for additive changes; verify accepts any 1.x
 MANIFEST = "manifest.json"
-SIG_FILE = "manifest.sig"  # kd/signing.py: a signature over manifest.json, written after it
+SIG_FILE = "manifest.sig"  # kd/evidence/signing.py: a signature over manifest.json, written after it
 # Optimizer/RNG state stays in the work dir: evidence carries the loadable model only (and no pickles).
 _CKPT_SKIP_PREFIXES = ("optimizer", "scheduler", "rng", "trainer_state",
-                       "distributed_state", ".metadata")  # distributed: DCP's pickled index (kd/distributed)
+                       "distributed_state", ".metadata")  # distributed: DCP's pickled index (kd/train/distributed)
 _CKPT_SKIP_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt", ".distcp")  # .distcp: DCP weight+AdamW shards
 
 
@@ -88,7 +88,7 @@ class EnvironmentInfo(_M):
     prefect: str | None
     huggingface_hub: str | None
     device: str
-    env: dict[str, str] = Field(default_factory=dict, description="Allowlisted env vars (kd.redact.ENV_ALLOWLIST), "
+    env: dict[str, str] = Field(default_factory=dict, description="Allowlisted env vars (kd.evidence.redact.ENV_ALLOWLIST), "
                                 "secrets redacted, URL credentials cut")
 
 
@@ -276,7 +276,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _safe_rel(rel: str) -> bool:
+def safe_rel(rel: str) -> bool:
     p = Path(rel)
     return bool(rel) and not p.is_absolute() and ".." not in p.parts and p.as_posix() not in (MANIFEST, SIG_FILE)
 
@@ -303,7 +303,7 @@ def write_evidence(
 ) -> Manifest:
     """Write the whole evidence folder and return its manifest (status pass only if every falsifier passes).
 
-    Falsifiers are `falsifiers` plus, for ids not already given, kd.verdicts.recompute_falsifiers
+    Falsifiers are `falsifiers` plus, for ids not already given, kd.evidence.verdicts.recompute_falsifiers
     (training, vocab with config.kd.max_dropped_mass, eval gates with config.eval). Missing inputs
     (no training, a log file gone) are written down in `notes` and make the run `fail`.
     `copy_checkpoint=False` records the checkpoint's path and sha256 instead of copying it.
@@ -356,7 +356,7 @@ def write_evidence(
     else:
         notes.append("eval: no EvalReport")
     for rel, src in (extra_files or {}).items():
-        if not _safe_rel(rel):
+        if not safe_rel(rel):
             raise ValueError(f"extra file name {rel!r} must be a relative path inside the run folder")
         _copy_scrubbed(Path(src), run_dir / rel, secrets)
 
@@ -386,7 +386,7 @@ def write_evidence(
     return manifest
 
 
-# ---------------------------------------------------------------- reading and verifying
+# ---------------------------------------------------------------- reading
 def load_manifest(run_dir: Path) -> Manifest:
     """The validated manifest of a run folder. EvidenceError (exit 2) when the folder or its
     manifest is missing, EvidenceInvalid (exit 1) when the manifest does not validate."""
@@ -402,32 +402,3 @@ def load_manifest(run_dir: Path) -> Manifest:
         raise EvidenceInvalid(f"{path}: does not validate: {shorten(format_validation_error(err), 600)}") from None
     except (UnicodeDecodeError, ValueError) as err:
         raise EvidenceInvalid(f"{path}: not valid JSON: {shorten(str(err), 300)}") from None
-
-
-def verify_run_dir(run_dir: Path) -> list[str]:
-    """Problems with a run folder, each naming the file ([] when intact): see kd/verify.py."""
-    from kd.verify import verify_run_dir as _verify
-
-    return _verify(run_dir)
-
-
-def recomputed_verdicts(m: Manifest) -> dict[str, str]:
-    """{falsifier id: verdict} recomputed from the recorded numbers: see kd/verify.py."""
-    from kd.verify import recomputed_verdicts as _recomputed
-
-    return _recomputed(m)
-
-
-# ---------------------------------------------------------------- reading for humans (kd/evidence_view.py)
-def show_run(run_dir: Path) -> str:
-    """A readable summary of one run folder (status, models, training, eval table, falsifiers, integrity)."""
-    from kd.evidence_view import show_run as _show
-
-    return _show(run_dir)
-
-
-def diff_runs(a: Path, b: Path) -> str:
-    """Config and metric differences between two run folders, one `key: a → b` line each."""
-    from kd.evidence_view import diff_runs as _diff
-
-    return _diff(a, b)

@@ -7,7 +7,7 @@
 calls it again on the numbers the manifest records (training, vocab, eval: eval.json must hold
 the same numbers) and on the config it records, and names every falsifier whose recorded verdict
 differs. So flipping a verdict (or the status) to `pass` in manifest.json is caught without any
-key; editing the numbers too is caught by the signature (kd/signing.py).
+key; editing the numbers too is caught by the signature (kd/evidence/signing.py).
 """
 
 from __future__ import annotations

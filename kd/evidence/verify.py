@@ -2,8 +2,9 @@
 
     problems = verify_run_dir(Path("evidence/run-1"))   # [] when intact; each problem names its file
                                                          # or falsifier
-`kdflow evidence verify` prints these; kd.manifest.verify_run_dir is this function. The verdicts are
-recomputed by kd/verdicts.py, the functions that wrote them, from the numbers the manifest records
+`kdflow evidence verify` prints these. A sweep's folder (`evidence/<sweep>/sweep.json`) is checked by
+`verify_sweep_dir`: every trial folder, each row, the ranking. The verdicts are
+recomputed by kd/evidence/verdicts.py, the functions that wrote them, from the numbers the manifest records
 (eval.json must hold the same eval numbers; metrics.jsonl must end at training.steps).
 """
 
@@ -16,13 +17,14 @@ from pydantic import ValidationError
 
 from kd.config import EvalConfig
 from kd.hashing import digest_of, sha256_file
-from kd.manifest import (
-    MANIFEST, SIG_FILE, EvidenceError, EvidenceInvalid, Manifest, _safe_rel, dir_sha256, load_manifest,
+from kd.evidence.manifest import (
+    MANIFEST, SIG_FILE, EvidenceError, EvidenceInvalid, Manifest, dir_sha256, load_manifest, safe_rel,
 )
-from kd.redact import shorten
+from kd.evidence.redact import shorten
 from kd.results import EvalReport
 from kd.evaluate.ship import ship_verdict
-from kd.verdicts import recompute_falsifiers, run_status
+from kd.evidence.verdicts import recompute_falsifiers, run_status
+from kd.sweep.report import KIND, SWEEP_MANIFEST, best_of, rank, trial_row
 
 
 def verify_run_dir(run_dir: Path) -> list[str]:
@@ -31,9 +33,7 @@ def verify_run_dir(run_dir: Path) -> list[str]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return [f"{run_dir}: run folder not found"]
-    from kd.sweep.report import is_sweep_dir, verify_sweep_dir
-
-    if is_sweep_dir(run_dir):  # evidence/<sweep>/: every trial folder, each row, the ranking (kd/sweep/report.py)
+    if is_sweep_dir(run_dir):  # evidence/<sweep>/: every trial folder, each row, the ranking (verify_sweep_dir)
         return verify_sweep_dir(run_dir)
     try:
         m = load_manifest(run_dir)
@@ -41,7 +41,7 @@ def verify_run_dir(run_dir: Path) -> list[str]:
         return [str(err).replace(str(run_dir / MANIFEST), MANIFEST)]
     problems = []
     for rel, want in sorted(m.files.items()):
-        if not _safe_rel(rel):
+        if not safe_rel(rel):
             problems.append(f"{rel}: path escapes the run folder")
             continue
         p = run_dir / rel
@@ -73,7 +73,7 @@ def recheck_verdicts(m: Manifest, run_dir: Path, *, skip_files: set[str] = froze
     """Disagreements between the recorded verdicts and the ones the recorded numbers give.
 
     eval.json must hold the manifest's eval numbers and metrics.jsonl must end at training.steps;
-    then every falsifier is recomputed with kd.verdicts (the functions that wrote it) from
+    then every falsifier is recomputed with kd.evidence.verdicts (the functions that wrote it) from
     training, vocab, eval and the recorded config, and so is the run status."""
     problems: list[str] = []
     eval_file = run_dir / "eval.json"
@@ -129,3 +129,62 @@ def recomputed_verdicts(m: Manifest) -> dict[str, str]:
         return {}
     fs = recompute_falsifiers(m.training, m.vocab, m.eval, max_dropped_mass=max_dropped, eval_cfg=eval_cfg)
     return {f.id: f.verdict for f in fs}
+
+
+# ---------------------------------------------------------------- a sweep's folder (kd/sweep/report.py writes it)
+def is_sweep_dir(path: Path) -> bool:
+    return (Path(path) / SWEEP_MANIFEST).is_file() and not (Path(path) / "manifest.json").is_file()
+
+
+_CHECKED = ("status", "objective", "kl", "top1", "tokens_per_s", "train_wall_s", "wall_s", "manifest_sha256")
+
+
+def verify_sweep_dir(sweep_dir: Path) -> list[str]:
+    """Problems with a sweep folder, each naming the trial or file: every trial folder verifies
+    (kd.evidence.verify), its manifest's sha256 is the one recorded, each row's numbers are the ones its
+    manifest gives, and the ranking, best trial and status are what those numbers give. [] = intact."""
+    sweep_dir = Path(sweep_dir)
+    try:
+        doc = json.loads((sweep_dir / SWEEP_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        return [f"{SWEEP_MANIFEST}: unreadable ({err})"]
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        return [f"{SWEEP_MANIFEST}: not a sweep manifest (kind {doc.get('kind') if isinstance(doc, dict) else None!r})"]
+    problems: list[str] = []
+    try:
+        metric, direction = doc["objective"]["metric"], doc["objective"]["direction"]
+        recorded = list(doc["trials"])
+        names = [r["name"] for r in recorded]
+    except (KeyError, TypeError) as err:
+        return [f"{SWEEP_MANIFEST}: missing field {err}"]
+    for rel, want in (doc.get("files") or {}).items():
+        p = sweep_dir / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(p) != want:
+            problems.append(f"{rel}: sha256 mismatch")
+    rows = []
+    for r in recorded:
+        n = r["name"]
+        tdir = sweep_dir / n
+        if Path(n).name != n or n.startswith("."):
+            problems.append(f"trial {n!r}: not a folder name")
+            continue
+        fresh = trial_row(tdir, n, r.get("overrides") or {}, metric)
+        if fresh["status"] != "missing":
+            problems += [f"trial {n}: {p}" for p in verify_run_dir(tdir)]
+        for k in _CHECKED:
+            if fresh.get(k) != r.get(k):
+                problems.append(f"trial {n}: {k} recorded as {r.get(k)!r}, its evidence says {fresh.get(k)!r}")
+        rows.append(fresh)
+    on_disk = {p.parent.name for p in sweep_dir.glob("*/manifest.json")}
+    problems += [f"trial {n}: evidence folder not listed in {SWEEP_MANIFEST}" for n in sorted(on_disk - set(names))]
+    ranking = rank(rows, direction)
+    if doc.get("ranking") != ranking:
+        problems.append(f"ranking: recorded {doc.get('ranking')}, the trials' {metric} ({direction}) gives {ranking}")
+    if doc.get("best") != best_of(rows, ranking):
+        problems.append(f"best: recorded {doc.get('best')!r}, the trials give {best_of(rows, ranking)!r}")
+    status = "fail" if any(r["status"] != "pass" for r in rows) else "pass"
+    if doc.get("status") != status:
+        problems.append(f"status: recorded {doc.get('status')!r}, the trials give {status!r}")
+    return problems

@@ -3,9 +3,9 @@
     print(show_run(Path("evidence/run-1")))
     print(diff_runs(Path("evidence/run-1"), Path("evidence/run-2")))
 
-Both read manifest.json through kd.manifest.load_manifest (EvidenceError when it is missing,
+Both read manifest.json through kd.evidence.manifest.load_manifest (EvidenceError when it is missing,
 EvidenceInvalid when it does not validate). `show` never prints a PASS that verification refutes:
-the status line and each falsifier are shown as the recorded numbers give them (kd/verdicts.py).
+the status line and each falsifier are shown as the recorded numbers give them (kd/evidence/verdicts.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kd.config import EvalConfig
 from kd.evaluate.ship import ship_line, ship_verdict
-from kd.manifest import Manifest, load_manifest, recomputed_verdicts, verify_run_dir
+from kd.evidence.manifest import Manifest, load_manifest
+from kd.evidence.verify import recomputed_verdicts, verify_run_dir
 
 
 def _g(x) -> str:

@@ -4,10 +4,10 @@
     metric_problem("eval.student_after.kl")              # "... did you mean eval.student_after.kl_to_teacher?"
     numeric_paths()                                      # every such path (<key>: any key of a map)
 
-The walk follows the pydantic models of kd/manifest.py (Manifest -> EvalReport -> OnSampleReport -> ...),
+The walk follows the pydantic models of kd/evidence/manifest.py (Manifest -> EvalReport -> OnSampleReport -> ...),
 so a field added to the manifest can rank trials without this module changing. `config` is walked as
 the RunConfig it holds; maps typed `dict[str, float]` take any key; a field typed as a bare `dict`
-(training.on_policy: kd/on_policy/objective.py writes it) takes any sub-path, as its keys are not in
+(training.on_policy: kd/train/on_policy/objective.py writes it) takes any sub-path, as its keys are not in
 the schema. Lists (falsifiers, benchmark scores) have no dotted path: benchmark scores are ranked with
 the `benchmarks.<task>[.<metric>]` shorthand instead.
 """
@@ -57,7 +57,7 @@ class _CONFIG:  # marker: the manifest's `config` dict is a RunConfig dump
 
 
 def _root():
-    from kd.manifest import Manifest
+    from kd.evidence.manifest import Manifest
 
     fields = {k: f.annotation for k, f in Manifest.model_fields.items()}
     fields["config"] = _CONFIG

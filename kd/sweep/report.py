@@ -1,9 +1,9 @@
 """The sweep's page and its manifest: one row per trial read from the trial's evidence, the ranking,
-the objective-vs-cost plot, `evidence/<sweep>/sweep.json`, and verifying all of it.
+the objective-vs-cost plot and `evidence/<sweep>/sweep.json`.
 
     rows = [trial_row(sweep_dir / t.name, t.name, t.overrides, objective) for t in trials]
     write_sweep(sweep_dir, spec_dump, objective, rows, ...)   # sweep.json + objective_vs_cost.png
-    problems = verify_sweep_dir(sweep_dir)                    # [] when every trial and the ranking check out
+    problems = verify_sweep_dir(sweep_dir)   # kd/evidence/verify.py: [] when every trial and the ranking check out
 
 Every number in a row is read from the trial's own manifest.json (whose sha256 the sweep manifest
 records), so `verify_sweep_dir` can recompute each row, the ranking and the best trial from the
@@ -222,63 +222,3 @@ def write_sweep(sweep_dir: Path, *, name: str, spec: dict, metric: str, directio
     tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     tmp.replace(sweep_dir / SWEEP_MANIFEST)
     return doc
-
-
-def is_sweep_dir(path: Path) -> bool:
-    return (Path(path) / SWEEP_MANIFEST).is_file() and not (Path(path) / "manifest.json").is_file()
-
-
-_CHECKED = ("status", "objective", "kl", "top1", "tokens_per_s", "train_wall_s", "wall_s", "manifest_sha256")
-
-
-def verify_sweep_dir(sweep_dir: Path) -> list[str]:
-    """Problems with a sweep folder, each naming the trial or file: every trial folder verifies
-    (kd.verify), its manifest's sha256 is the one recorded, each row's numbers are the ones its
-    manifest gives, and the ranking, best trial and status are what those numbers give. [] = intact."""
-    from kd.verify import verify_run_dir
-
-    sweep_dir = Path(sweep_dir)
-    try:
-        doc = json.loads((sweep_dir / SWEEP_MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        return [f"{SWEEP_MANIFEST}: unreadable ({err})"]
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        return [f"{SWEEP_MANIFEST}: not a sweep manifest (kind {doc.get('kind') if isinstance(doc, dict) else None!r})"]
-    problems: list[str] = []
-    try:
-        metric, direction = doc["objective"]["metric"], doc["objective"]["direction"]
-        recorded = list(doc["trials"])
-        names = [r["name"] for r in recorded]
-    except (KeyError, TypeError) as err:
-        return [f"{SWEEP_MANIFEST}: missing field {err}"]
-    for rel, want in (doc.get("files") or {}).items():
-        p = sweep_dir / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256_file(p) != want:
-            problems.append(f"{rel}: sha256 mismatch")
-    rows = []
-    for r in recorded:
-        n = r["name"]
-        tdir = sweep_dir / n
-        if Path(n).name != n or n.startswith("."):
-            problems.append(f"trial {n!r}: not a folder name")
-            continue
-        fresh = trial_row(tdir, n, r.get("overrides") or {}, metric)
-        if fresh["status"] != "missing":
-            problems += [f"trial {n}: {p}" for p in verify_run_dir(tdir)]
-        for k in _CHECKED:
-            if fresh.get(k) != r.get(k):
-                problems.append(f"trial {n}: {k} recorded as {r.get(k)!r}, its evidence says {fresh.get(k)!r}")
-        rows.append(fresh)
-    on_disk = {p.parent.name for p in sweep_dir.glob("*/manifest.json")}
-    problems += [f"trial {n}: evidence folder not listed in {SWEEP_MANIFEST}" for n in sorted(on_disk - set(names))]
-    ranking = rank(rows, direction)
-    if doc.get("ranking") != ranking:
-        problems.append(f"ranking: recorded {doc.get('ranking')}, the trials' {metric} ({direction}) gives {ranking}")
-    if doc.get("best") != best_of(rows, ranking):
-        problems.append(f"best: recorded {doc.get('best')!r}, the trials give {best_of(rows, ranking)!r}")
-    status = "fail" if any(r["status"] != "pass" for r in rows) else "pass"
-    if doc.get("status") != status:
-        problems.append(f"status: recorded {doc.get('status')!r}, the trials give {status!r}")
-    return problems

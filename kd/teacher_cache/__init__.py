@@ -6,7 +6,7 @@
     reader = TeacherCacheReader(summary["folder"], identity); reader.bind("train", packed.train)
 
 encoding.py (bytes per token), store.py (folder, manifest, verification, reading), build.py (running the
-teacher, resumable per shard). The loss that reads it is kd.losses.fused_linear_sparse_kd_loss.
+teacher, resumable per shard). The loss that reads it is kd.train.losses.fused_linear_sparse_kd_loss.
 """
 
 from kd.teacher_cache.build import build_teacher_cache, teacher_targets

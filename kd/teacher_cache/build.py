@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from kd import __version__
 from kd.errors import DataError
 from kd.hashing import sha256_file
-from kd.losses import SPARSE_EXACTNESS, iter_logit_chunks, sparse_teacher_targets
+from kd.train.losses import SPARSE_EXACTNESS, iter_logit_chunks, sparse_teacher_targets
 from kd.teacher_cache.encoding import TopKSpec, encode
 from kd.teacher_cache.store import (bad_shards, check_identity, manifest_sha256, read_blocks, read_manifest,
                                     tokens_sha256, write_manifest)

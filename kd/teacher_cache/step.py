@@ -1,7 +1,7 @@
 """The `cache_teacher_logits` DAG step and the offline side of training, on kdflow's own types.
 
     result = cache_teacher_logits(cfg, teacher_snapshot, alignment, prepared, run_name)   # tasks/teacher_cache.py
-    reader = open_for_training(cfg, result, prepared_set)     # kd/train.py, offline mode: verified, bound
+    reader = open_for_training(cfg, result, prepared_set)     # kd/train/loop.py, offline mode: verified, bound
 
 The cache is a function of the teacher's content, the tokenizer and prepared data (their hashes), k, the
 encoding and the temperature (`kd.temperature` is the cache temperature): never of alpha, lr, steps or
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kd.config import RunConfig
 from kd.errors import ConfigError, DataError
-from kd.losses import SPARSE_EXACTNESS
+from kd.train.losses import SPARSE_EXACTNESS
 from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, VocabAlignment
 from kd.teacher_cache.build import build_teacher_cache
 from kd.teacher_cache.encoding import TopKSpec
@@ -63,7 +63,7 @@ def cache_teacher_logits(cfg: RunConfig, teacher: ModelSnapshot, alignment: Voca
     (loading the teacher only then); return where it is and how it was obtained."""
     from backends import get_backend
     from kd.data import open_prepared
-    from kd.train import resolve_device
+    from kd.device import resolve_device
 
     spec = spec_for(cfg, alignment)
     identity = identity_for(cfg, teacher, alignment, prepared)

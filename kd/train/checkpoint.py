@@ -1,7 +1,12 @@
-"""Trainer state (optimizer, scheduler, RNG, step, initial loss) saved and loaded without pickle.
+"""The single-process loop's checkpoints: `checkpoints/step-NNNNNN/`, a Hugging Face folder plus the
+trainer state (optimizer, scheduler, RNG, step, initial loss), saved and loaded without pickle.
 
+    ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler, student_dir, initial_loss=..., ...)
+    ckpt = latest_checkpoint(run_dir)          # the last finished one, or None
     save_trainer_state(ckpt_dir, {"step": 3, "initial_loss": 5.1, "optimizer": opt.state_dict(), ...})
     state = load_trainer_state(ckpt_dir)      # ConfigError naming the file when it is not ours
+
+A checkpoint is written to a temp folder then renamed, so a crash never leaves half of one.
 
 Why not `torch.save`: `torch.load(weights_only=False)` unpickles, and a pickle can run any code;
 `train.resume_from` may name any folder. Here tensors go to `trainer_state.safetensors` (a header
@@ -17,18 +22,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kd.rng import RunRNG
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_PICKLE = "trainer_state.pt"
 FORMAT = "kdflow-trainer-state/1"
 _MARKERS = ("__tensor__", "__tuple__", "__ndarray__", "__items__", "__float__")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -128,3 +141,50 @@ def load_trainer_state(folder: Path, *, field: str = "train.resume_from") -> dic
     if missing:
         raise ConfigError(f"{field}: {folder / STATE_JSON}: lacks {', '.join(missing)}")
     return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    ckpts = [c for c in ckpts if is_checkpoint(c)]
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import torch
+
+    from kd.rng import PROCESS_RNG_LOCK
+
+    with PROCESS_RNG_LOCK:  # as seed_everything
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, student_dir: Path,
+                    *, initial_loss: float = float("nan"), config_digest: str = "", run_rng: RunRNG | None = None, tokens: int = 0) -> Path:
+    """Atomically write `checkpoints/step-NNNNNN` (HF format + trainer state, no pickle)."""
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (student_dir / name).is_file():
+            shutil.copy2(student_dir / name, tmp / name)
+    save_trainer_state(tmp, {"step": step, "initial_loss": initial_loss, "config_digest": config_digest,
+                             "tokens": int(tokens),  # trained tokens so far: a resumed run keeps counting
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": {**rng_state(), **({"run": run_rng.state_dict()} if run_rng else {})}})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final

@@ -2,8 +2,9 @@
 
     result = train_student(cfg, teacher_dir, student_dir, alignment, packed, run_dir)
 
-Writes under `run_dir`: `checkpoints/step-NNNNNN/` (Hugging Face folder + trainer state as
-safetensors + JSON, never pickle: kd/trainer_state.py; written to a temp folder then renamed, so a
+The loss of each batch is an objective's (kd/train/objectives.py: online teacher, teacher cache,
+on-policy). Writes under `run_dir`: `checkpoints/step-NNNNNN/` (Hugging Face folder + trainer state as
+safetensors + JSON, never pickle: kd/train/checkpoint.py; written to a temp folder then renamed, so a
 crash never leaves half a checkpoint; it carries the initial loss, so any run can resume from it),
 `metrics.jsonl` (one line per step) and `train.log`. A second call with the same `run_dir`
 continues from the last checkpoint (or `train.resume_from`) and ends with the same weights
@@ -16,10 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,49 +26,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from backends import get_backend
 from kd.config import RunConfig
-from kd.data import Batch, PackedData, train_batch
-from kd.errors import ConfigError
+from kd.data import PackedData, train_batch
+from kd.device import resolve_device
 from kd.hashing import hash_dir
-from kd import loss_normalization
-from kd.losses import fused_linear_kd_loss, fused_linear_sparse_kd_loss
-from kd.on_policy.objective import generation_row, on_policy_summary
 from kd.results import TeacherCacheResult, TrainResult, VocabAlignment
 from kd.rng import PROCESS_RNG_LOCK, RunRNG
-from kd.trainer_state import STATE_JSON, is_checkpoint, load_trainer_state, save_trainer_state
+from kd.train import loss_normalization
+from kd.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from kd.train.objectives import make_objective, on_policy_objective, open_teacher_cache
+from kd.train.on_policy.objective import generation_row, on_policy_summary
 
-STATE_FILE = STATE_JSON  # the file that marks a finished checkpoint
 HELDOUT_FILE = "heldout.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
 StepCallback = Callable[[dict], None]
-
-
-def _open_teacher_cache(cfg: RunConfig, teacher_cache, packed):
-    """kd.teacher_mode=offline: the cache's verified reader, bound to the training split; online: None."""
-    if cfg.kd.teacher_mode != "offline":
-        return None
-    if teacher_cache is None:
-        raise ConfigError("kd.teacher_mode: offline needs the cache_teacher_logits step's result (none was given)")
-    from kd.teacher_cache.step import open_for_training
-
-    return open_for_training(cfg, teacher_cache, packed)
-
-
-def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype, bool]:
-    """(device, weight dtype, use bf16 autocast) from train.device / train.dtype."""
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
-    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
-    # bf16 autocast runs on CPU too (slower there, but CI exercises the bf16 code paths); auto = CUDA only
-    autocast = cfg.train.dtype == "bfloat16" or (device == "cuda" and cfg.train.dtype == "auto")
-    weights = torch.bfloat16 if cfg.train.param_dtype == "bfloat16" else torch.float32  # train.param_dtype
-    return device, weights, autocast
 
 
 def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
@@ -93,28 +65,6 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    ckpts = [c for c in ckpts if is_checkpoint(c)]
-    return ckpts[-1] if ckpts else None
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    with PROCESS_RNG_LOCK:  # as seed_everything
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def training_digest(cfg: RunConfig) -> str:
     """What a checkpoint was trained for (objective, loop, data), recorded so a resume can say so."""
     from kd.hashing import digest_of
@@ -122,25 +72,6 @@ def training_digest(cfg: RunConfig) -> str:
     parts = {"kd": cfg.kd.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
              "train": cfg.train.model_dump(mode="json", exclude={"resume_from", "log_every", "steps"})}
     return digest_of({k: json.dumps(v, sort_keys=True) for k, v in parts.items()})
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, student_dir: Path,
-                    *, initial_loss: float = float("nan"), config_digest: str = "", run_rng: RunRNG | None = None, tokens: int = 0) -> Path:
-    """Atomically write `checkpoints/step-NNNNNN` (HF format + trainer state, no pickle)."""
-    final = run_dir / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (student_dir / name).is_file():
-            shutil.copy2(student_dir / name, tmp / name)
-    save_trainer_state(tmp, {"step": step, "initial_loss": initial_loss, "config_digest": config_digest,
-                             "tokens": int(tokens),  # trained tokens so far: a resumed run keeps counting
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "rng": {**_rng_state(), **({"run": run_rng.state_dict()} if run_rng else {})}})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
 
 
 def setup_log(path: Path, enabled: bool = True) -> logging.Logger:
@@ -171,75 +102,6 @@ def trim_metrics(path: Path, upto_step: int) -> None:
 def fine_tuning_only(cfg: RunConfig) -> bool:
     """alpha = 1 off-policy (e.g. eval.control's run): the KD term weighs 0, so the teacher is never loaded."""
     return cfg.kd.alpha == 1.0 and not cfg.kd.on_policy.enabled
-
-
-class _Objective:
-    """Student + frozen teacher -> KD loss on one batch, through the fused-linear loss. Without a teacher
-    (fine_tuning_only) the student stands in for it: D(p, p) = 0 at weight 0, the loss is the CE alone."""
-
-    def __init__(self, cfg: RunConfig, student, teacher, alignment: VocabAlignment, autocast: bool, device: str):
-        self.cfg, self.student, self.teacher = cfg, student, teacher
-        self.alignment, self.autocast, self.device = alignment, autocast, device
-        self.backend = get_backend("hf")
-
-    def __call__(self, batch: Batch | torch.Tensor, normalizer: float | None = None):
-        """KD loss of `batch`: token means, or token sums / `normalizer` (the step's trained tokens)."""
-        kd = self.cfg.kd
-        if not isinstance(batch, Batch):  # bare (B, L) ids: every next token is a label
-            batch = Batch(batch, batch[:, 1:], None)
-        ids, pos = batch.ids.to(self.device), None if batch.position_ids is None else batch.position_ids.to(self.device)
-        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):
-            s_hidden = self.backend.hidden_states(self.student, ids, position_ids=pos)[:, :-1]
-            with torch.no_grad():  # not inference_mode: its tensors cannot be saved for backward
-                t_hidden = (s_hidden.detach() if self.teacher is None else
-                            self.backend.hidden_states(self.teacher, ids, position_ids=pos)[:, :-1])
-        s_w, s_b = self.backend.output_head(self.student)
-        t_w, t_b = (s_w, s_b) if self.teacher is None else self.backend.output_head(self.teacher)
-        return fused_linear_kd_loss(
-            s_hidden.reshape(-1, s_hidden.shape[-1]), s_w,
-            t_hidden.reshape(-1, t_hidden.shape[-1]), t_w[: self.alignment.rows_kept].detach(),
-            batch.labels.to(self.device).reshape(-1),  # -100: masked (prompt, padding) for CE and KD alike
-            alpha=kd.alpha, temperature=kd.temperature, divergence=kd.divergence, beta=kd.jsd_beta,
-            valid_vocab=self.alignment.valid_vocab, chunk_size=kd.chunk_size,
-            student_bias=s_b, teacher_bias=None if t_b is None else t_b[: self.alignment.rows_kept].detach(),
-            normalizer=normalizer,
-        )
-
-
-class _OfflineObjective:
-    """Student + the teacher's cached top-k (kd.teacher_mode=offline) -> sparse KD loss; no teacher in memory."""
-
-    def __init__(self, cfg: RunConfig, student, reader, alignment: VocabAlignment, autocast: bool, device: str):
-        self.cfg, self.student, self.reader = cfg, student, reader
-        self.alignment, self.autocast, self.device = alignment, autocast, device
-        self.backend = get_backend("hf")
-
-    def __call__(self, batch: Batch | torch.Tensor, normalizer: float | None = None):
-        """KD loss of `batch`: token means, or token sums / `normalizer` (the step's trained tokens)."""
-        kd = self.cfg.kd
-        if not isinstance(batch, Batch):
-            batch = Batch(batch, batch[:, 1:], None)
-        t_ids, t_lp, t_tail = (x.to(self.device) for x in self.reader.targets(batch.ids, batch.position_ids))
-        ids, pos = batch.ids.to(self.device), None if batch.position_ids is None else batch.position_ids.to(self.device)
-        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):
-            s_hidden = self.backend.hidden_states(self.student, ids, position_ids=pos)[:, :-1]
-        s_w, s_b = self.backend.output_head(self.student)
-        return fused_linear_sparse_kd_loss(
-            s_hidden.reshape(-1, s_hidden.shape[-1]), s_w, t_ids, t_lp, t_tail,
-            batch.labels.to(self.device).reshape(-1),
-            alpha=kd.alpha, temperature=kd.temperature, cache_temperature=self.reader.cache_temperature,
-            divergence=kd.divergence, beta=kd.jsd_beta, valid_vocab=self.alignment.valid_vocab,
-            chunk_size=kd.chunk_size, student_bias=s_b, normalizer=normalizer,
-        )
-
-
-def on_policy_objective(cfg: RunConfig, objective, student, teacher, alignment: VocabAlignment, packed,
-                        student_dir, *, autocast: bool, device: str, rank: int = 0, synced: bool = False):
-    """kd.on_policy enabled: GKD's objective around `objective` (kd/on_policy/objective.py); else `objective`."""
-    from kd.on_policy.objective import wrap_objective
-
-    return wrap_objective(cfg, objective, lambda c: _Objective(c, student, teacher, alignment, autocast, device),
-                          student, teacher, alignment, packed, student_dir, autocast=autocast, rank=rank, synced=synced)
 
 
 def train_student(
@@ -273,7 +135,7 @@ def train_student(
     # the frozen teacher is stored in the training dtype (bf16 under bf16 autocast): half the memory,
     # and no recast of its weights at every forward
     # offline (issue 13): a verified teacher cache bound to this data; the teacher is never loaded
-    offline = _open_teacher_cache(cfg, teacher_cache, packed)
+    offline = open_teacher_cache(cfg, teacher_cache, packed)
     teacher = None if offline is not None or fine_tuning_only(cfg) else backend.load(
         teacher_dir, device=device, dtype=torch.bfloat16 if autocast else dtype,
         trust_remote_code=cfg.teacher.trust_remote_code)
@@ -281,15 +143,14 @@ def train_student(
         teacher.eval().requires_grad_(False)
     student.train()
     if tc.gradient_checkpointing:  # recompute layer activations in backward (issue 14 config)
-        from kd.distributed.model import enable_activation_checkpointing
+        from kd.train.distributed.model import enable_activation_checkpointing
 
         enable_activation_checkpointing(student)
     # the run's own stream for what draws from torch's process generator (dropout): kd/rng.py
     run_rng = RunRNG(tc.seed, student, device=device, checkpointing=tc.gradient_checkpointing)
     optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    objective = (_Objective(cfg, student, teacher, alignment, autocast, device) if offline is None
-                 else _OfflineObjective(cfg, student, offline, alignment, autocast, device))
+    objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device)
     step_objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
                                          autocast=autocast, device=device)
     log.info("teacher: %s", "not loaded: alpha = 1, fine-tuning only" if fine_tuning_only(cfg) else
@@ -301,7 +162,7 @@ def train_student(
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         run_rng.load_state_dict(state["rng"].get("run") or {"cpu": state["rng"]["torch"]})  # older: process state
         start_step = state["step"]
         trim_metrics(metrics_path, start_step)
@@ -341,7 +202,7 @@ def train_student(
             optimizer.zero_grad(set_to_none=True)
             batches = [train_batch(packed.train, step=step, micro=micro, batch_size=tc.batch_size,
                                    grad_accum=tc.grad_accum, seed=tc.seed) for micro in range(tc.grad_accum)]
-            # every trained token of the step weighs the same (kd/loss_normalization.py)
+            # every trained token of the step weighs the same (kd/train/loss_normalization.py)
             with run_rng.scope():  # forwards and backwards (activation checkpointing replays the forward's draws)
                 done_step = loss_normalization.run_step(batches, forward=forward, prepare=prepare if on_policy else None)
             tokens_trained += done_step.tokens

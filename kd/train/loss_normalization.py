@@ -21,9 +21,9 @@ also make one long answer weigh as much as one short reply, and its value would 
 packer cuts documents into blocks.
 
 N is known before any backward pass: a pre-pass prepares every micro-batch of the step (on-policy:
-draws its kind and generates its completions, see kd/on_policy/objective.py), counts its labels and,
+draws its kind and generates its completions, see kd/train/on_policy/objective.py), counts its labels and,
 across ranks, all-reduces the count; then each micro-batch's loss is its token sum / N (the losses take
-`normalizer=N`, kd/losses.py), and their sum over micro-batches and ranks is the step's loss. Generated
+`normalizer=N`, kd/train/losses.py), and their sum over micro-batches and ranks is the step's loss. Generated
 batches are completed before the first backward: the student's weights do not change within a step and
 the draws are seeded by (step, micro-batch, rank), so the samples are those the interleaved order gave,
 and the completions are token ids (a few KB to hold), while scaling the gradients afterwards instead

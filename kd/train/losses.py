@@ -12,7 +12,7 @@ temperature T, their gradients scaled by T^2), averaged over the tokens whose la
 with z the student logits, t the teacher logits, q = softmax(z / T), p = softmax(t / T); CE is at T = 1.
 An all-masked batch (|M| = 0) gives a loss of exactly 0 and zero gradients. `normalizer=N` replaces |M| by N
 (the sum over this call's tokens divided by N): the training loops pass the number of trained tokens of the whole
-optimizer step (every micro-batch, every rank; kd/loss_normalization.py), so each token weighs 1/N wherever it
+optimizer step (every micro-batch, every rank; kd/train/loss_normalization.py), so each token weighs 1/N wherever it
 lands, and the micro-batch losses add up to the step's loss. D is one of
     forward_kl   KL(p || q) = sum_v p (log p - log q)                       (Hinton et al. 2015)
     reverse_kl   KL(q || p) = sum_v q (log q - log p)                       (mode seeking; MiniLLM, Gu et al. 2024)

@@ -1,9 +1,9 @@
 """Training on several processes with torch.distributed: torchrun, DDP, FSDP2, distributed checkpoints.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 8 -m kd.distributed.worker SPEC.json
+    python -m torch.distributed.run --standalone --nproc-per-node 8 -m kd.train.distributed.worker SPEC.json
 
 `train.distributed: ddp | fsdp` in the config makes the `train_student` task launch that command
-(kd.distributed.launch) instead of training in-process. Modules, one idea each:
+(kd.train.distributed.launch) instead of training in-process. Modules, one idea each:
 
     launch.py      the torchrun command line and a supervisor: streams rank 0's lines, kills the
                    process group on timeout or cancellation, turns the exit code into an error class

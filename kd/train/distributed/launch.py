@@ -2,7 +2,7 @@
 
     result = run_torchrun(cfg, teacher_dir, student_dir, alignment, run_dir, on_event=..., on_line=...)
 
-The command is `python -m torch.distributed.run --standalone --nproc-per-node N -m kd.distributed.worker
+The command is `python -m torch.distributed.run --standalone --nproc-per-node N -m kd.train.distributed.worker
 SPEC.json` on one node, or `--nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID`
 (train.rendezvous) on several (every node runs the same command). torchrun runs as a child in its own
 session (process group), with `--max-restarts 0`: restarts are the task's retries, which resume from the
@@ -42,7 +42,7 @@ from kd.config import RunConfig
 from kd.errors import ConfigError, TransientError
 from kd.results import TrainResult, VocabAlignment
 
-WORKER_MODULE = "kd.distributed.worker"
+WORKER_MODULE = "kd.train.distributed.worker"
 PREFIX = "KDFLOW "
 KILL_GRACE_S = 10.0
 

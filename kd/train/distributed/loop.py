@@ -1,4 +1,4 @@
-"""The distributed training loop: the same steps as kd/train.py, on `world_size` ranks.
+"""The distributed training loop: the same steps as kd/train/loop.py, on `world_size` ranks.
 
     result = train_distributed(cfg, teacher_dir, student_dir, alignment, packed, run_dir, env, emit=print)
 
@@ -8,7 +8,7 @@ single-process micro-batch of `batch_size × world_size` sequences for (step, mi
 takes the r-th slice. So a run on W ranks sees exactly the sequences, in the same order, of a
 single-process run with batch_size × W, and (fp32) ends with the same weights up to reduction order.
 
-The loss is kd/loss_normalization.py's rule, the one kd/train.py uses: every trained token of the step
+The loss is kd/train/loss_normalization.py's rule, the one kd/train/loop.py uses: every trained token of the step
 weighs 1/N, N = the trained tokens of the whole step (every micro-batch of every rank, counted and
 all-reduced before the first backward); each rank backpropagates W x its token sum / N (DDP and FSDP
 average gradients over W), so the gradient and the logged loss are those of one process on the same
@@ -34,15 +34,16 @@ from safetensors.torch import save_file
 from backends import get_backend
 from kd.config import RunConfig
 from kd.data import train_batch
-from kd.distributed import checkpoint as ckpt_io
-from kd.distributed.model import KDModule, enable_activation_checkpointing, no_sync, student_of, wrap
-from kd.distributed.runtime import DistEnv, all_reduce_sum
+from kd.train.distributed import checkpoint as ckpt_io
+from kd.train.distributed.model import KDModule, enable_activation_checkpointing, no_sync, student_of, wrap
+from kd.train.distributed.runtime import DistEnv, all_reduce_sum
 from kd.errors import ConfigError
 from kd.hashing import hash_dir
-from kd.loss_normalization import NORMALIZATION, run_step
+from kd.train.loss_normalization import NORMALIZATION, run_step
 from kd.results import TrainResult, VocabAlignment
-from kd.train import (HELDOUT_FILE, _Objective, generation_row, lr_lambda, on_policy_objective, on_policy_summary,
-                      seed_everything, setup_log, trim_metrics)
+from kd.train.loop import HELDOUT_FILE, lr_lambda, seed_everything, setup_log, trim_metrics
+from kd.train.objectives import make_objective, on_policy_objective, open_teacher_cache
+from kd.train.on_policy.objective import generation_row, on_policy_summary
 
 Emit = Callable[[str, dict], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,9 +109,7 @@ def train_distributed(
     student = backend.load(student_dir, device=env.device, dtype=dtype, trust_remote_code=cfg.student.trust_remote_code)
     offline = None
     if getattr(cfg.kd, "teacher_mode", "online") == "offline":  # issue 13's cache, read by rank
-        from kd.train import _open_teacher_cache
-
-        offline = _open_teacher_cache(cfg, teacher_cache, packed)
+        offline = open_teacher_cache(cfg, teacher_cache, packed)
     teacher = None if offline is not None else backend.load(
         teacher_dir, device=env.device, dtype=dtype, trust_remote_code=cfg.teacher.trust_remote_code)
     if teacher is not None:
@@ -119,12 +118,7 @@ def train_distributed(
     if tc.gradient_checkpointing:
         enable_activation_checkpointing(student)
     shard_teacher = mode == "fsdp" and tc.teacher_sharding == "shard" and teacher is not None
-    if offline is None:
-        objective = _Objective(cfg, student, teacher, alignment, autocast, device_type)
-    else:
-        from kd.train import _OfflineObjective
-
-        objective = _OfflineObjective(cfg, student, offline, alignment, autocast, device_type)
+    objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device_type)
     # kd.on_policy: GKD's objective; each rank samples its own rows' prompts (the seed includes the rank);
     # under FSDP2 generation gathers every layer once and steps the ranks together (synced)
     objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
@@ -145,7 +139,7 @@ def train_distributed(
 
     def probe_loss() -> float:
         if policy is not None:
-            policy.force_off_policy = True  # the probe is the prepared batch, as in kd/train.py
+            policy.force_off_policy = True  # the probe is the prepared batch, as in kd/train/loop.py
         with torch.no_grad():
             loss, _, _, tokens = model(batch(0, 0, 1))
         if policy is not None:
@@ -200,7 +194,7 @@ def train_distributed(
             t_step = time.perf_counter()
             torch.manual_seed(tc.seed * 1_000_003 + step * 1009 + env.rank)
             optimizer.zero_grad(set_to_none=True)
-            # every trained token of the step weighs the same, on every rank (kd/loss_normalization.py);
+            # every trained token of the step weighs the same, on every rank (kd/train/loss_normalization.py);
             # gradients cross ranks once per step, on the last micro-batch
             done_step = run_step([batch(step, micro, tc.grad_accum) for micro in range(tc.grad_accum)],
                                  forward=forward, prepare=prepare if policy is not None else None, world_size=W,

@@ -28,7 +28,7 @@ Mode = Literal["ddp", "fsdp"]
 
 
 class KDModule(nn.Module):
-    """forward(ids) -> (loss, ce, kd, tokens) of kd.train's objective, computed inside the module."""
+    """forward(ids) -> (loss, ce, kd, tokens) of kd.train.objectives' objective, computed inside the module."""
 
     def __init__(self, objective, student: nn.Module, teacher: nn.Module | None, *, shard_teacher: bool):
         super().__init__()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from kd.config import RunConfig
 from kd.errors import ConfigError, TransientError
-from kd.distributed.launch import raise_for_exit, supervise, torchrun_command, worker_env, write_spec
+from kd.train.distributed.launch import raise_for_exit, supervise, torchrun_command, worker_env, write_spec
 from kd.results import VocabAlignment
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -1,4 +1,4 @@
-"""One node of a Kubernetes JobSet training (kd/jobset.py): `python -m kd.distributed.pod CONFIG.json`.
+"""One node of a Kubernetes JobSet training (kd/jobset.py): `python -m kd.train.distributed.pod CONFIG.json`.
 
 Pulls both models (into the shared KDFLOW_HOME / HF_HOME, so the first node downloads and the others
 reuse), checks the vocabularies, writes this node's spec under work_dir/<run>/launch/ and replaces
@@ -17,7 +17,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     from kd.config import RunConfig
-    from kd.distributed.launch import torchrun_command, worker_env, write_spec
+    from kd.train.distributed.launch import torchrun_command, worker_env, write_spec
     from kd.errors import InputError
     from kd.gguf import gguf_dtype
     from kd.hub import pull_model

@@ -1,8 +1,8 @@
-"""torchrun entry point: `python -m torch.distributed.run ... -m kd.distributed.worker SPEC.json`.
+"""torchrun entry point: `python -m torch.distributed.run ... -m kd.train.distributed.worker SPEC.json`.
 
-SPEC.json (written by kd.distributed.launch.write_spec) holds the validated config, the model
+SPEC.json (written by kd.train.distributed.launch.write_spec) holds the validated config, the model
 folders, the vocab alignment and the run folder. Every rank loads the data and both models, joins
-the process group and runs kd.distributed.loop. Rank 0 alone talks on stdout, one line per event,
+the process group and runs kd.train.distributed.loop. Rank 0 alone talks on stdout, one line per event,
 `KDFLOW {"kind": "step"|"log"|"error"|"result", ...}`, which the launcher streams into the Prefect run
 log and progress artifact; it also writes the TrainResult to `spec["result_path"]`.
 
@@ -73,8 +73,8 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     from kd.config import RunConfig
-    from kd.distributed.loop import train_distributed
-    from kd.distributed.runtime import process_group
+    from kd.train.distributed.loop import train_distributed
+    from kd.train.distributed.runtime import process_group
     from kd.errors import InputError
     from kd.results import VocabAlignment
 

@@ -7,13 +7,13 @@
 
 Modules: prompts (prompts from prepared data: chat turns, prompt/completion prompts, text prefixes),
 generation (the Generator seam, the transformers backend, seeds, valid-vocab masking, batch assembly),
-objective (GKD's per-micro-batch on/off-policy draw around kd.train's fused-linear objective).
+objective (GKD's per-micro-batch on/off-policy draw around kd.train.objectives' fused-linear objective).
 """
 
-from kd.on_policy.generation import (GENERATORS, GenerationSettings, Generator, Samples, get_generator,
+from kd.train.on_policy.generation import (GENERATORS, GenerationSettings, Generator, Samples, get_generator,
                                      sample_seed, stop_ids_of)
-from kd.on_policy.objective import OnPolicyObjective, batch_kind
-from kd.on_policy.prompts import prompts_from_batch
+from kd.train.on_policy.objective import OnPolicyObjective, batch_kind
+from kd.train.on_policy.prompts import prompts_from_batch
 
 __all__ = ["GENERATORS", "GenerationSettings", "Generator", "OnPolicyObjective", "Samples", "batch_kind",
            "get_generator", "prompts_from_batch", "sample_seed", "stop_ids_of"]

@@ -3,7 +3,7 @@
     objective = OnPolicyObjective(cfg, base, student, teacher, alignment, fmt="chat", stop_ids=..., pad_id=...)
     objective.at(step, micro)        # before each micro-batch (the draw and the sampling seed depend on it)
     ready = objective.prepare(batch) # the draw and, on-policy, the generation: a `Drawn` batch
-    out = objective(ready, normalizer=n)  # a kd.losses KDLossOutput, as kd.train's objective gives
+    out = objective(ready, normalizer=n)  # a kd.train.losses KDLossOutput, as kd.train.objectives' objectives give
     objective.take_stats()           # generation seconds, new tokens, samples since the last call
 
 With u = Random(seed, step, micro).random(): u < kd.on_policy.fraction -> the student samples
@@ -16,7 +16,7 @@ distributed run takes the same kind of batch at the same time.
 
 The training loops prepare every micro-batch of a step (so generate every completion) before the first
 backward, to count the step's trained tokens: completions of different lengths then weigh per token,
-like prepared tokens (kd/loss_normalization.py says why this order). `objective(batch)` on a plain
+like prepared tokens (kd/train/loss_normalization.py says why this order). `objective(batch)` on a plain
 batch prepares it first (the probe, the tests).
 """
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kd.data.prepared import Batch
-from kd.on_policy.generation import GenerationSettings, get_generator, sample_seed
-from kd.on_policy.prompts import prompts_from_batch
+from kd.train.on_policy.generation import GenerationSettings, get_generator, sample_seed
+from kd.train.on_policy.prompts import prompts_from_batch
 
 KINDS = ("off_policy", "on_policy", "seq_kd")
 
@@ -53,7 +53,7 @@ def batch_kind(op, seed: int, step: int, micro: int) -> str:
 class OnPolicyObjective:
     def __init__(self, cfg, base, make_objective, student, teacher, alignment, *, fmt: str, stop_ids: set[int],
                  pad_id: int, autocast: bool, rank: int = 0, synced: bool = False):
-        """`base`: kd.train's objective for prepared batches; `make_objective(cfg)` builds the same objective
+        """`base`: kd.train.objectives' objective for prepared batches; `make_objective(cfg)` builds the same objective
         for another config (here: the generated batches' divergence, temperature and alpha 0)."""
         op = cfg.kd.on_policy
         self.cfg, self.op, self.base, self.student, self.teacher = cfg, op, base, student, teacher
@@ -124,7 +124,7 @@ def wrap_objective(cfg, objective, make_objective, student, teacher, alignment, 
 
         raise ConfigError("kd.on_policy.fraction / kd.on_policy.seq_kd: generated completions need the teacher "
                           "online; kd.teacher_mode: offline has only a cache of the prepared tokens")
-    from kd.on_policy.generation import stop_ids_of
+    from kd.train.on_policy.generation import stop_ids_of
 
     stops = stop_ids_of(student_dir)
     fmt = getattr(packed, "manifest", {}).get("format", "text")

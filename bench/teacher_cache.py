@@ -174,6 +174,7 @@ def main() -> None:
     from kd.data import open_prepared, prepare_data
     from kd.hub import pull_model
     from kd.teacher_cache.step import cache_teacher_logits
+    from kd.train.loop import resolve_device
     from kd.vocab import align_vocab
 
     torch.set_num_threads(args.threads)
@@ -200,7 +201,7 @@ def main() -> None:
     for k in (64,):  # one build: teacher time dominates, k changes only the (measured) encode and bytes
         c = _config(tmp, teacher_dir, student_dir, "offline", args.steps, args.seq_len, args.batch)
         c = c.model_copy(update={"kd": c.kd.model_copy(update={"top_k": k})})
-        builds[k] = cache_teacher_logits(c, snap, alignment, prepared, "bench")
+        builds[k] = cache_teacher_logits(c, snap, alignment, prepared, "bench", device=resolve_device(c)[0])
         print(f"cache k={k}: {builds[k].tokens} tokens, {builds[k].build_tokens_per_s:.0f} tok/s", flush=True)
 
     runs = []

@@ -1,7 +1,7 @@
 """The `kd-train-node` flow: one node of a multi-node training (`train.rendezvous.nnodes = M > 1`).
 
 The `train_student` task starts M runs of this flow's deployment (`orchestration.node_deployment`, default
-`kd-train-node/gpu`) against one rendezvous and watches them as one job: tasks/multinode.py. Each run
+`kd-train-node/gpu`) against one rendezvous and watches them as one job: tasks/train.py. Each run
 pulls the models where this node does not see them and runs torchrun for its node
 (kd.train.distributed.nodes.run_node).
 """

@@ -22,8 +22,7 @@ from prefect import flow
 from kd.config import RunConfig
 from kd.errors import InputError
 from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, TrainResult, VocabAlignment
-from tasks.multinode import child_exception
-from tasks.train import train_student_task
+from tasks.train import child_exception, train_student_task
 
 POLL_S = 2.0  # how often the parent asks the server whether the child has finished
 

@@ -26,7 +26,7 @@ from kd.evaluate.step import evaluate_baselines as baselines_of, evaluate_studen
 from kd.hashing import code_version
 from kd.results import BaselineEval, EvalReport, ModelSnapshot, PreparedData, TrainResult, VocabAlignment
 from kd.samples import samples_markdown
-from kd.device import resolve_device
+from kd.train.loop import resolve_device
 from tasks import artifacts
 from tasks.policy import content_key, provenance, retry_transient
 

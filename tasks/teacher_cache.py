@@ -18,6 +18,7 @@ from kd.results import ModelSnapshot, PreparedData, TeacherCacheResult, VocabAli
 from kd.teacher_cache.step import cache_problems, cache_root, identity_for
 from kd.teacher_cache.step import cache_teacher_logits as build_cache
 from kd.teacher_cache.store import cache_key
+from kd.train.loop import resolve_device
 from tasks.policy import content_key, fresh_key, provenance, retry_transient
 
 STEP = "cache_teacher_logits"
@@ -56,8 +57,8 @@ def cache_teacher_logits_task(config: RunConfig, teacher: ModelSnapshot, alignme
         seen[0] += info["blocks"]
         update_progress_artifact(progress, progress=min(100.0, 100.0 * seen[0] / total))
 
-    result = build_cache(config, teacher, alignment, prepared, run_name, produced_by=provenance(run_name),
-                         on_shard=on_shard)
+    result = build_cache(config, teacher, alignment, prepared, run_name, device=resolve_device(config)[0],
+                         produced_by=provenance(run_name), on_shard=on_shard)
     update_progress_artifact(progress, progress=100.0)
     cache_artifact(result)
     return result

@@ -40,7 +40,7 @@ def _patch(on_policy: bool) -> dict:
     turn of each row as its prompt, so the same global batch generates the same completions however it
     is split (the test is about normalization, not sampling). Returns the recorded gradients."""
     import backends.hf
-    import kd.train.on_policy.objective as objective
+    import kd.train.objectives as objective
     from kd.train.on_policy.generation import Samples
     from kd.train.on_policy.prompts import row_candidates
 
@@ -126,7 +126,7 @@ def _distributed(chat, run_dir: Path, overrides: list[str], on_policy: bool) -> 
 def _single(chat, run_dir: Path, overrides: list[str], on_policy: bool) -> dict:
     """train_student in this process with the patches, undone afterwards."""
     import backends.hf
-    import kd.train.on_policy.objective as objective
+    import kd.train.objectives as objective
     from kd.config import load_config
     from kd.data import open_prepared
     from kd.train.loop import train_student

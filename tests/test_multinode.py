@@ -348,7 +348,7 @@ def test_cancelling_the_step_cancels_every_node_run(node_pool, tiny_pair, tmp_pa
     torchrun and the ranks."""
     from prefect import flow
 
-    from tasks.multinode import train_multinode
+    from tasks.train import train_multinode
     from kd.hub import pull_model
     from kd.vocab import align_vocab
     from tests.prefect_helpers import flow_run
@@ -369,7 +369,7 @@ def test_cancelling_the_step_cancels_every_node_run(node_pool, tiny_pair, tmp_pa
     def cancel_flow():
         return train_multinode(cfg, teacher, student, alignment, "cancel", None, None, run_dir, on_event)
 
-    import tasks.multinode as mn
+    import tasks.train as mn
 
     seen_runs: list = []
     real = mn.stop_node_runs

@@ -88,7 +88,7 @@ def test_stopping_cancels_node_runs_and_forces_those_no_worker_answers(prefect_s
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running, Scheduled
 
-    from tasks.multinode import stop_node_runs
+    from tasks.train import stop_node_runs
 
     @flow(name="e19-node-probe")
     def probe():

@@ -15,7 +15,8 @@ import torch
 from backends import get_backend
 from kd.config import load_config
 from kd.data import IGNORE, Batch, pack_dataset
-from kd.train.on_policy import GenerationSettings, batch_kind, get_generator, prompts_from_batch, stop_ids_of
+from kd.train.objectives import batch_kind
+from kd.train.on_policy import GenerationSettings, get_generator, prompts_from_batch, stop_ids_of
 from kd.train.on_policy.generation import Samples
 from kd.train.loop import train_student
 from kd.train.objectives import OnlineObjective

@@ -7,7 +7,7 @@
 The walk follows the pydantic models of kd/evidence/manifest.py (Manifest -> EvalReport -> OnSampleReport -> ...),
 so a field added to the manifest can rank trials without this module changing. `config` is walked as
 the RunConfig it holds; maps typed `dict[str, float]` take any key; a field typed as a bare `dict`
-(training.on_policy: kd/train/on_policy/objective.py writes it) takes any sub-path, as its keys are not in
+(training.on_policy: kd/train/objectives.py writes it) takes any sub-path, as its keys are not in
 the schema. Lists (falsifiers, benchmark scores) have no dotted path: benchmark scores are ranked with
 the `benchmarks.<task>[.<metric>]` shorthand instead.
 """

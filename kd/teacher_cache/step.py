@@ -1,7 +1,7 @@
 """The `cache_teacher_logits` DAG step and the offline side of training, on kdflow's own types.
 
-    result = cache_teacher_logits(cfg, teacher_snapshot, alignment, prepared, run_name)   # tasks/teacher_cache.py
-    reader = open_for_training(cfg, result, prepared_set)     # kd/train/loop.py, offline mode: verified, bound
+    result = cache_teacher_logits(cfg, teacher_snapshot, alignment, prepared, run_name, device="cpu")
+    reader = open_for_training(cfg, result, prepared_set)     # kd/train/objectives.py, offline mode: verified, bound
 
 The cache is a function of the teacher's content, the tokenizer and prepared data (their hashes), k, the
 encoding and the temperature (`kd.temperature` is the cache temperature): never of alpha, lr, steps or
@@ -58,18 +58,17 @@ def _summary_to_result(summary: dict, identity: dict, spec: TopKSpec, manifest: 
 
 
 def cache_teacher_logits(cfg: RunConfig, teacher: ModelSnapshot, alignment: VocabAlignment, prepared: PreparedData,
-                         run_name: str, *, produced_by=None, on_shard=None) -> TeacherCacheResult:
+                         run_name: str, *, device: str, produced_by=None, on_shard=None) -> TeacherCacheResult:
     """Make sure the cache for these inputs exists, is complete and verifies; build, resume or repair it
-    (loading the teacher only then); return where it is and how it was obtained."""
+    (loading the teacher on `device` only then: the training's, kd.train.loop.resolve_device); return where it
+    is and how it was obtained."""
     from backends import get_backend
     from kd.data import open_prepared
-    from kd.device import resolve_device
 
     spec = spec_for(cfg, alignment)
     identity = identity_for(cfg, teacher, alignment, prepared)
     folder = cache_folder(cache_root(cfg), identity)
     ps = open_prepared(prepared.path)
-    device, _, _ = resolve_device(cfg)
 
     def load_teacher():
         backend = get_backend("hf")

@@ -31,17 +31,29 @@ from tqdm.auto import tqdm
 from backends import get_backend
 from kd.config import RunConfig
 from kd.data import PackedData, train_batch
-from kd.device import resolve_device
+from kd.errors import ConfigError
 from kd.hashing import hash_dir
 from kd.results import TeacherCacheResult, TrainResult, VocabAlignment
 from kd.rng import PROCESS_RNG_LOCK, RunRNG
 from kd.train import loss_normalization
 from kd.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-from kd.train.objectives import make_objective, on_policy_objective, open_teacher_cache
-from kd.train.on_policy.objective import generation_row, on_policy_summary
+from kd.train.objectives import (generation_row, make_objective, on_policy_objective, on_policy_summary,
+                                 open_teacher_cache)
 
 HELDOUT_FILE = "heldout.safetensors"
 StepCallback = Callable[[dict], None]
+
+
+def resolve_device(cfg: RunConfig) -> tuple[str, torch.dtype, bool]:
+    """(device, weight dtype, use bf16 autocast) from train.device / train.dtype."""
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but torch.cuda.is_available() is False")
+    device = "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+    # bf16 autocast runs on CPU too (slower there, but CI exercises the bf16 code paths); auto = CUDA only
+    autocast = cfg.train.dtype == "bfloat16" or (device == "cuda" and cfg.train.dtype == "auto")
+    weights = torch.bfloat16 if cfg.train.param_dtype == "bfloat16" else torch.float32  # train.param_dtype
+    return device, weights, autocast
 
 
 def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:

@@ -21,7 +21,7 @@ also make one long answer weigh as much as one short reply, and its value would 
 packer cuts documents into blocks.
 
 N is known before any backward pass: a pre-pass prepares every micro-batch of the step (on-policy:
-draws its kind and generates its completions, see kd/train/on_policy/objective.py), counts its labels and,
+draws its kind and generates its completions, see kd/train/objectives.py), counts its labels and,
 across ranks, all-reduces the count; then each micro-batch's loss is its token sum / N (the losses take
 `normalizer=N`, kd/train/losses.py), and their sum over micro-batches and ranks is the step's loss. Generated
 batches are completed before the first backward: the student's weights do not change within a step and

@@ -42,8 +42,8 @@ from kd.hashing import hash_dir
 from kd.train.loss_normalization import NORMALIZATION, run_step
 from kd.results import TrainResult, VocabAlignment
 from kd.train.loop import HELDOUT_FILE, lr_lambda, seed_everything, setup_log, trim_metrics
-from kd.train.objectives import make_objective, on_policy_objective, open_teacher_cache
-from kd.train.on_policy.objective import generation_row, on_policy_summary
+from kd.train.objectives import (generation_row, make_objective, on_policy_objective, on_policy_summary,
+                                 open_teacher_cache)
 
 Emit = Callable[[str, dict], None]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

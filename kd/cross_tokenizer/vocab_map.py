@@ -88,7 +88,7 @@ class Projection:
     def matrix_t(self, dtype=torch.float32, device=None) -> torch.Tensor:
         idx = torch.as_tensor(self.indices[::-1].copy(), device=device)
         return torch.sparse_coo_tensor(idx, torch.as_tensor(self.values, dtype=dtype, device=device),
-                                       (self.teacher_size, self.student_size)).coalesce()
+                                       (self.teacher_size, self.student_size), check_invariants=True).coalesce()
 
 
 def _weights(n: int, decay: float) -> list[float]:

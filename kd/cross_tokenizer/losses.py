@@ -1,0 +1,230 @@
+"""Cross-tokenizer KD losses on byte-aligned groups, chunked: ULD, the exact-match hybrid, the projection KL.
+
+    cfg = CrossTokenizerLoss(kind="projection", top_k=64)
+    out = cross_tokenizer_kd_loss(Side(s_hidden, s_weight, s_ids, s_bounds), Side(t_hidden, t_weight, t_ids,
+                                  t_bounds), cfg, alpha=0.3, temperature=4.0, projection=proj)  # or vocab_map=
+    out.loss.backward(); out.ce, out.kd, out.tokens  (tokens = groups counted)
+
+Per group g (align.py) each side's distributions merge by the chain rule (merge.py) into a measure over its
+own vocabulary: m_s (student, Vs entries) and m_t (teacher, Vt), at temperature T. The objective, like
+kd/train/losses.py's (Hinton et al. 2015), is
+
+    L = alpha * mean_{student tokens} CE  +  (1 - alpha) * T^2 * mean_{groups} D(m_t, m_s)
+
+with D by `kind`:
+- `uld`: Universal Logit Distillation (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the
+  Universal Logit Distillation Loss for LLMs", eq. 3-4): sort both measures in descending order, zero-pad the
+  shorter, L1 = the closed-form Wasserstein-1 distance under their uniform-cost assumption. Blind to which
+  token is which (a permutation costs nothing); symmetric; at most 2. Taken as in the paper and TRL GOLD.
+- `hybrid`: TRL GOLD's `_compute_hybrid_uld_loss`: on vocabulary entries that stand for the same bytes
+  (vocab_map.exact_matches; GOLD pairs strings, here bytes, so SentencePiece "▁the" meets byte-level
+  "Ġthe"), the divergence `divergence` (forward KL / reverse KL / JSD_beta, kd/train/losses.py's conventions);
+  on the rest, ULD. Weights: GOLD's adaptive matched share of the teacher's vocabulary (w_m = M / Vt,
+  w_u = 1 - w_m) unless `matched_weight` is given. Departure from GOLD: the divergences are the *generalized*
+  ones for measures that need not sum to 1 (KL(p||q) = sum p log(p/q) - p + q; for JSD the extra terms cancel):
+  merged measures and their matched parts do not sum to 1, and the plain formula can go negative on them.
+  Both are equal when p and q sum to 1.
+- `projection`: X-Token (NVIDIA 2026; NeMo RL `xtoken_off_policy_distillation`): the student measure is
+  projected into the teacher's vocabulary through the sparse re-tokenization matrix (vocab_map.build_projection:
+  q = m_s W), then forward KL over the teacher's top-k entries plus one tail bucket (the teacher's mass off its
+  top-k against the projected mass off it), generalized as above. With k = Vt it is the full forward KL; with
+  k < Vt a lower bound (data-processing inequality), like kd.train.losses.SPARSE_EXACTNESS. The projected q can be
+  0 where the teacher is not; log q is floored at 1e-30 there (X-Token adds an epsilon too).
+
+Chunking (DESIGN: no (tokens, vocab) logits on either side): realized-token log-probs come from merge.py
+(chunked); group distributions are computed `chunk_size` groups at a time from the hidden rows at each
+group's first token, inside activation checkpointing, so a chunk's (g, V) logits, sorts and projections are
+alive only while that chunk runs (forward) or is recomputed (backward; the teacher's logits too, under
+no_grad, instead of being stored). The teacher's top-k and tail come from kd.train.losses.sparse_teacher_targets.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.checkpoint import checkpoint
+
+from kd.cross_tokenizer.merge import compute_dtype, group_index, later_token_sums, realized_logprobs
+from kd.cross_tokenizer.vocab_map import Projection, VocabMap
+from kd.train.losses import DIVERGENCES, KDLossOutput, sparse_teacher_targets
+
+KINDS = ("uld", "hybrid", "projection")
+_LOG_FLOOR = math.log(1e-30)
+
+
+class CrossTokenizerLoss(BaseModel):
+    """The cross-tokenizer objective (to become `kd.cross_tokenizer` in RunConfig once training is restructured)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["uld", "hybrid", "projection"] = Field(
+        "projection", description="uld: sorted L1 (Boizard et al. 2024); hybrid: divergence on byte-identical "
+        "vocabulary entries + ULD on the rest (TRL GOLD); projection: student projected into the teacher's "
+        "vocabulary by re-tokenization, forward KL over the teacher's top-k (X-Token, +3.8 points over GOLD).")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="hybrid only: the divergence on matched entries (kd.train.losses conventions)")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD_beta's beta (hybrid with divergence=jsd)")
+    matched_weight: float | None = Field(
+        None, ge=0.0, le=1.0, description="hybrid: weight of the matched part (the rest gets 1 - it); "
+        "None = GOLD's adaptive share of matched teacher vocabulary")
+    top_k: int = Field(64, ge=1, description="projection: teacher entries compared one by one (the rest is one bucket)")
+    chunk_size: int = Field(32, ge=1, description="groups whose (g, V) distributions are computed at a time")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of one sequence. hidden (N, H): row j predicts ids[j]; weight (V, H) the output matrix (cut to
+    the tokenizer's rows if the model pads); bounds (G+1,) group boundaries over the N tokens (align.py)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    ids: torch.Tensor
+    bounds: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------- pure pieces
+
+
+def uld_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """ULD (Boizard et al. 2024): p (..., Vp), q (..., Vq) non-negative -> (...) L1 between the two sorted in
+    descending order, the shorter zero-padded (computed without materializing the padding)."""
+    a = p.sort(dim=-1, descending=True).values
+    b = q.sort(dim=-1, descending=True).values
+    m = min(a.shape[-1], b.shape[-1])
+    return (a[..., :m] - b[..., :m]).abs().sum(-1) + a[..., m:].sum(-1) + b[..., m:].sum(-1)
+
+
+def _xlogy_ratio(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """p * (lp - lq), 0 where p = 0 (so -inf log-measures do not give nan)."""
+    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
+
+
+def generalized_divergence(lt: torch.Tensor, ls: torch.Tensor, divergence: str, beta: float = 0.5) -> torch.Tensor:
+    """lt, ls (..., M) log-measures of teacher p and student q (need not sum to 1) -> (...) D(p, q):
+    forward_kl sum p log(p/q) - p + q; reverse_kl the same with p, q swapped; jsd (Agarwal et al. 2024, GKD)
+    beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q, beta = 0 / 1 being forward / reverse KL as in
+    kd.train.losses. Equal to kd.train.losses' divergences when p and q sum to 1."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    p, q = lt.exp(), ls.exp()
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return (_xlogy_ratio(p, lt, ls) - p + q).sum(-1)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return (_xlogy_ratio(q, ls, lt) - q + p).sum(-1)
+    lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log1p(-beta)]), dim=0)
+    return beta * _xlogy_ratio(p, lt, lm).sum(-1) + (1.0 - beta) * _xlogy_ratio(q, ls, lm).sum(-1)
+
+
+def hybrid_distance(lt: torch.Tensor, ls: torch.Tensor, t_matched: torch.Tensor, s_matched: torch.Tensor,
+                    *, divergence: str, beta: float, matched_weight: float) -> torch.Tensor:
+    """lt (g, Vt), ls (g, Vs) log-measures; t_matched[m] and s_matched[m] the same bytes -> (g,) TRL GOLD's hybrid:
+    matched_weight * D(matched entries) + (1 - matched_weight) * ULD(all other entries)."""
+    d = generalized_divergence(lt[:, t_matched], ls[:, s_matched], divergence, beta)
+    t_rest = torch.ones(lt.shape[1], dtype=torch.bool, device=lt.device)
+    s_rest = torch.ones(ls.shape[1], dtype=torch.bool, device=ls.device)
+    t_rest[t_matched], s_rest[s_matched] = False, False
+    if matched_weight == 1.0:
+        return d
+    return matched_weight * d + (1.0 - matched_weight) * uld_distance(lt[:, t_rest].exp(), ls[:, s_rest].exp())
+
+
+def projection_distance(lt_ids: torch.Tensor, lt_top: torch.Tensor, lt_tail: torch.Tensor, ls: torch.Tensor,
+                        proj_t: torch.Tensor) -> torch.Tensor:
+    """Teacher top-k (ids (g, k), log-measure (g, k), log tail (g,)), student log-measure ls (g, Vs), proj_t the
+    (Vt, Vs) sparse projection transposed -> (g,) generalized forward KL over the k + 1 buckets (X-Token)."""
+    q = torch.sparse.mm(proj_t, ls.exp().t()).t()  # (g, Vt): the student measure in the teacher's vocabulary
+    q_top = q.gather(1, lt_ids)
+    q_tail = (q.sum(-1) - q_top.sum(-1)).clamp_min(0.0)
+    lq = torch.cat([q_top, q_tail.unsqueeze(1)], dim=1).clamp_min(1e-30).log().clamp_min(_LOG_FLOOR)
+    lp = torch.cat([lt_top, lt_tail.unsqueeze(1)], dim=1)
+    p = lp.exp()
+    return (_xlogy_ratio(p, lp, lq) - p + lq.exp()).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------- chunked loss
+
+
+def _group_chunk(hs, ws, bs, s_later, ht, wt, bt, t_later, *, temperature, cfg, t_matched, s_matched,
+                 matched_weight, proj_t):
+    """(g,) divergence for one chunk of groups; run under checkpoint (recomputed in backward)."""
+    dt = compute_dtype(hs)
+    ls = F.log_softmax(F.linear(hs.to(dt), ws.to(dt), None if bs is None else bs.to(dt)) / temperature, -1)
+    ls = ls + s_later.unsqueeze(1)
+    with torch.no_grad():
+        zt = F.linear(ht.to(dt), wt.to(dt), None if bt is None else bt.to(dt))
+        if cfg.kind == "projection":
+            ids, top, tail = sparse_teacher_targets(zt, cfg.top_k, temperature)
+        else:
+            lt = F.log_softmax(zt / temperature, -1) + t_later.unsqueeze(1)
+    if cfg.kind == "projection":  # the student's side outside no_grad: its gradient is the point
+        return projection_distance(ids, top + t_later.unsqueeze(1), tail + t_later, ls, proj_t)
+    if cfg.kind == "uld":
+        return uld_distance(lt.exp(), ls.exp())
+    return hybrid_distance(lt, ls, t_matched, s_matched, divergence=cfg.divergence, beta=cfg.beta,
+                           matched_weight=matched_weight)
+
+
+def cross_tokenizer_kd_loss(student: Side, teacher: Side, cfg: CrossTokenizerLoss, *, alpha: float,
+                            temperature: float, vocab_map: VocabMap | None = None,
+                            projection: Projection | None = None, group_mask: torch.Tensor | None = None,
+                            normalizer: float | None = None) -> KDLossOutput:
+    """alpha * CE(student) + (1 - alpha) * T^2 * D over aligned groups (module docstring for D by cfg.kind).
+
+    student/teacher: Side with the same number of groups G; group_mask (G,) bool: groups that count (the CE
+    counts the student tokens of those groups). The sums are divided by the counted groups (D) and student
+    tokens (CE), or both by `normalizer`. No counted group: loss 0 with zero gradients. `vocab_map` is needed
+    for kind=hybrid, `projection` for kind=projection."""
+    if not 0.0 <= alpha <= 1.0 or not temperature > 0:
+        raise ValueError(f"alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
+    g_total = len(student.bounds) - 1
+    if len(teacher.bounds) - 1 != g_total:
+        raise ValueError(f"student has {g_total} groups, teacher {len(teacher.bounds) - 1}")
+    sb, tb = student.bounds.long(), teacher.bounds.long()
+    keep = torch.ones(g_total, dtype=torch.bool, device=sb.device) if group_mask is None else group_mask.bool()
+    extra: dict = {"t_matched": None, "s_matched": None, "matched_weight": 1.0, "proj_t": None}
+    if cfg.kind == "hybrid":
+        if vocab_map is None:
+            raise ValueError("kind=hybrid needs vocab_map (kd.cross_tokenizer.vocab_map.exact_matches)")
+        extra.update(t_matched=torch.as_tensor(vocab_map.teacher_ids, device=sb.device),
+                     s_matched=torch.as_tensor(vocab_map.student_ids, device=sb.device),
+                     matched_weight=vocab_map.share if cfg.matched_weight is None else cfg.matched_weight)
+    elif cfg.kind == "projection":
+        if projection is None:
+            raise ValueError("kind=projection needs projection (kd.cross_tokenizer.vocab_map.build_projection)")
+        extra["proj_t"] = projection.matrix_t(compute_dtype(student.hidden), student.hidden.device)
+
+    s_lp, s_lp1 = realized_logprobs(student.hidden, student.weight, student.ids, temperature=temperature,
+                                    bias=student.bias)
+    with torch.no_grad():
+        t_lp, _ = realized_logprobs(teacher.hidden.detach(), teacher.weight.detach(), teacher.ids,
+                                    temperature=temperature, bias=None if teacher.bias is None else teacher.bias.detach())
+    s_later, t_later = later_token_sums(s_lp, sb), later_token_sums(t_lp, tb)
+
+    groups = keep.nonzero().squeeze(1)
+    n_groups = int(groups.numel())
+    token_keep = keep[group_index(sb)] if len(student.ids) else keep.new_zeros(0)
+    n_tokens = int(token_keep.sum())
+    if n_groups == 0:
+        zero = s_lp.sum() * 0.0
+        return KDLossOutput(loss=zero, ce=zero.detach(), kd=zero.detach(), tokens=0)
+    ce_sum = -(s_lp1 * token_keep).sum()
+    fn = functools.partial(_group_chunk, temperature=temperature, cfg=cfg, **extra)
+    d_parts = []
+    ht_all, wt, bt = teacher.hidden.detach(), teacher.weight.detach(), None if teacher.bias is None else teacher.bias.detach()
+    for c in range(0, n_groups, cfg.chunk_size):
+        g = groups[c:c + cfg.chunk_size]
+        args = (student.hidden.index_select(0, sb[g]), student.weight, student.bias, s_later[g],
+                ht_all.index_select(0, tb[g]), wt, bt, t_later[g])
+        grad = torch.is_grad_enabled() and (student.hidden.requires_grad or student.weight.requires_grad)
+        d_parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    d_sum = torch.cat(d_parts).sum()
+    d_den = float(n_groups) if normalizer is None else float(normalizer)
+    ce_den = float(max(n_tokens, 1)) if normalizer is None else float(normalizer)
+    loss = alpha * ce_sum / ce_den + (1.0 - alpha) * temperature**2 * d_sum / d_den
+    return KDLossOutput(loss=loss, ce=ce_sum.detach() / ce_den, kd=d_sum.detach() / d_den, tokens=n_groups)

@@ -9,6 +9,7 @@ STAMP   := $(VENV)/.installed
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
+export NO_MKDOCS_2_WARNING := 1  # mkdocs-material's notice about its successor, printed on every build
 
 .PHONY: smoke test tokenizers docs bench bench-orchestration bench-sweep up down clean lock
 

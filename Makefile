@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export NO_MKDOCS_2_WARNING := 1  # mkdocs-material's notice about its successor, printed on every build
 
-.PHONY: smoke test tokenizers docs bench bench-orchestration bench-sweep up down clean lock
+.PHONY: smoke test tokenizers docs bench bench-orchestration bench-sweep up down clean lock vllm-venv lock-vllm
 
 $(STAMP): pyproject.toml requirements.lock requirements-models.lock
 	$(PY) -m venv $(VENV)
@@ -73,6 +73,30 @@ lock:
 	$(LOCKENV)/bin/pip-compile --quiet --extra dev --generate-hashes --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -c constraints-cpu.txt -o requirements.lock pyproject.toml
 
+# The teacher's inference engine (issue 29): vLLM in a venv of its own, never mixed with kdflow's (.venv): it pins
+# transformers < 5.20 and its own server stack. From requirements-vllm.lock, hash-checked and --no-deps like the main
+# lock; torch is the same 2.13.0 CPU wheel. torchvision/torchaudio/torchcodec are left out on purpose (their registry
+# wheels fail against the CPU torch: `operator torchvision::nms does not exist`); vLLM serves text models without them.
+# ~3.5 GB. kdflow runs `.venv-vllm/bin/vllm serve` for `teacher.server.launch: vllm` (kd/teacher_server/launch.py).
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): requirements-vllm.lock
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --require-hashes --no-deps -r requirements-vllm.lock
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm-venv: $(VLLM_STAMP)
+
+# Re-resolve requirements-vllm.lock from requirements-vllm.in, then cut the three torch media packages out of it
+# (pip-compile's --unsafe-package does not drop them).
+lock-vllm:
+	test -x $(LOCKENV)/bin/pip-compile || { $(PY) -m venv $(LOCKENV) && $(LOCKENV)/bin/pip install -q pip-tools==7.6.2; }
+	$(LOCKENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		-c constraints-cpu.txt -o requirements-vllm.lock requirements-vllm.in
+	awk '/^torch(vision|audio|codec)==/{skip=1; next} skip && /^[^ ]/{skip=0} !skip' requirements-vllm.lock > requirements-vllm.lock.tmp
+	mv requirements-vllm.lock.tmp requirements-vllm.lock
+
 clean:
 	-deploy/local.sh down
-	rm -rf $(VENV) runs .kdflow
+	rm -rf $(VENV) $(VLLM_VENV) runs .kdflow

@@ -5,6 +5,7 @@ losses against a dense float64 reference (values and gradients)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from kd.cross_tokenizer.losses import (
 from kd.cross_tokenizer.merge import group_text_logprob, later_token_sums, realized_logprobs
 from kd.cross_tokenizer.vocab_files import TEACHER
 from tests.cross_tokenizer_pairs import STUDENTS, all_pairs
-from kd.cross_tokenizer.vocab_map import build_projection, exact_matches
+from kd.cross_tokenizer.vocab_map import build_projection, exact_matches, matched_mass
 from kd.train.losses import kd_loss_reference
 
 TEXT = ("<|im_start|>user\nWhat is 12345678 + 90? 😀 中文字符  \t\n\n<|im_end|>\n<|im_start|>assistant\n"
@@ -150,6 +151,25 @@ def test_chunked_loss_equals_dense_reference(pairs, projections, student, kind):
     torch.testing.assert_close(g_h, s.hidden.grad, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(g_w, s.weight.grad, rtol=1e-7, atol=1e-9)
     assert out.tokens == len(s.bounds) - 1 and torch.isfinite(out.kd)
+
+
+@pytest.mark.parametrize("student", STUDENTS)
+def test_vocab_map_shares_and_matched_mass(pairs, student):
+    """Exact matches pair equal bytes one-to-one; the teacher's mass on matched ids is in [0, 1] and 1 for a
+    distribution on matched ids only."""
+    pair = pairs[student]
+    vmap = exact_matches(pair.teacher_bytes, pair.student_bytes)
+    assert len(set(vmap.teacher_ids.tolist())) == len(vmap.teacher_ids) == len(set(vmap.student_ids.tolist()))
+    for t, s in zip(vmap.teacher_ids[::997].tolist(), vmap.student_ids[::997].tolist()):
+        assert pair.teacher_bytes.pieces[t] == pair.student_bytes.pieces[s]
+    stats = vmap.as_dict()
+    assert 0.3 < stats["teacher_share"] < 1.0 and stats["matched"] == len(vmap.teacher_ids)
+    lt = torch.log_softmax(torch.randn(4, len(pair.teacher_bytes), dtype=f64), -1)
+    mass = matched_mass(lt, vmap)
+    assert ((mass > 0) & (mass < 1)).all()
+    only = torch.full_like(lt[:1], float("-inf"))
+    only[0, vmap.teacher_ids[:3]] = math.log(1 / 3)
+    torch.testing.assert_close(matched_mass(only, vmap), torch.ones(1, dtype=f64))
 
 
 def test_all_masked_groups_give_zero(pairs):

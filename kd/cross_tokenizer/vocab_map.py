@@ -2,6 +2,7 @@
 
     vmap = exact_matches(pair.teacher_bytes, pair.student_bytes)   # VocabMap: paired ids, share of the teacher's
     proj = build_projection(pair, decay=0.0, max_tokens=4)         # Projection: (Vs -> Vt) sparse weights
+    matched_mass(teacher_logprobs, vmap)                           # (n,) teacher probability on matched ids
 
 **Exact matches** (the hybrid loss's matched set, TRL GOLD's `_initialize_vocabulary_mapping`): GOLD pairs
 tokens whose *vocabulary strings* are equal, which never pairs a byte-level "Ġthe" with a SentencePiece
@@ -49,6 +50,19 @@ class VocabMap:
     def share(self) -> float:
         """Matched share of the teacher's vocabulary (GOLD's adaptive weight for the matched part)."""
         return len(self.teacher_ids) / max(self.teacher_size, 1)
+
+    def as_dict(self) -> dict:
+        """What the vocab step reports: matched pairs and their share of each vocabulary."""
+        m = len(self.teacher_ids)
+        return {"matched": m, "teacher_vocab": self.teacher_size, "student_vocab": self.student_size,
+                "teacher_share": self.share, "student_share": m / max(self.student_size, 1)}
+
+
+def matched_mass(teacher_logprobs: torch.Tensor, vmap: VocabMap) -> torch.Tensor:
+    """(n, Vt) teacher log-probs -> (n,) the probability the teacher puts on ids with an exact student match:
+    where it is low the hybrid loss leans on ULD (issue 30 item 1 reports its mean on the prepared data)."""
+    ids = torch.as_tensor(vmap.teacher_ids, device=teacher_logprobs.device)
+    return torch.logsumexp(teacher_logprobs[:, ids], dim=-1).exp()
 
 
 def _keyed(table: TokenBytes) -> dict[tuple[bool, bytes], list[int]]:

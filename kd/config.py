@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd.errors import ConfigError
+from kd.teacher_server.config import TeacherServerConfig
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 
@@ -118,6 +119,10 @@ class ModelRef(_Part):
     init: ModelInit | None = Field(
         None, description="Students only: build this model from the teacher instead of pulling one "
         "(`repo` must then be `from-teacher`).",
+    )
+    server: TeacherServerConfig | None = Field(
+        None, description="Teacher only: the teacher served by an inference engine (vLLM): `url` of a running "
+        "one or `launch: vllm`; the cache step asks it for top-k log-probs (kd/teacher_server/).",
     )
 
     @property
@@ -623,6 +628,8 @@ class RunConfig(_Part):
                              "(ddp or fsdp): several nodes train one model with torchrun")
         if self.teacher.init is not None:
             raise ValueError("teacher.init: only the student can be built from the teacher")
+        if self.student.server is not None:
+            raise ValueError("student.server: only the teacher can be served by an inference engine")
         return self
 
 

@@ -77,12 +77,15 @@ def build_teacher_cache(
     chunk_size: int = 256,
     blocks_per_shard: int | None = None,
     on_shard: Callable[[dict], None] | None = None,
+    source: dict | None = None,
 ) -> dict:
     """Make `folder` a complete cache of `splits` ({name: kd.data.Split or (blocks, T) int64 tensor}); returns:
     status (built | resumed | repaired | reused), shards_built, teacher_forwards, tokens, bytes, build rates.
 
     `load_teacher()` -> (model, backend with hidden_states/output_head). `on_shard(info)` runs after each
-    shard is on disk (progress; tests use it to simulate a crash)."""
+    shard is on disk (progress; tests use it to simulate a crash). A teacher computed elsewhere: load_teacher()
+    -> (targets, None), targets(ids, position_ids) -> what teacher_targets gives (kd/teacher_cache/from_server.py);
+    `source` (what computed them) goes into the manifest once it is loaded."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plan = _plan_splits(splits, spec, blocks_per_shard)
@@ -125,12 +128,17 @@ def build_teacher_cache(
     for name, shard in todo:
         if teacher is None:
             teacher, backend = load_teacher()
+            if source is not None:
+                m["source"] = source
         first, count = shard["first_block"], shard["blocks"]
         parts = []
         for s in range(first, first + count, batch_size):
             ids, pos = read_blocks(splits[name], s, min(s + batch_size, first + count))
-            tid, lp, tail = teacher_targets(teacher, backend, ids, spec, temperature=temperature,
-                                            rows_kept=rows_kept, chunk_size=chunk_size, position_ids=pos)
+            if backend is None:  # a served teacher: `teacher` is its targets function
+                tid, lp, tail = teacher(ids, pos)
+            else:
+                tid, lp, tail = teacher_targets(teacher, backend, ids, spec, temperature=temperature,
+                                                rows_kept=rows_kept, chunk_size=chunk_size, position_ids=pos)
             forwards += 1
             parts.append(encode(tid, lp, tail, spec))
         arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}

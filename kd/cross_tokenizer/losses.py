@@ -31,16 +31,17 @@ with D by `kind`:
   k < Vt a lower bound (data-processing inequality), like kd.train.losses.SPARSE_EXACTNESS. The projected q can be
   0 where the teacher is not; log q is floored at 1e-30 there (X-Token adds an epsilon too).
 
-Chunking (DESIGN: no (tokens, vocab) logits on either side): realized-token log-probs come from merge.py
-(chunked); group distributions are computed `chunk_size` groups at a time from the hidden rows at each
-group's first token, inside activation checkpointing, so a chunk's (g, V) logits, sorts and projections are
-alive only while that chunk runs (forward) or is recomputed (backward; the teacher's logits too, under
-no_grad, instead of being stored). The teacher's top-k and tail come from kd.train.losses.sparse_teacher_targets.
+Chunking (DESIGN: no (tokens, vocab) logits on either side), the pattern of kd.train.losses.fused_linear_kd_loss:
+one autograd Function computes the loss and its gradients in the forward, in three chunked passes (realized-
+token log-probs of both sides; `chunk_size` groups' distributions at their first tokens, D differentiated by
+local autograd on that chunk only; `token_chunk_size` tokens' dL/dlogits for the chain rule's scalars and the
+CE), folding each chunk's dL/dlogits into one grad_weight (V, H) and grad_hidden (N, H) at once; backward only
+scales them. The teacher's top-k and tail come from kd.train.losses.sparse_teacher_targets, its realized-token
+log-probs from kd.train.losses.iter_logit_chunks (merge.py). Measured: bench/cross_tokenizer_loss.py.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -48,7 +49,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch.utils.checkpoint import checkpoint
 
 from kd.cross_tokenizer.merge import compute_dtype, group_index, later_token_sums, realized_logprobs
 from kd.cross_tokenizer.vocab_map import Projection, VocabMap
@@ -74,6 +74,8 @@ class CrossTokenizerLoss(BaseModel):
         "None = GOLD's adaptive share of matched teacher vocabulary")
     top_k: int = Field(64, ge=1, description="projection: teacher entries compared one by one (the rest is one bucket)")
     chunk_size: int = Field(32, ge=1, description="groups whose (g, V) distributions are computed at a time")
+    token_chunk_size: int = Field(64, ge=1, description="tokens whose (n, V) logits are computed at a time for "
+                                  "the realized-token log-probs (the chain rule's scalars and the CE)")
 
 
 @dataclass(frozen=True)
@@ -150,24 +152,125 @@ def projection_distance(lt_ids: torch.Tensor, lt_top: torch.Tensor, lt_tail: tor
 # ---------------------------------------------------------------------------------------------- chunked loss
 
 
-def _group_chunk(hs, ws, bs, s_later, ht, wt, bt, t_later, *, temperature, cfg, t_matched, s_matched,
-                 matched_weight, proj_t):
-    """(g,) divergence for one chunk of groups; run under checkpoint (recomputed in backward)."""
-    dt = compute_dtype(hs)
-    ls = F.log_softmax(F.linear(hs.to(dt), ws.to(dt), None if bs is None else bs.to(dt)) / temperature, -1)
-    ls = ls + s_later.unsqueeze(1)
+def _group_divergence(ls, zt, t_later, *, temperature, kind, top_k, divergence, beta, t_matched, s_matched,
+                      matched_weight, proj_t):
+    """ls (g, Vs) the student's merged log-measure, zt (g, Vt) the teacher's logits at the groups' first tokens,
+    t_later (g,) the teacher's later-token sums -> (g,) D by kind."""
     with torch.no_grad():
-        zt = F.linear(ht.to(dt), wt.to(dt), None if bt is None else bt.to(dt))
-        if cfg.kind == "projection":
-            ids, top, tail = sparse_teacher_targets(zt, cfg.top_k, temperature)
+        if kind == "projection":
+            ids, top, tail = sparse_teacher_targets(zt, top_k, temperature)
+            top, tail = top + t_later.unsqueeze(1), tail + t_later
         else:
             lt = F.log_softmax(zt / temperature, -1) + t_later.unsqueeze(1)
-    if cfg.kind == "projection":  # the student's side outside no_grad: its gradient is the point
-        return projection_distance(ids, top + t_later.unsqueeze(1), tail + t_later, ls, proj_t)
-    if cfg.kind == "uld":
+    if kind == "projection":
+        return projection_distance(ids, top, tail, ls, proj_t)
+    if kind == "uld":
         return uld_distance(lt.exp(), ls.exp())
-    return hybrid_distance(lt, ls, t_matched, s_matched, divergence=cfg.divergence, beta=cfg.beta,
+    return hybrid_distance(lt, ls, t_matched, s_matched, divergence=divergence, beta=beta,
                            matched_weight=matched_weight)
+
+
+@dataclass
+class _Plan:
+    """Everything the fused function needs besides the student's differentiable tensors."""
+
+    s_ids: torch.Tensor
+    sb: torch.Tensor
+    teacher: Side
+    tb: torch.Tensor
+    groups: torch.Tensor  # (n_groups,) the counted groups
+    token_keep: torch.Tensor  # (N,) bool: student tokens of counted groups
+    alpha: float
+    temperature: float
+    ce_den: float
+    d_den: float
+    cfg: CrossTokenizerLoss
+    div_kw: dict
+
+
+def _linear(h, w, b, dt):
+    return F.linear(h.to(dt), w.to(dt), None if b is None else b.to(dt))
+
+
+def _fused_forward(hs, ws, bs, plan: _Plan, want_grad: bool):
+    """The loss, its CE and D sums, and (when want_grad) dL/d(hs, ws, bs), in three chunked passes:
+    1. realized-token log-probs of both sides (merge.py) -> each group's later-token sums;
+    2. per chunk of groups: the student's (g, Vs) logits at the groups' first tokens, D by local autograd
+       (sorts, sparse projection), folded into grad_weight / grad_hidden rows at once; dL/d(later-token sum);
+    3. per chunk of tokens: dL/dlogits of the realized-token log-probs (the chain rule's scalars at T and the
+       CE at 1), folded the same way. Only one chunk of logits is alive at a time; one (V, H) grad buffer."""
+    dt, T, cfg, t = compute_dtype(hs), plan.temperature, plan.cfg, plan.teacher
+    s_lp, s_lp1 = realized_logprobs(hs, ws, plan.s_ids, temperature=T, bias=bs, chunk_size=cfg.token_chunk_size)
+    t_lp, _ = realized_logprobs(t.hidden, t.weight, t.ids, temperature=T, bias=t.bias, chunk_size=cfg.token_chunk_size)
+    s_later, t_later = later_token_sums(s_lp, plan.sb), later_token_sums(t_lp, plan.tb)
+    ce_sum = -(s_lp1 * plan.token_keep).sum()
+    w_d = (1.0 - plan.alpha) * T**2 / plan.d_den
+    grad_h = torch.zeros(hs.shape, dtype=dt, device=hs.device) if want_grad else None
+    grad_w = torch.zeros(ws.shape, dtype=dt, device=ws.device) if want_grad else None
+    grad_b = None if bs is None or not want_grad else torch.zeros(bs.shape, dtype=dt, device=bs.device)
+    g_later = torch.zeros(len(plan.sb) - 1, dtype=dt, device=hs.device)  # dL/d(each group's later-token sum)
+    w = ws.to(dt)
+
+    def fold(dz, h_rows, rows):
+        grad_w.addmm_(dz.t(), h_rows)
+        grad_h.index_add_(0, rows, dz @ w)
+        if grad_b is not None:
+            grad_b.add_(dz.sum(0))
+
+    d_sum = torch.zeros((), dtype=dt, device=hs.device)
+    for c in range(0, len(plan.groups), cfg.chunk_size):
+        g = plan.groups[c:c + cfg.chunk_size]
+        rows = plan.sb[g]
+        h_rows = hs.index_select(0, rows).to(dt)
+        zt = _linear(t.hidden.index_select(0, plan.tb[g]), t.weight, t.bias, dt)
+        with torch.enable_grad():
+            z = _linear(h_rows, ws, bs, dt).requires_grad_(want_grad)
+            sl = s_later[g].clone().requires_grad_(want_grad)
+            d = _group_divergence(F.log_softmax(z / T, -1) + sl.unsqueeze(1), zt, t_later[g], **plan.div_kw)
+            if want_grad:
+                dz, dsl = torch.autograd.grad(d.sum() * w_d, [z, sl])
+        d_sum += d.detach().sum()
+        if want_grad:
+            fold(dz, h_rows, rows)
+            g_later[g] = dsl
+    if want_grad:
+        later = torch.ones(len(plan.s_ids), dtype=torch.bool, device=hs.device)
+        later[plan.sb[:-1]] = False
+        a_t = torch.where(later, g_later[group_index(plan.sb)], torch.zeros((), dtype=dt, device=hs.device)) / T
+        a_1 = -plan.alpha / plan.ce_den * plan.token_keep.to(dt)
+        for c in range(0, len(plan.s_ids), cfg.token_chunk_size):
+            rows = torch.arange(c, min(c + cfg.token_chunk_size, len(plan.s_ids)), device=hs.device)
+            h_rows = hs[c:c + cfg.token_chunk_size].to(dt)
+            z = _linear(h_rows, ws, bs, dt)
+            at, a1 = a_t[rows].unsqueeze(1), a_1[rows].unsqueeze(1)
+            # d lp_T / dz = (onehot - softmax(z/T)) / T;  d lp_1 / dz = onehot - softmax(z)
+            dz = -(at * F.softmax(z / T, -1) + a1 * F.softmax(z, -1))
+            dz.scatter_add_(1, plan.s_ids[rows].unsqueeze(1), at + a1)
+            fold(dz, h_rows, rows)
+    loss = plan.alpha * ce_sum / plan.ce_den + w_d * d_sum
+    return loss, ce_sum, d_sum, (grad_h, grad_w, grad_b)
+
+
+class _FusedCrossTokenizer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, plan):
+        want = any(ctx.needs_input_grad[:3])
+        loss, ce_sum, d_sum, grads = _fused_forward(hs.detach(), ws.detach(), None if bs is None else bs.detach(),
+                                                    plan, want)
+        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        ctx.save_for_backward(*[torch.empty(0) if x is None else x for x in grads])
+        ctx.has_bias = bs is not None
+        ce, d = ce_sum / plan.ce_den, d_sum / plan.d_den
+        ctx.mark_non_differentiable(ce, d)
+        return loss, ce, d
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_ce, _g_d):
+        gh, gw, gb = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return ((gh * g_loss).to(ctx.dtypes[0]) if need[0] else None,
+                (gw * g_loss).to(ctx.dtypes[1]) if need[1] else None,
+                (gb * g_loss).to(ctx.dtypes[2]) if ctx.has_bias and need[2] else None, None)
 
 
 def cross_tokenizer_kd_loss(student: Side, teacher: Side, cfg: CrossTokenizerLoss, *, alpha: float,
@@ -179,52 +282,45 @@ def cross_tokenizer_kd_loss(student: Side, teacher: Side, cfg: CrossTokenizerLos
     student/teacher: Side with the same number of groups G; group_mask (G,) bool: groups that count (the CE
     counts the student tokens of those groups). The sums are divided by the counted groups (D) and student
     tokens (CE), or both by `normalizer`. No counted group: loss 0 with zero gradients. `vocab_map` is needed
-    for kind=hybrid, `projection` for kind=projection."""
+    for kind=hybrid, `projection` for kind=projection. Gradients reach student.hidden / weight / bias (computed
+    during the forward, chunk by chunk, as kd.train.losses.fused_linear_kd_loss does); the teacher is detached."""
     if not 0.0 <= alpha <= 1.0 or not temperature > 0:
         raise ValueError(f"alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
     g_total = len(student.bounds) - 1
     if len(teacher.bounds) - 1 != g_total:
         raise ValueError(f"student has {g_total} groups, teacher {len(teacher.bounds) - 1}")
     sb, tb = student.bounds.long(), teacher.bounds.long()
+    if int(sb[-1]) != len(student.ids) or int(tb[-1]) != len(teacher.ids):
+        raise ValueError("bounds must end at each side's number of tokens")
     keep = torch.ones(g_total, dtype=torch.bool, device=sb.device) if group_mask is None else group_mask.bool()
-    extra: dict = {"t_matched": None, "s_matched": None, "matched_weight": 1.0, "proj_t": None}
+    div_kw: dict = {"temperature": temperature, "kind": cfg.kind, "top_k": cfg.top_k, "divergence": cfg.divergence,
+                    "beta": cfg.beta, "t_matched": None, "s_matched": None, "matched_weight": 1.0, "proj_t": None}
     if cfg.kind == "hybrid":
         if vocab_map is None:
             raise ValueError("kind=hybrid needs vocab_map (kd.cross_tokenizer.vocab_map.exact_matches)")
-        extra.update(t_matched=torch.as_tensor(vocab_map.teacher_ids, device=sb.device),
-                     s_matched=torch.as_tensor(vocab_map.student_ids, device=sb.device),
-                     matched_weight=vocab_map.share if cfg.matched_weight is None else cfg.matched_weight)
+        div_kw.update(t_matched=torch.as_tensor(vocab_map.teacher_ids, device=sb.device),
+                      s_matched=torch.as_tensor(vocab_map.student_ids, device=sb.device),
+                      matched_weight=vocab_map.share if cfg.matched_weight is None else cfg.matched_weight)
     elif cfg.kind == "projection":
         if projection is None:
             raise ValueError("kind=projection needs projection (kd.cross_tokenizer.vocab_map.build_projection)")
-        extra["proj_t"] = projection.matrix_t(compute_dtype(student.hidden), student.hidden.device)
-
-    s_lp, s_lp1 = realized_logprobs(student.hidden, student.weight, student.ids, temperature=temperature,
-                                    bias=student.bias)
-    with torch.no_grad():
-        t_lp, _ = realized_logprobs(teacher.hidden.detach(), teacher.weight.detach(), teacher.ids,
-                                    temperature=temperature, bias=None if teacher.bias is None else teacher.bias.detach())
-    s_later, t_later = later_token_sums(s_lp, sb), later_token_sums(t_lp, tb)
-
+        div_kw["proj_t"] = projection.matrix_t(compute_dtype(student.hidden), student.hidden.device)
     groups = keep.nonzero().squeeze(1)
     n_groups = int(groups.numel())
     token_keep = keep[group_index(sb)] if len(student.ids) else keep.new_zeros(0)
-    n_tokens = int(token_keep.sum())
-    if n_groups == 0:
-        zero = s_lp.sum() * 0.0
+    if n_groups == 0:  # a value of 0, still attached to the graph, with zero gradients
+        zero = student.hidden[:0].sum() * 0.0 + student.weight[:0].sum() * 0.0
         return KDLossOutput(loss=zero, ce=zero.detach(), kd=zero.detach(), tokens=0)
-    ce_sum = -(s_lp1 * token_keep).sum()
-    fn = functools.partial(_group_chunk, temperature=temperature, cfg=cfg, **extra)
-    d_parts = []
-    ht_all, wt, bt = teacher.hidden.detach(), teacher.weight.detach(), None if teacher.bias is None else teacher.bias.detach()
-    for c in range(0, n_groups, cfg.chunk_size):
-        g = groups[c:c + cfg.chunk_size]
-        args = (student.hidden.index_select(0, sb[g]), student.weight, student.bias, s_later[g],
-                ht_all.index_select(0, tb[g]), wt, bt, t_later[g])
-        grad = torch.is_grad_enabled() and (student.hidden.requires_grad or student.weight.requires_grad)
-        d_parts.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
-    d_sum = torch.cat(d_parts).sum()
-    d_den = float(n_groups) if normalizer is None else float(normalizer)
-    ce_den = float(max(n_tokens, 1)) if normalizer is None else float(normalizer)
-    loss = alpha * ce_sum / ce_den + (1.0 - alpha) * temperature**2 * d_sum / d_den
-    return KDLossOutput(loss=loss, ce=ce_sum.detach() / ce_den, kd=d_sum.detach() / d_den, tokens=n_groups)
+    n_tokens = int(token_keep.sum())
+    plan = _Plan(
+        s_ids=student.ids.long(), sb=sb, tb=tb, groups=groups, token_keep=token_keep, alpha=alpha,
+        teacher=Side(teacher.hidden.detach(), teacher.weight.detach(), teacher.ids.long(), tb,
+                     None if teacher.bias is None else teacher.bias.detach()),
+        temperature=temperature, cfg=cfg, div_kw=div_kw,
+        ce_den=float(max(n_tokens, 1)) if normalizer is None else float(normalizer),
+        d_den=float(n_groups) if normalizer is None else float(normalizer),
+    )
+    if normalizer is not None and not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    loss, ce, d = _FusedCrossTokenizer.apply(student.hidden, student.weight, student.bias, plan)
+    return KDLossOutput(loss=loss, ce=ce, kd=d, tokens=n_groups)

@@ -22,6 +22,7 @@ also returns the distribution at the document's last position.
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def build_from_server(cfg: RunConfig, teacher: ModelSnapshot, alignment: VocabAl
     log_dir = Path(log_dir or Path(cfg.work_dir) / run_name)
     with ExitStack() as stack:
         def load_teacher():
+            t0 = time.perf_counter()
             launch = record.setdefault("launch", {})
             url = stack.enter_context(served_teacher(server, teacher_dir, log_dir=log_dir, record=launch))
             client = stack.enter_context(TeacherServerClient(url, server))
@@ -160,6 +162,7 @@ def build_from_server(cfg: RunConfig, teacher: ModelSnapshot, alignment: VocabAl
             source.update(url=client.where, engine_version=report.get("engine_version"),
                           served_model=report.get("served_model"), launched=bool(launch.get("launched")))
             record["client"] = client
+            record["load_s"] = time.perf_counter() - t0  # start-up (launch) + identity: inside the build's wall time
             return server_targets(client, spec, temperature=cfg.kd.temperature, k=k), None
 
         return build_teacher_cache(folder, identity, spec, load_teacher, splits, temperature=cfg.kd.temperature,

@@ -44,9 +44,9 @@ docs: $(STAMP)
 
 # Real tokenizers for the cross-tokenizer tests (issue 30): llama.cpp's vocabulary GGUFs from the registry's
 # llama-cpp-python source archive, hash-locked in requirements-tokenizers.lock, fetched once into $KDFLOW_HOME
-# (a no-op once there; nothing is built).
+# (a no-op once there; nothing is built). Same default home as tests/conftest.py: the repo's .kdflow/.
 tokenizers: $(STAMP)
-	$(BIN)/python -m kd.cross_tokenizer.vocab_files
+	KDFLOW_HOME="$${KDFLOW_HOME:-$(CURDIR)/.kdflow}" $(BIN)/python -m kd.cross_tokenizer.vocab_files
 
 # Local Prefect stack: server (SQLite), cpu + gpu process pools, deployments, one worker per pool.
 # docs/prefect.md; `source .kdflow/up/env` points kdflow/prefect commands at it.

@@ -284,3 +284,40 @@ def test_a_control_model_gets_a_paired_column(prepared, tiny_pair):
     assert d.difference == pytest.approx(row.values["student_after"] - row.values["control"], rel=1e-6)
     assert d.high < 0  # the trained student beats a randomly re-initialised one on every resample
     assert "KD − control" in benchmarks_markdown(report)
+
+
+def test_chat_data_is_scored_on_its_answers_and_an_empty_task_is_refused(tiny_pair, tmp_path):
+    """Chat conversations share a template's system prompt and markup: decontamination and the bpb passages read
+    the trained (assistant) tokens, else every held-out conversation looks copied from training (a real recipe
+    run got 0 kdflow_bpb items and died in lm-eval with a bare StopIteration)."""
+    import shutil
+
+    from kd.errors import DataError
+    from kd.evaluate.benchmarks import score_benchmarks
+    from tests.test_prepare import CHATML
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_pair[1], student)
+    (student / "chat_template.jinja").write_text(CHATML)
+    system = "You are a careful assistant who answers every question about numbers and colours in full sentences."
+    rows = [{"messages": [{"role": "system", "content": system},
+                          {"role": "user", "content": f"question {i}: what comes after {i}?"},
+                          {"role": "assistant", "content": f"The number after {i} is {i + 1}, and {i} {'is' if i % 2 else 'is not'} odd."}]}
+            for i in range(60)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config("configs/smoke.yaml", [f"data.source={src}", "data.format=chat", "data.seq_len=256",
+                                             "data.heldout_fraction=0.2", f"data.prepared_dir={tmp_path / 'prep'}"])
+    prep = prepare_data(cfg.data, student)
+    info = bundled_info(write_bundled_tasks(prep.path, student))
+    assert info["docs"][BPB] > 0 and info["items_found_in_training_dropped"] == 0, info
+    passages = [json.loads(x)["text"] for x in (Path(prep.path) / "lm-eval-tasks-v4" / f"{BPB}.jsonl").read_text().splitlines()]
+    assert passages and not any("careful assistant" in p or "question" in p for p in passages)  # answers only
+    assert all(p.startswith("The number after") for p in passages)
+    # a task with no items is refused by name before lm-eval runs
+    bench = BenchmarksConfig(tasks=[BPB])
+    ev = cfg.eval.model_copy(update={"benchmarks": bench})
+    (Path(prep.path) / "lm-eval-tasks-v4" / "tasks.json").write_text(json.dumps({**info, "docs": {**info["docs"], BPB: 0}}))
+    with pytest.raises(DataError, match=rf"eval.benchmarks.tasks: {BPB} got no items from the held-out split"):
+        score_benchmarks({"student_after": None}, {"student_after": str(student)}, ev, student_dir=student,
+                         heldout_path=prep.path)

@@ -549,12 +549,28 @@ def score_benchmarks(models: dict, tokenizer_dirs: dict[str, str], eval_cfg, *, 
     if any(t in BUNDLED and t != REFERENCE for t in tasks):
         bundled_dir = write_bundled_tasks(heldout_path, student_dir)
         log(f"benchmarks: bundled tasks in {bundled_dir}")
+        _refuse_empty(bundled_dir, [t for t in tasks if t in BUNDLED and t != REFERENCE])
     if REFERENCE in tasks:  # out of domain: the reference text, decontaminated against the training split
         reference_dir = write_reference_task(heldout_path, student_dir, reference_text)
         log(f"benchmarks: {REFERENCE} ({reference_text}) in {reference_dir}")
     return run_benchmarks(models, tokenizer_dirs, cfg.model_copy(update={"tasks": [t for t in tasks if t != REFERENCE]}),
                           bundled_dir=bundled_dir, device=device, log=log, reference_dir=reference_dir,
                           reference_text=reference_text)
+
+
+def _refuse_empty(bundled_dir: Path, tasks: list[str]) -> None:
+    """A bundled task left with no items fails here, naming it and why, not as a StopIteration inside lm-eval."""
+    from kd.errors import DataError
+    from kd.evaluate.bundled_tasks import MARKER, bundled_info
+
+    info = bundled_info(bundled_dir)
+    empty = [t for t in tasks if info["docs"].get(t, 0) == 0]
+    if empty:
+        raise DataError(
+            f"eval.benchmarks.tasks: {', '.join(empty)} got no items from the held-out split: "
+            f"{info['heldout_documents']} held-out documents, {info['duplicates_of_training_dropped']} dropped as "
+            f"copies of training documents, {info['items_found_in_training_dropped']} items dropped as found in the "
+            f"training text ({Path(bundled_dir) / MARKER}); raise data.heldout_fraction or leave the task out")
 
 
 def merge_benchmarks(base: BenchmarkReport | None, more: BenchmarkReport) -> BenchmarkReport:

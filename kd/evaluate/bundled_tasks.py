@@ -41,7 +41,7 @@ import numpy as np
 
 from kd.build_once import build_once
 
-VERSION = 3  # bump when the items or YAML written here change: a new folder name, so no stale reuse
+VERSION = 4  # bump when the items or YAML written here change: a new folder name, so no stale reuse
 FOLDER = f"lm-eval-tasks-v{VERSION}"
 MARKER = "tasks.json"
 LASTWORD, BPB, MC = "kdflow_lastword", "kdflow_bpb", "kdflow_mc"
@@ -115,7 +115,18 @@ metric_list:
 
 
 def _doc_ids(split) -> list[np.ndarray]:
-    return [np.asarray(split.tokens[s : s + n]) for s, n, _f, _l in split.docs()]
+    """Each document's trained text as token ids: the tokens a trained prediction reads or predicts (a target,
+    or the token right before one). That is the whole of a text document (its first token, and one cut at a
+    block boundary, are read though not predicted) and the assistant turns of a conversation. A chat
+    template's system prompt and markup are in every conversation: comparing them would call every held-out
+    conversation a copy of a training one, and scoring them would measure the template, not the answers."""
+    out = []
+    for s, n, _f, _l in split.docs():
+        ids, tgt = np.asarray(split.tokens[s : s + n]), np.asarray(split.targets[s : s + n]).astype(bool)
+        keep = tgt.copy()
+        keep[:-1] |= tgt[1:]
+        out.append(ids[keep])
+    return out
 
 
 def words(text: str) -> list[str]:
@@ -156,10 +167,9 @@ def training_texts(prepared_dir: str | Path, tokenizer_dir: str | Path, batch: i
     from kd.data.sources import load_tokenizer
 
     split, tok = open_prepared(prepared_dir).train, load_tokenizer(tokenizer_dir)
-    docs = split.docs()
+    docs = _doc_ids(split)
     for b in range(0, len(docs), batch):
-        ids = [np.asarray(split.tokens[s : s + n]).astype(np.int64).tolist() for s, n, _f, _l in docs[b : b + batch]]
-        yield from tok.decode_batch(ids, skip_special_tokens=True)
+        yield from tok.decode_batch([d.astype(np.int64).tolist() for d in docs[b : b + batch]], skip_special_tokens=True)
 
 
 def heldout_texts(prepared_dir: str | Path, tokenizer_dir: str | Path) -> tuple[list[str], int]:

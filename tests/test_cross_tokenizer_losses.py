@@ -324,6 +324,20 @@ def test_reindexed_teacher_vocabulary_equals_plain_kl(pairs):
     torch.testing.assert_close(proj, plain, rtol=0, atol=1e-6)
 
 
+def test_mismatched_vocabulary_sizes_are_named(pairs, projections):
+    """A projection or vocab map built for other vocabularies than the output matrices is refused by name
+    (e.g. a model's padding rows left in: cut them to the tokenizer's size)."""
+    s, t = _sides(pairs["phi3"], "abc", grad=False)
+    padded = Side(s.hidden, torch.cat([s.weight, s.weight[:64]]), s.ids, s.bounds)
+    with pytest.raises(ValueError, match="cut padding rows"):
+        cross_tokenizer_kd_loss(padded, t, CrossTokenizerLoss(kind="projection"), alpha=0.5, temperature=1.0,
+                                projection=projections("phi3"))
+    small = Side(s.hidden, s.weight[:1000], s.ids.clamp_max(999), s.bounds)
+    with pytest.raises(ValueError, match="vocab_map is for"):
+        cross_tokenizer_kd_loss(small, t, CrossTokenizerLoss(kind="hybrid"), alpha=0.5, temperature=1.0,
+                                vocab_map=exact_matches(pairs["phi3"].teacher_bytes, pairs["phi3"].student_bytes))
+
+
 def test_config_rejects_unknown_fields_and_kinds():
     with pytest.raises(ValueError):
         CrossTokenizerLoss(kind="wasserstein")

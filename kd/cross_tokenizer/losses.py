@@ -301,9 +301,16 @@ def cross_tokenizer_kd_loss(student: Side, teacher: Side, cfg: CrossTokenizerLos
         div_kw.update(t_matched=torch.as_tensor(vocab_map.teacher_ids, device=sb.device),
                       s_matched=torch.as_tensor(vocab_map.student_ids, device=sb.device),
                       matched_weight=vocab_map.share if cfg.matched_weight is None else cfg.matched_weight)
+        if vocab_map.student_size > student.weight.shape[0] or vocab_map.teacher_size > teacher.weight.shape[0]:
+            raise ValueError(f"vocab_map is for {vocab_map.student_size} student / {vocab_map.teacher_size} teacher "
+                             f"tokens, the output matrices have {student.weight.shape[0]} / {teacher.weight.shape[0]} rows")
     elif cfg.kind == "projection":
         if projection is None:
             raise ValueError("kind=projection needs projection (kd.cross_tokenizer.vocab_map.build_projection)")
+        if (projection.student_size, projection.teacher_size) != (student.weight.shape[0], teacher.weight.shape[0]):
+            raise ValueError(f"the projection maps {projection.student_size} student to {projection.teacher_size} "
+                             f"teacher tokens, the output matrices have {student.weight.shape[0]} / "
+                             f"{teacher.weight.shape[0]} rows: cut padding rows to the tokenizers' sizes")
         div_kw["proj_t"] = projection.matrix_t(compute_dtype(student.hidden), student.hidden.device)
     groups = keep.nonzero().squeeze(1)
     n_groups = int(groups.numel())

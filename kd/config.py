@@ -630,6 +630,9 @@ class RunConfig(_Part):
             raise ValueError("teacher.init: only the student can be built from the teacher")
         if self.student.server is not None:
             raise ValueError("student.server: only the teacher can be served by an inference engine")
+        if self.teacher.server is not None and self.kd.teacher_mode != "offline":
+            raise ValueError("teacher.server: the served teacher feeds the cache step (kd.teacher_mode: offline); "
+                             "online and on-policy scoring through the engine are not built yet")
         return self
 
 

@@ -178,6 +178,8 @@ class TeacherCacheResult(_Result):
     build_tokens_per_s: float | None = Field(None, description="Teacher tokens/s of the build (the last one that ran)")
     build_wall_s: float | None = None
     produced_by: Provenance | None = Field(None, description="The run whose cache step made this result")
+    source: dict | None = Field(None, description="What computed the top-k when not kdflow's own forward: the inference "
+                                "engine, its version, URL, served model, log-prob mode and k (teacher.server)")
 
 
 class TrainResult(_Result):

@@ -53,8 +53,11 @@ def test_run_config_takes_teacher_server_and_refuses_student_server():
     from kd.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml",
-                      ["teacher.server.url=http://127.0.0.1:8000"])
+                      ["teacher.server.url=http://127.0.0.1:8000", "kd.teacher_mode=offline"])
     assert cfg.teacher.server.url == "http://127.0.0.1:8000"
+    with pytest.raises(ConfigError, match="teacher.server: the served teacher feeds the cache step"):
+        load_config(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml",
+                    ["teacher.server.url=http://127.0.0.1:8000"])  # online: not through the engine (yet)
     with pytest.raises(ConfigError, match="student.server"):
         load_config(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml",
                     ["student.server.launch=vllm"])
@@ -143,7 +146,7 @@ def test_k_above_the_engines_cap_names_max_logprobs(engine):
 
 
 def test_concurrency_is_bounded(engine):
-    engine.delay_s = 0.05
+    engine.delay_s = 0.25  # long enough for the requests to overlap on a loaded machine
     with TeacherServerClient(engine.url, _cfg(engine.url, concurrency=3)) as c:
         out = c.map(lambda i: c.prompt_topk([[i % V, 1]], 2), range(24))
     assert len(out) == 24 and engine.max_in_flight <= 3 and engine.max_in_flight >= 2

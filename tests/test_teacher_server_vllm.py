@@ -125,16 +125,18 @@ def _snapshot(model_dir: Path):
                          total_bytes=sum((model_dir / f).stat().st_size for f in files))
 
 
-def test_cache_through_vllm_matches_the_in_process_cache(engine, smollm2_dir, tmp_path):
+@pytest.fixture(scope="module")
+def caches(engine, smollm2_dir, tmp_path_factory):
+    """The pruned preset's data (first 1,200 tokens), cached in-process and through the engine (url)."""
     from kd.config import load_config
-    from kd.data import open_prepared, prepare_data
+    from kd.data import prepare_data
     from kd.teacher_cache.step import cache_teacher_logits
-    from kd.teacher_cache.store import TeacherCacheReader
     from kd.vocab import align_vocab
 
-    common = [f"data.prepared_dir={tmp_path / 'prepared'}", "data.max_tokens=1200", f"kd.top_k={K}",
-              "kd.teacher_mode=offline", "kd.cache_encoding=float32", f"kd.cache_dir={tmp_path / 'caches'}",
-              f"work_dir={tmp_path / 'runs'}"]
+    tmp = tmp_path_factory.mktemp("caches")
+    common = [f"data.prepared_dir={tmp / 'prepared'}", "data.max_tokens=1200", f"kd.top_k={K}",
+              "kd.teacher_mode=offline", "kd.cache_encoding=float32", f"kd.cache_dir={tmp / 'caches'}",
+              f"work_dir={tmp / 'runs'}"]
     cfg_local = load_config(PRESET, common)
     cfg_server = load_config(PRESET, common + [f"teacher.server.url={engine['url']}",
                                                "teacher.server.served_model_name=kdflow-teacher",
@@ -144,6 +146,15 @@ def test_cache_through_vllm_matches_the_in_process_cache(engine, smollm2_dir, tm
     snap = _snapshot(smollm2_dir)
     served = cache_teacher_logits(cfg_server, snap, alignment, prepared, "run-vllm", device="cpu")
     local = cache_teacher_logits(cfg_local, snap, alignment, prepared, "run-local", device="cpu")
+    return {"cfg_local": cfg_local, "cfg_server": cfg_server, "prepared": prepared, "alignment": alignment,
+            "snap": snap, "served": served, "local": local, "tmp": tmp, "engine_pid": engine["record"]["pid"]}
+
+
+def test_cache_through_vllm_matches_the_in_process_cache(caches):
+    from kd.data import open_prepared
+    from kd.teacher_cache.store import TeacherCacheReader
+
+    served, local, prepared = caches["served"], caches["local"], caches["prepared"]
     assert served.key != local.key  # the engine's cache never stands in for the in-process one
     assert served.status == local.status == "built" and served.tokens == local.tokens
 
@@ -181,3 +192,66 @@ def test_cache_through_vllm_matches_the_in_process_cache(engine, smollm2_dir, tm
     # was 1.7e-4 (930 positions, k = 20). So: the mean within 1e-4, the max within 5e-4, the tail mass within 1e-4.
     assert sum(deltas) / len(deltas) < 1e-4 and max(deltas) < 5e-4 and tail_delta < 1e-4
     assert int(same.all(1).sum()) >= sid.shape[0] - 5
+
+
+def test_training_from_each_cache_gives_the_same_loss_curve(caches, smollm2_dir, tmp_path):
+    """The pruned preset's student (10 of 30 layers), 8 steps from each cache: the same loss curve within 1e-3."""
+    import json
+
+    from kd.data import open_prepared
+    from kd.prune import make_student
+    from kd.train.loop import train_student
+    from kd.vocab import align_vocab
+
+    student = tmp_path / "student"
+    make_student(smollm2_dir, student, layers=list(range(0, 30, 3)))
+    alignment = align_vocab(smollm2_dir, student)
+    curves = {}
+    for name in ("local", "server"):
+        res = train_student(caches[f"cfg_{name}"], smollm2_dir, student, alignment, open_prepared(caches["prepared"].path),
+                            tmp_path / name, teacher_cache=caches["served" if name == "server" else "local"])
+        curves[name] = [json.loads(line)["loss"] for line in (Path(res.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    diff = max(abs(a - b) for a, b in zip(curves["local"], curves["server"]))
+    print(f"loss curves, in-process cache {curves['local']}, engine cache {curves['server']}: max |Δ| {diff:.2e}")
+    assert len(curves["local"]) == len(curves["server"]) == 8 and diff < 1e-3
+
+
+def test_launched_engine_killed_mid_build_then_resumed(caches, engine):
+    """launch: vllm through the cache step; the engine is SIGKILLed after the train shard: the step fails naming
+    the URL, no process of it is left; the next run (here against the module's engine, same dtype so the same
+    cache) verifies the shard on disk and builds only the missing one."""
+    import signal
+
+    from kd.errors import TransientError
+    from kd.teacher_cache.step import cache_teacher_logits
+    from kd.teacher_server.launch import SERVER_MODULE
+
+    cfg = caches["cfg_local"].model_copy(deep=True)
+    cfg.kd.top_k = K - 4  # another cache than the fixture's
+    cfg.teacher.server = TeacherServerConfig(launch="vllm", max_logprobs=64, max_model_len=256, retries=1,
+                                             retry_backoff_s=0.0, engine_args=["--enforce-eager"])
+    mine = psutil.Process()
+
+    def engines():
+        """Running engine servers started by this test (the module's engine is not one of them)."""
+        out = []
+        for p in mine.children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and SERVER_MODULE in " ".join(p.cmdline()):
+                    out.append(p.pid)
+            except psutil.Error:
+                pass
+        return [pid for pid in out if pid != caches["engine_pid"]]
+
+    def kill_engine(info):
+        for pid in engines():
+            os.killpg(pid, signal.SIGKILL)
+
+    args = (cfg, caches["snap"], caches["alignment"], caches["prepared"])
+    with pytest.raises(TransientError, match=r"http://127\.0\.0\.1:\d+/v1/completions: no answer after 2 tries"):
+        cache_teacher_logits(*args, "run-killed", device="cpu", on_shard=kill_engine)
+    assert engines() == []
+    cfg.teacher.server = TeacherServerConfig(url=engine["url"], served_model_name="kdflow-teacher", probe_tolerance=1e-3)
+    res = cache_teacher_logits(*args, "run-resumed", device="cpu")
+    assert res.status == "resumed" and res.shards_built == 1 and res.shards == 2
+    assert res.source["engine"] == "vllm" and res.source["url"] == engine["url"]

@@ -62,7 +62,7 @@ def _summary_to_result(summary: dict, identity: dict, spec: TopKSpec, manifest: 
         exactness=SPARSE_EXACTNESS, tokens=summary["tokens"], shards=summary["shards"],
         shards_built=summary["shards_built"], teacher_forwards=summary["teacher_forwards"], bytes=summary["bytes"],
         bytes_per_token=summary["bytes_per_token"], build_tokens_per_s=build.get("last_tokens_per_s"),
-        build_wall_s=build.get("last_wall_s"), produced_by=produced_by,
+        build_wall_s=build.get("last_wall_s"), produced_by=produced_by, source=manifest.get("source"),
     )
 
 

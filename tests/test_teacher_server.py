@@ -241,6 +241,29 @@ def test_launcher_escalates_to_sigkill(tmp_path):
     assert rec["stop"]["signal"] == "SIGKILL" and _gone(group)
 
 
+def test_engine_goes_when_kdflow_is_killed(tmp_path):
+    """kdflow SIGKILLed while its engine serves (no finally runs): the kernel sends the engine SIGTERM."""
+    import signal
+    import subprocess
+    import time
+
+    port = free_port()
+    code = ("import sys, time\nfrom pathlib import Path\nfrom kd.teacher_server.launch import launched\n"
+            f"with launched({_fake_argv(port)!r}, {port}, log_path=Path({str(tmp_path / 'e.log')!r}), "
+            "startup_timeout_s=60, record=(rec := {})):\n"
+            "    print(rec['pid'], flush=True)\n    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+    engine_pid = int(parent.stdout.readline())
+    assert psutil.pid_exists(engine_pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not _gone({engine_pid}):
+        time.sleep(0.2)
+    assert _gone({engine_pid})
+
+
 def test_launcher_engine_dies_at_start_quotes_its_log(tmp_path):
     port = free_port()
     with pytest.raises(EngineStartError, match="(?s)exited with code 3.*cannot load the model"):

@@ -8,7 +8,8 @@ of its own (start_new_session), logs to `<log_dir>/teacher-server.log`, and wait
 (the engine dying first, or `startup_timeout_s` passing, is an error quoting the log's tail). On leaving
 the block, normally or by an exception, the whole group gets SIGTERM, then SIGKILL after `grace_s`, and
 any process the engine started elsewhere (found as its descendants before the signals) too; the call
-returns only when none of them is alive. `launched(argv, port, ...)` is the same lifecycle for any command
+returns only when none of them is alive. Should kdflow itself be killed (SIGKILL: no finally runs), the
+engine gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and shuts down its own engine processes. `launched(argv, port, ...)` is the same lifecycle for any command
 (tests run a fake engine through it).
 """
 
@@ -34,6 +35,17 @@ LOG_NAME = "teacher-server.log"
 
 class EngineStartError(RuntimeError):
     """The engine exited or never became healthy (exit 1: see its log)."""
+
+
+def _die_with_parent() -> None:
+    """In the engine's process, before exec: SIGTERM when the process that started it dies (Linux), so that a
+    kdflow killed with SIGKILL (a cancelled worker, an OOM kill) does not leave its engine serving forever."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -149,7 +161,8 @@ def launched(argv: list[str], port: int, *, log_path: Path, startup_timeout_s: f
     t0 = time.monotonic()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})})
+                                start_new_session=True, env={**os.environ, **(env or {})},
+                                preexec_fn=_die_with_parent)
     if record is not None:
         record.update(pid=proc.pid, argv=argv, url=url, log=str(log_path))
     try:

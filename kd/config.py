@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kd.cross_tokenizer.settings import CrossTokenizerConfig
 from kd.errors import ConfigError
 from kd.teacher_server.config import TeacherServerConfig
 
@@ -328,6 +329,11 @@ class KDConfig(_Part):
         description="On-policy distillation: train on completions sampled from the student (or the teacher with "
         "seq_kd), scored by the teacher. fraction 0 (default) = off-policy only.",
     )
+    cross_tokenizer: CrossTokenizerConfig = Field(
+        default_factory=CrossTokenizerConfig,
+        description="Teacher and student with different tokenizers (byte-aligned groups, kd/cross_tokenizer/): "
+        "off (default) = a different tokenizer is refused by check_vocab.",
+    )
 
 
 class RendezvousConfig(_Part):
@@ -633,6 +639,10 @@ class RunConfig(_Part):
         if self.teacher.server is not None and self.kd.teacher_mode != "offline":
             raise ValueError("teacher.server: the served teacher feeds the cache step (kd.teacher_mode: offline); "
                              "online and on-policy scoring through the engine are not built yet")
+        if self.kd.cross_tokenizer.enabled and (self.kd.teacher_mode != "online" or self.kd.on_policy.enabled):
+            raise ValueError("kd.cross_tokenizer.enabled: the teacher runs online on prepared batches "
+                             "(kd.teacher_mode: online, kd.on_policy off); a cross-tokenizer cache or on-policy "
+                             "scoring is not built yet")
         return self
 
 

@@ -102,7 +102,7 @@ class ModelSnapshot(_Result):
 class VocabAlignment(_Result):
     """How teacher and student vocabularies relate, and what the loss must do about it."""
 
-    verdict: Literal["identical", "teacher-padded"]
+    verdict: Literal["identical", "teacher-padded", "cross-tokenizer"]
     teacher_rows: int = Field(description="Teacher output-matrix rows (config vocab_size)")
     student_rows: int = Field(description="Student output-matrix rows (config vocab_size)")
     teacher_tokenizer_size: int
@@ -115,6 +115,10 @@ class VocabAlignment(_Result):
     dropped_mass_mean: float | None = Field(None, description="Mean teacher probability on the cut rows")
     dropped_mass_max: float | None = None
     special_tokens: dict[str, int | None] = Field(default_factory=dict)
+    cross_tokenizer: dict | None = Field(
+        None, description="verdict cross-tokenizer: alignment statistics on a sample of the training text "
+        "(kd.cross_tokenizer.report: one-to-one group share, mean group sizes, exact-match vocabulary share, teacher "
+        "mass on matched ids, texts that do not round-trip)")
     produced_by: Provenance | None = Field(None, description="The run that checked the vocabularies (kept when cached)")
 
     def identity(self) -> dict:

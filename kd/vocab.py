@@ -15,8 +15,13 @@ Verdicts:
   tokenizer). The loss keeps `rows_kept` = student rows of the teacher's matrix and masks ids
   ≥ `valid_vocab` (= student tokenizer size) from both softmaxes, so the teacher mass on those ids
   is dropped: measure it on a sample and refuse the run when it is not negligible.
-Anything else (student larger, a differing token, a differing special id) raises VocabError.
-`padding_ids` = [valid_vocab, teacher rows - 1]: every teacher id the loss ignores.
+- `cross-tokenizer` (only with `cross_tokenizer=True`, the run's `kd.cross_tokenizer.enabled`): the
+  tokenizers differ (a differing token, a differing special id, a larger student); training compares
+  byte-aligned groups (kd/cross_tokenizer/). `rows_kept` = the teacher tokenizer's size (teacher rows the
+  loss reads), `valid_vocab` = the student tokenizer's size; kd.cross_tokenizer.report adds the alignment
+  statistics on a sample of the training text.
+Anything else (student larger, a differing token, a differing special id, without kd.cross_tokenizer) raises
+VocabError naming the setting. `padding_ids` = [valid_vocab, teacher rows - 1]: every teacher id the loss ignores.
 """
 
 from __future__ import annotations
@@ -32,10 +37,32 @@ from kd.results import VocabAlignment
 
 SPECIALS = ("eos", "pad", "bos")
 SHOW = 5  # differing ids named in an error message
+CROSS_HINT = ("; to distil across tokenizer families (byte-aligned groups), set kd.cross_tokenizer.enabled: true")
 
 
-def align_vocab(teacher_dir: str | Path, student_dir: str | Path) -> VocabAlignment:
-    """Compare the two model folders; VocabAlignment, or VocabError naming what differs."""
+def align_vocab(teacher_dir: str | Path, student_dir: str | Path, *, cross_tokenizer: bool = False) -> VocabAlignment:
+    """Compare the two model folders; VocabAlignment, or VocabError naming what differs. cross_tokenizer: a
+    differing tokenizer gives the verdict `cross-tokenizer` instead of the error."""
+    try:
+        return _align_same(teacher_dir, student_dir)
+    except _TokenizersDiffer as err:
+        if not cross_tokenizer:
+            raise VocabError(str(err) + CROSS_HINT) from None
+    t_dir, s_dir = Path(teacher_dir), Path(student_dir)
+    t_tok, s_tok = _id_to_token(t_dir, "teacher"), _id_to_token(s_dir, "student")
+    return VocabAlignment(
+        verdict="cross-tokenizer", teacher_rows=_rows(t_dir), student_rows=_rows(s_dir),
+        teacher_tokenizer_size=len(t_tok), student_tokenizer_size=len(s_tok),
+        rows_kept=len(t_tok), valid_vocab=len(s_tok), padding_ids=[],
+        special_tokens=_specials(s_dir, s_tok),  # the student's: what it generates and stops on
+    )
+
+
+class _TokenizersDiffer(VocabError):
+    """The two tokenizers are not one family (a same-vocabulary loss cannot pair their ids)."""
+
+
+def _align_same(teacher_dir: str | Path, student_dir: str | Path) -> VocabAlignment:
     t_dir, s_dir = Path(teacher_dir), Path(student_dir)
     t_rows, s_rows = _rows(t_dir), _rows(s_dir)
     t_tok, s_tok = _id_to_token(t_dir, "teacher"), _id_to_token(s_dir, "student")
@@ -46,7 +73,7 @@ def align_vocab(teacher_dir: str | Path, student_dir: str | Path) -> VocabAlignm
                 f"(config.json vocab_size): ids ≥ {rows} have no logits"
             )
     if s_rows > t_rows or len(s_tok) > len(t_tok):
-        raise VocabError(
+        raise _TokenizersDiffer(
             f"student-larger: the student vocabulary ({s_rows} rows, {len(s_tok)} tokens) is larger than the "
             f"teacher's ({t_rows} rows, {len(t_tok)} tokens); the teacher has no targets for the extra student ids. "
             "Use a teacher whose tokenizer contains the student's."
@@ -54,7 +81,7 @@ def align_vocab(teacher_dir: str | Path, student_dir: str | Path) -> VocabAlignm
     diff = [i for i in range(len(s_tok)) if t_tok[i] != s_tok[i]]
     if diff:
         shown = ", ".join(f"id {i}: teacher {t_tok[i]!r} vs student {s_tok[i]!r}" for i in diff[:SHOW])
-        raise VocabError(
+        raise _TokenizersDiffer(
             f"tokenizers differ on {len(diff)} of {len(s_tok)} shared ids (first: {shown}); "
             "distillation needs the same token at every shared id"
         )
@@ -62,7 +89,7 @@ def align_vocab(teacher_dir: str | Path, student_dir: str | Path) -> VocabAlignm
     for name in SPECIALS:
         t_id, s_id = t_special[name], s_special[name]
         if t_id is not None and s_id is not None and t_id != s_id:
-            raise VocabError(
+            raise _TokenizersDiffer(
                 f"special token {name} differs: teacher id {t_id} ({_tok(t_tok, t_id)!r}) vs "
                 f"student id {s_id} ({_tok(s_tok, s_id)!r})"
             )

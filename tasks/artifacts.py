@@ -101,9 +101,28 @@ def pull_files(teacher, student, reused_from: str | None = None) -> None:
 
 def vocab_alignment(alignment, reused_from: str | None = None) -> None:
     rows = [{"field": k, "value": sig(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)}
-            for k, v in alignment.identity().items()]
+            for k, v in alignment.identity().items() if k != "cross_tokenizer"]  # its own artifact
     create_table_artifact(key="vocab-alignment", table=rows,
                           description=f"Vocabulary alignment: {alignment.verdict}{reused(reused_from)}")
+
+
+CROSS_ROWS = (("documents", "text pieces sampled"), ("groups", "aligned groups"),
+              ("one_to_one_share", "share of one-to-one groups"), ("mean_teacher_group", "mean teacher tokens per group"),
+              ("mean_student_group", "mean student tokens per group"),
+              ("teacher_matched_mass_mean", "teacher probability on exactly matched ids (mean)"),
+              ("teacher_not_round_trip", "pieces whose teacher tokens do not spell the text"),
+              ("student_not_round_trip", "pieces whose student tokens do not spell the text"),
+              ("bytes_not_round_trip", "bytes of pieces that do not round-trip"))
+
+
+def cross_tokenizer_stats(stats: dict) -> None:
+    """check_vocab's cross-tokenizer verdict: how the two tokenizations of the sampled text align."""
+    rows = [{"statistic": label, "value": "n/a" if stats.get(k) is None else sig(stats[k])} for k, label in CROSS_ROWS]
+    em = stats["exact_match"]
+    rows.append({"statistic": "exact-match vocabulary share (teacher / student)",
+                 "value": f"{sig(em['teacher_share'])} / {sig(em['student_share'])} ({em['matched']} pairs)"})
+    create_table_artifact(key="vocab-cross-tokenizer", table=rows,
+                          description="Cross-tokenizer alignment statistics on a sample of the training text")
 
 
 TRAIN_ROWS = (("steps", sig), ("resumed_from_step", sig), ("tokens", sig), ("initial_loss", sig),

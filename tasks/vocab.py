@@ -7,6 +7,7 @@ from tasks import artifacts
 
 from backends import get_backend
 from kd.config import RunConfig
+from kd.cross_tokenizer.report import alignment_report, load_pair
 from kd.data import sample_blocks
 from kd.errors import VocabError
 from kd.preflight import inspect_model_folder
@@ -23,7 +24,9 @@ def _vocab_key(context, parameters) -> str:
     t, s = parameters["teacher"], parameters["student"]
     pick = lambda snap: {f: h for f, h in snap.files.items() if f in VOCAB_FILES}  # noqa: E731
     # the dropped-mass sample reads the teacher's weights and the data: both are part of the key
-    return content_key("vocab", pick(t), pick(s), t.content_hash, cfg.data.model_dump(), cfg.kd.max_dropped_mass)
+    cross = cfg.kd.cross_tokenizer
+    return content_key("vocab", pick(t), pick(s), t.content_hash, cfg.data.model_dump(), cfg.kd.max_dropped_mass,
+                       *((cross.stats_blocks,) if cross.enabled else ()))
 
 
 @task(name="check_vocab", cache_key_fn=_vocab_key, persist_result=True)
@@ -31,7 +34,14 @@ def check_vocab(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapsho
     for ref, snap in ((config.teacher, teacher), (config.student, student)):
         if ref.kind == "hub" and not ref.is_gguf:  # pulled just now; local folders were checked by preflight
             inspect_model_folder(snap.local_dir, snap.role, ref.trust_remote_code)
-    alignment = align_vocab(teacher.local_dir, student.local_dir)
+    alignment = align_vocab(teacher.local_dir, student.local_dir, cross_tokenizer=config.kd.cross_tokenizer.enabled)
+    if alignment.verdict == "cross-tokenizer":
+        backend = get_backend("hf")
+        model = backend.load(teacher.local_dir, trust_remote_code=config.teacher.trust_remote_code)
+        blocks = sample_blocks(config.data, student.local_dir, n_blocks=config.kd.cross_tokenizer.stats_blocks)
+        stats = alignment_report(load_pair(teacher.local_dir, student.local_dir), blocks, teacher_model=model)
+        alignment = alignment.model_copy(update={"cross_tokenizer": stats})
+        artifacts.cross_tokenizer_stats(stats)
     if alignment.verdict == "teacher-padded":
         backend = get_backend("hf")
         model = backend.load(teacher.local_dir, trust_remote_code=config.teacher.trust_remote_code)

@@ -44,38 +44,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 
 from kd.cross_tokenizer.merge import compute_dtype, group_index, later_token_sums, realized_logprobs
+from kd.cross_tokenizer.settings import CrossTokenizerLoss
 from kd.cross_tokenizer.vocab_map import Projection, VocabMap
 from kd.train.losses import DIVERGENCES, KDLossOutput, sparse_teacher_targets
 
 KINDS = ("uld", "hybrid", "projection")
 _LOG_FLOOR = math.log(1e-30)
-
-
-class CrossTokenizerLoss(BaseModel):
-    """The cross-tokenizer objective (to become `kd.cross_tokenizer` in RunConfig once training is restructured)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["uld", "hybrid", "projection"] = Field(
-        "projection", description="uld: sorted L1 (Boizard et al. 2024); hybrid: divergence on byte-identical "
-        "vocabulary entries + ULD on the rest (TRL GOLD); projection: student projected into the teacher's "
-        "vocabulary by re-tokenization, forward KL over the teacher's top-k (X-Token, +3.8 points over GOLD).")
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="hybrid only: the divergence on matched entries (kd.train.losses conventions)")
-    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD_beta's beta (hybrid with divergence=jsd)")
-    matched_weight: float | None = Field(
-        None, ge=0.0, le=1.0, description="hybrid: weight of the matched part (the rest gets 1 - it); "
-        "None = GOLD's adaptive share of matched teacher vocabulary")
-    top_k: int = Field(64, ge=1, description="projection: teacher entries compared one by one (the rest is one bucket)")
-    chunk_size: int = Field(32, ge=1, description="groups whose (g, V) distributions are computed at a time")
-    token_chunk_size: int = Field(64, ge=1, description="tokens whose (n, V) logits are computed at a time for "
-                                  "the realized-token log-probs (the chain rule's scalars and the CE)")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         dtype = gguf_dtype(cfg.train.dtype, cfg.train.device)
         teacher = pull_model(cfg.teacher, "teacher", dtype=dtype)
         student = pull_model(cfg.student, "student", teacher=teacher, dtype=dtype, data=cfg.data)
-        alignment = align_vocab(teacher.local_dir, student.local_dir)
+        alignment = align_vocab(teacher.local_dir, student.local_dir, cross_tokenizer=cfg.kd.cross_tokenizer.enabled)
         run_dir = Path(cfg.work_dir).expanduser().resolve() / (cfg.name or cfg.train.rendezvous.id)
         spec = write_spec(cfg, teacher.local_dir, student.local_dir, alignment, run_dir,
                           name=f"spec-node{node}.json", clear_result=False)

@@ -1,0 +1,86 @@
+"""Student token blocks -> the text each document piece spells -> byte-aligned groups with the teacher's tokens.
+
+    segs = align_block(pair, ids_row, position_ids_row, special_ids)   # list[Segment], one per document piece
+    seg.start, seg.stop        # student positions start..stop-1 of the block (the piece's tokens)
+    seg.text                   # what those tokens spell (their bytes, token_bytes.py), valid UTF-8
+    seg.teacher_ids            # (m,) the teacher's tokenization of seg.text
+    seg.student_bounds, seg.teacher_bounds   # (G+1,) group boundaries over the piece's tokens (align.py)
+
+Training and the vocab step see the student's *tokens* (the prepared set is tokenized by the student); the
+teacher must see the same text. A block is cut into pieces at document starts (position ids restarting at 0)
+and at special tokens (eos / bos / pad: their literal strings mean nothing to another family); each piece's
+text is the concatenation of its tokens' bytes, so the student side round-trips by construction (its byte
+ends are exact). Tokens at a piece's edges that carry only part of a UTF-8 character (a block cut through
+an emoji) are left out of the piece. The teacher tokenizes the text (no special tokens added) and align.py
+groups both sides. This is done per batch, on the fly (issue 30 item 2 stores the groups with the prepared
+set; not built yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kd.cross_tokenizer.align import TokenizerPair, group_bounds
+from kd.cross_tokenizer.token_bytes import byte_ends
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    stop: int
+    text: str
+    teacher_ids: np.ndarray  # (m,) int64
+    student_bounds: np.ndarray  # (G+1,) int32 over stop - start tokens
+    teacher_bounds: np.ndarray  # (G+1,) int32 over m tokens
+    teacher_round_trip: bool
+
+
+def pieces(ids: np.ndarray, position_ids: np.ndarray | None, special_ids: set[int]) -> list[tuple[int, int]]:
+    """(L,) ids -> [(start, stop)]: maximal runs inside one document without special tokens."""
+    out, start = [], None
+    for k, i in enumerate(ids.tolist()):
+        new_doc = position_ids is not None and k > 0 and int(position_ids[k]) == 0
+        if start is not None and (new_doc or i in special_ids):
+            out.append((start, k))
+            start = None
+        if start is None and i not in special_ids:
+            start = k
+    if start is not None:
+        out.append((start, len(ids)))
+    return out
+
+
+def _valid_utf8_span(chunks: list[bytes]) -> tuple[int, int, str] | None:
+    """Drop up to 3 tokens at each edge until the joined bytes decode; (first, stop, text) or None."""
+    for a in range(min(4, len(chunks))):
+        for b in range(len(chunks), max(a, len(chunks) - 4), -1):
+            try:
+                return a, b, b"".join(chunks[a:b]).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+    return None
+
+
+def align_block(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -> list[Segment]:
+    """One block row of student ids (L,) (and its position ids or None) -> its aligned pieces (docstring)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    pos = None if position_ids is None else np.asarray(position_ids)
+    out = []
+    for p, q in pieces(ids, pos, special_ids):
+        chunks = [pair.student_bytes.pieces[i] for i in ids[p:q].tolist()]
+        span = _valid_utf8_span(chunks)
+        if span is None:
+            continue
+        a, b, text = span
+        chunks = chunks[a:b]
+        if not text or any(len(c) == 0 for c in chunks):
+            continue  # zero-width student tokens cannot be placed on bytes here
+        s_ends = np.cumsum(np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks)))
+        t = byte_ends(pair.teacher, pair.teacher_bytes, text)
+        if len(t.ids) == 0:
+            continue
+        tb, sb, _ = group_bounds(t.ends, s_ends)
+        out.append(Segment(p + a, p + b, text, t.ids, sb, tb, t.round_trip))
+    return out

@@ -162,7 +162,8 @@ def train_student(
     run_rng = RunRNG(tc.seed, student, device=device, checkpointing=tc.gradient_checkpointing)
     optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device)
+    objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device,
+                               model_dirs=(teacher_dir, student_dir))
     step_objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
                                          autocast=autocast, device=device)
     log.info("teacher: %s", "not loaded: alpha = 1, fine-tuning only" if fine_tuning_only(cfg) else

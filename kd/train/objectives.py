@@ -8,6 +8,8 @@ An `Objective` maps a micro-batch to the KD loss through the fused-linear losses
 never materialising [tokens, vocab] logits:
     OnlineObjective    the frozen teacher in memory runs on every batch (kd.teacher_mode: online); without a
                        teacher (alpha = 1, fine-tuning only) the student stands in for it at weight 0
+    CrossTokenizerObjective  a teacher with another tokenizer (check_vocab's verdict cross-tokenizer): byte-aligned
+                       groups, kd/train/cross_objective.py
     OfflineObjective   the teacher's cached top-k (kd.teacher_mode: offline, kd/teacher_cache/): no teacher
                        in memory; `open_teacher_cache` gives the verified reader bound to the training data
     OnPolicyObjective  GKD around either of them (kd.on_policy): per micro-batch the student (or the
@@ -52,6 +54,8 @@ from kd.config import RunConfig
 from kd.data import Batch
 from kd.errors import ConfigError
 from kd.results import TeacherCacheResult, VocabAlignment
+from kd.cross_tokenizer.report import load_pair
+from kd.train.cross_objective import CrossTokenizerObjective
 from kd.train.losses import KDLossOutput, fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from kd.train.on_policy.generation import GenerationSettings, get_generator, sample_seed, stop_ids_of
 from kd.train.on_policy.prompts import prompts_from_batch
@@ -76,9 +80,14 @@ def open_teacher_cache(cfg: RunConfig, teacher_cache: TeacherCacheResult | None,
 
 
 def make_objective(cfg: RunConfig, student, teacher, offline, alignment: VocabAlignment, *, autocast: bool,
-                   device: str) -> Objective:
-    """`offline` (open_teacher_cache's reader) -> OfflineObjective; else OnlineObjective with `teacher`
-    (None: fine-tuning only)."""
+                   device: str, model_dirs: tuple | None = None) -> Objective:
+    """`offline` (open_teacher_cache's reader) -> OfflineObjective; the verdict `cross-tokenizer` with a
+    teacher -> CrossTokenizerObjective (needs `model_dirs` = (teacher_dir, student_dir): their tokenizers);
+    else OnlineObjective with `teacher` (None: fine-tuning only, the CE needs no teacher tokenizer)."""
+    if alignment.verdict == "cross-tokenizer" and offline is None and teacher is not None:
+        if model_dirs is None:
+            raise ConfigError("the cross-tokenizer objective needs the teacher's and student's folders (tokenizers)")
+        return CrossTokenizerObjective(cfg, student, teacher, load_pair(*model_dirs), autocast=autocast, device=device)
     if offline is None:
         return OnlineObjective(cfg, student, teacher, alignment, autocast, device)
     return OfflineObjective(cfg, student, offline, alignment, autocast, device)

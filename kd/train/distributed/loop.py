@@ -118,7 +118,8 @@ def train_distributed(
     if tc.gradient_checkpointing:
         enable_activation_checkpointing(student)
     shard_teacher = mode == "fsdp" and tc.teacher_sharding == "shard" and teacher is not None
-    objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device_type)
+    objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device_type,
+                               model_dirs=(teacher_dir, student_dir))
     # kd.on_policy: GKD's objective; each rank samples its own rows' prompts (the seed includes the rank);
     # under FSDP2 generation gathers every layer once and steps the ranks together (synced)
     objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,

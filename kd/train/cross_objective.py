@@ -1,0 +1,135 @@
+"""The cross-tokenizer objective: teacher and student with different tokenizers (kd.cross_tokenizer, issue 30).
+
+    objective = CrossTokenizerObjective(cfg, student, teacher, pair, autocast=False, device="cpu")
+    out = objective(batch, normalizer=n_tokens)     # kd.train.losses.KDLossOutput (.tokens = groups counted)
+
+Same protocol as kd/train/objectives.py's objectives (make_objective picks this one for the check_vocab verdict
+`cross-tokenizer`). Per micro-batch of student token blocks:
+1. each block row is cut into document pieces and each piece's text is what its student tokens spell
+   (kd/cross_tokenizer/blocks.py); the teacher's tokenizer tokenizes that text and align.py groups the two
+   sides' tokens by bytes (TRL GOLD's rule). Done on the fly per batch (a few ms per block on the CPU); the
+   production path, groups stored with the prepared set, is not built yet.
+2. the student runs on the block as usual; the teacher on its tokens of each row's pieces, packed into one
+   sequence with position ids restarting per piece (block-diagonal attention, as for the prepared set).
+3. a piece's first group is not trained (its first tokens have no prediction on the teacher side: the teacher
+   sees only the piece); every later group g is predicted from the position before its first token on each
+   side. A group counts when all its student tokens are trained (labels != -100).
+4. kd/cross_tokenizer/losses.py's chunked loss (cfg.kd.cross_tokenizer.kind: uld | hybrid | projection) with
+   alpha, temperature from cfg.kd; the vocabulary map or projection is built once, here.
+
+Normalization (kd/train/loss_normalization.py): with `normalizer` (the loops pass the step's trained *student
+tokens*, labels != -100) the CE sum over the counted groups' student tokens and the divergence sum over the
+counted groups are both divided by it, so one global batch gives one gradient however it is split, and with
+the same tokenizer on both sides (one group per token) the loss is the same-vocabulary objective's. Without a
+normalizer: CE mean over counted student tokens, divergence mean over counted groups. Tokens this objective
+does not train (each piece's first group, special tokens such as eos, the bytes of a character cut by a block
+edge) are still in the normalizer's count: it is the step's count, shared with the same-vocabulary path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backends import get_backend
+from kd.config import RunConfig
+from kd.cross_tokenizer.align import TokenizerPair
+from kd.cross_tokenizer.blocks import align_block
+from kd.cross_tokenizer.losses import Side, cross_tokenizer_kd_loss
+from kd.cross_tokenizer.report import special_ids
+from kd.cross_tokenizer.vocab_map import build_projection, exact_matches
+from kd.data import IGNORE, Batch
+from kd.train.losses import KDLossOutput
+
+
+class CrossTokenizerObjective:
+    """Student + frozen teacher with another tokenizer -> the cross-tokenizer KD loss on one batch."""
+
+    def __init__(self, cfg: RunConfig, student, teacher, pair: TokenizerPair, *, autocast: bool, device: str):
+        self.cfg, self.student, self.teacher, self.pair = cfg, student, teacher, pair
+        self.autocast, self.device = autocast, device
+        self.backend = get_backend("hf")
+        ct = cfg.kd.cross_tokenizer
+        self.specials = special_ids(pair.student)
+        self.vs, self.vt = len(pair.student_bytes), len(pair.teacher_bytes)
+        self.vocab_map = exact_matches(pair.teacher_bytes, pair.student_bytes) if ct.kind == "hybrid" else None
+        self.projection = build_projection(pair) if ct.kind == "projection" else None
+
+    def plan(self, batch: Batch):
+        """The batch's alignment: flat student rows/ids/bounds, per-row teacher ids/positions, teacher rows,
+        the teacher's predicted ids and bounds, and the group mask (numpy; see the module docstring)."""
+        ids = batch.ids.cpu().numpy()
+        pos = None if batch.position_ids is None else batch.position_ids.cpu().numpy()
+        labels = batch.labels.cpu().numpy()
+        B, L = ids.shape
+        s_rows, s_ids, s_bounds, keep = [], [], [0], []
+        t_seqs, t_pos, t_rows, t_ids, t_bounds = [], [], [], [], [0]
+        t_base = 0
+        for r in range(B):
+            segs = align_block(self.pair, ids[r], None if pos is None else pos[r], self.specials)
+            row_ids, row_pos = [], []
+            for seg in segs:
+                sb, tb = seg.student_bounds.astype(np.int64), seg.teacher_bounds.astype(np.int64)
+                offset_t = sum(len(x) for x in row_ids)
+                row_ids.append(seg.teacher_ids)
+                row_pos.append(np.arange(len(seg.teacher_ids)))
+                if len(sb) < 3:  # one group: nothing predicted on both sides
+                    continue
+                s_pred = np.arange(seg.start + sb[1], seg.stop)  # student positions predicted
+                s_rows.append(r * L + s_pred - 1)
+                s_ids.append(ids[r, s_pred])
+                trained = labels[r, s_pred - 1] != IGNORE
+                sizes = np.diff(sb[1:])
+                keep.append(np.logical_and.reduceat(trained, sb[1:-1] - sb[1]) if len(sizes) else np.zeros(0, bool))
+                s_bounds.extend((s_bounds[-1] + np.cumsum(sizes)).tolist())
+                t_pred = np.arange(tb[1], len(seg.teacher_ids))
+                t_rows.append(t_base + offset_t + t_pred - 1)
+                t_ids.append(seg.teacher_ids[t_pred])
+                t_bounds.extend((t_bounds[-1] + np.cumsum(np.diff(tb[1:]))).tolist())
+            seq = np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64)
+            t_seqs.append(seq)
+            t_pos.append(np.concatenate(row_pos) if row_pos else np.zeros(0, dtype=np.int64))
+            t_base += len(seq)
+
+        def cat(parts, dtype=np.int64):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+        return (cat(s_rows), cat(s_ids), np.asarray(s_bounds, dtype=np.int64), t_seqs, t_pos, cat(t_rows),
+                cat(t_ids), np.asarray(t_bounds, dtype=np.int64), cat(keep, bool))
+
+    def teacher_hidden(self, t_seqs, t_pos) -> torch.Tensor:
+        """The teacher's final hidden states over each row's packed pieces, concatenated (M, H)."""
+        out = []
+        for seq, p in zip(t_seqs, t_pos):
+            if len(seq) == 0:
+                continue
+            x = torch.as_tensor(seq, device=self.device).unsqueeze(0)
+            pp = torch.as_tensor(p, device=self.device).unsqueeze(0)
+            out.append(self.backend.hidden_states(self.teacher, x, position_ids=pp)[0])
+        return torch.cat(out) if out else None
+
+    def __call__(self, batch: Batch | torch.Tensor, normalizer: float | None = None) -> KDLossOutput:
+        """KD loss of `batch` over byte-aligned groups (module docstring for the normalization)."""
+        kd, ct = self.cfg.kd, self.cfg.kd.cross_tokenizer
+        if not isinstance(batch, Batch):  # bare (B, L) ids: every next token is a label
+            batch = Batch(batch, batch[:, 1:], None)
+        s_rows, s_ids, sb, t_seqs, t_pos, t_rows, t_ids, tb, keep = self.plan(batch)
+        ids = batch.ids.to(self.device)
+        pos = None if batch.position_ids is None else batch.position_ids.to(self.device)
+        with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):
+            s_hidden = self.backend.hidden_states(self.student, ids, position_ids=pos)
+            with torch.no_grad():
+                t_hidden = self.teacher_hidden(t_seqs, t_pos)
+        s_w, s_b = self.backend.output_head(self.student)
+        t_w, t_b = self.backend.output_head(self.teacher)
+        dev = s_hidden.device
+        h = s_hidden.reshape(-1, s_hidden.shape[-1]).index_select(0, torch.as_tensor(s_rows, device=dev))
+        th = (t_hidden.index_select(0, torch.as_tensor(t_rows, device=dev)) if t_hidden is not None
+              else s_hidden.new_zeros(0, t_w.shape[1]))
+        student = Side(h, s_w[: self.vs], torch.as_tensor(s_ids, device=dev), torch.as_tensor(sb, device=dev),
+                       None if s_b is None else s_b[: self.vs])
+        teacher = Side(th.detach(), t_w[: self.vt].detach(), torch.as_tensor(t_ids, device=dev),
+                       torch.as_tensor(tb, device=dev), None if t_b is None else t_b[: self.vt].detach())
+        return cross_tokenizer_kd_loss(student, teacher, ct, alpha=kd.alpha, temperature=kd.temperature,
+                                       vocab_map=self.vocab_map, projection=self.projection,
+                                       group_mask=torch.as_tensor(keep, device=dev), normalizer=normalizer)

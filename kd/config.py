@@ -88,6 +88,12 @@ class ModelInit(_Part):
         description="Depth pruning (Minitron, DistilBERT): the teacher's embeddings, the chosen decoder layers, "
         "its final norm and head, with the teacher's tokenizer."
     )
+    tokenizer: Literal["gpt2", "qwen2", "llama3", "phi3", "smollm2"] | None = Field(
+        None, description="Cross-tokenizer (issue 30): give the pruned student this tokenizer (kd/cross_tokenizer/"
+        "vocab_files.py: real tokenizers offline) by transplanting its embeddings and head (a new token that is "
+        "byte-identical to a teacher token keeps its row, others the mean of their pieces' rows; "
+        "kd/cross_tokenizer/transplant.py). Needs kd.cross_tokenizer.enabled. None: the teacher's tokenizer."
+    )
 
 
 class ModelRef(_Part):
@@ -639,6 +645,10 @@ class RunConfig(_Part):
         if self.teacher.server is not None and self.kd.teacher_mode != "offline":
             raise ValueError("teacher.server: the served teacher feeds the cache step (kd.teacher_mode: offline); "
                              "online and on-policy scoring through the engine are not built yet")
+        if self.student.init is not None and self.student.init.tokenizer is not None \
+                and not self.kd.cross_tokenizer.enabled:
+            raise ValueError("student.init.tokenizer: a student with another tokenizer than the teacher's needs "
+                             "kd.cross_tokenizer.enabled: true")
         if self.kd.cross_tokenizer.enabled and (self.kd.teacher_mode != "online" or self.kd.on_policy.enabled):
             raise ValueError("kd.cross_tokenizer.enabled: the teacher runs online on prepared batches "
                              "(kd.teacher_mode: online, kd.on_policy off); a cross-tokenizer cache or on-policy "
@@ -650,7 +660,8 @@ def short_model_name(ref: ModelRef) -> str:
     """`Qwen/Qwen2.5-0.5B` -> `qwen2.5-0.5b`; `tiny:student` -> `tiny-student`; folder -> its name."""
     if ref.init is not None:  # a student pruned from the teacher: name it by its depth
         spec = ref.init.from_teacher
-        return f"pruned-{spec.keep_layers or len(spec.layers or [])}l"
+        base = f"pruned-{spec.keep_layers or len(spec.layers or [])}l"
+        return base if ref.init.tokenizer is None else f"{base}-{ref.init.tokenizer}"
     base = ref.repo.replace("tiny:", "tiny-").rstrip("/").split("/")[-1].removesuffix(".gguf")
     return re.sub(r"[^a-z0-9._-]+", "-", base.lower()) or "model"
 

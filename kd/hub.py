@@ -90,6 +90,11 @@ def pull_model(
         from kd.prune import ensure_pruned
 
         folder, init = ensure_pruned(teacher, ref.init.from_teacher, data)
+        if ref.init.tokenizer is not None:  # cross-tokenizer: the pruned student on another tokenizer
+            from kd.cross_tokenizer.student import ensure_transplanted
+
+            folder, info = ensure_transplanted(folder, ref.init.tokenizer)
+            init = init.model_copy(update={"tokenizer": info})
         return _snapshot_folder(ref, role, folder, "pruned").model_copy(update={"init": init})
     if ref.is_gguf:
         return _pull_gguf(ref, role, cache_dir, hub_token(token), dtype)

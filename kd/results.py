@@ -66,6 +66,8 @@ class PrunedInit(_Result):
     calibration: dict | None = Field(None, description="The calibration text: source, blocks, seq_len, tokens, sha256")
     full_loss: float | None = Field(None, description="Calibration loss (nats/token) of the whole teacher")
     kept_loss: float | None = Field(None, description="Calibration loss (nats/token) of the kept layers before training")
+    tokenizer: dict | None = Field(None, description="student.init.tokenizer: the tokenizer transplanted onto the "
+                                   "pruned student (name, its folder's sha256, vocab, rows kept / composed / unmapped)")
 
 
 class Provenance(_Result):

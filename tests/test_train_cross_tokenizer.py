@@ -5,6 +5,7 @@ through the objective directly and through the training loop. Wiring tests: none
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,28 @@ def test_training_loop_runs_across_tokenizers(tiny_pair, gpt2_student, tmp_path)
     result = train_student(cfg, tiny_pair[0], gpt2_student, alignment, packed, tmp_path / "run")
     assert result.steps == 2
     assert math.isfinite(result.initial_loss) and math.isfinite(result.final_loss)
+
+
+def test_pruned_student_on_another_tokenizer_is_built_once(tiny_pair):
+    """student.init.tokenizer: the pruned tiny student transplanted onto GPT-2's tokenizer, cached."""
+    import json
+
+    from kd.config import ModelRef, RunConfig
+    from kd.hub import pull_model
+
+    teacher = pull_model(ModelRef(repo="tiny:teacher"), "teacher")
+    ref = ModelRef(repo="from-teacher", init={"from_teacher": {"layers": [0, 1], "strategy": "even"}, "tokenizer": "gpt2"})
+    snap = pull_model(ref, "student", teacher=teacher)
+    again = pull_model(ref, "student", teacher=teacher)
+    assert snap.local_dir == again.local_dir and snap.content_hash == again.content_hash  # built once
+    cfg = json.loads((Path(snap.local_dir) / "config.json").read_text())
+    assert cfg["vocab_size"] == 50257 and cfg["num_hidden_layers"] == 2
+    info = snap.init.tokenizer
+    assert info["tokenizer"] == "gpt2" and info["new_vocab"] == 50257
+    assert info["kept"] + info["composed"] + info["unmapped"] == 50257 and info["kept"] > 0
+    assert AutoTokenizer.from_pretrained(snap.local_dir)("hello")["input_ids"] == load_tokenizer("gpt2")("hello")["input_ids"]
+    assert align_vocab(teacher.local_dir, snap.local_dir, cross_tokenizer=True).verdict == "cross-tokenizer"
+    base = {"teacher": {"repo": "tiny:teacher"}, "student": ref.model_dump()}
+    with pytest.raises(Exception, match="kd.cross_tokenizer.enabled"):
+        RunConfig.model_validate(base)
+    assert RunConfig.model_validate({**base, "kd": {"cross_tokenizer": {"enabled": True}}}).student.init.tokenizer == "gpt2"

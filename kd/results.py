@@ -232,6 +232,8 @@ class ModelEval(_Result):
     entropy: float = Field(description="Mean output entropy (nats)")
     top_token_share: float = Field(description="Share of positions predicting the single most common argmax")
     tokens: int
+    bits_per_byte: float | None = Field(None, description="Cross-tokenizer runs: held-out NLL in bits per UTF-8 byte "
+                                        "over the bytes every model is scored on (kd/evaluate/cross_tokenizer.py)")
 
 
 class Falsifier(_Result):
@@ -405,6 +407,8 @@ class EvalReport(_Result):
     student_after: ModelEval
     vocab_size: int
     gates: list[Falsifier] = Field(default_factory=list)
+    cross_tokenizer: bool = Field(False, description="Teacher and student have different tokenizers: the rows are "
+                                  "bits per byte on the same bytes; KL and top-1 are not applicable (no shared vocabulary)")
     produced_by: Provenance | None = Field(None, description="The run that evaluated (kept when cached)")
     samples: list[SampleGeneration] = Field(
         default_factory=list, description="Greedy completions of eval.sample_prompts by the three models")

@@ -5,6 +5,7 @@
     seg.text                   # what those tokens spell (their bytes, token_bytes.py), valid UTF-8
     seg.teacher_ids            # (m,) the teacher's tokenization of seg.text
     seg.student_bounds, seg.teacher_bounds   # (G+1,) group boundaries over the piece's tokens (align.py)
+    plan = plan_batch(pair, ids, position_ids, labels, special_ids)   # BatchPlan: a batch's flat alignment
 
 Training and the vocab step see the student's *tokens* (the prepared set is tokenized by the student); the
 teacher must see the same text. A block is cut into pieces at document starts (position ids restarting at 0)
@@ -35,6 +36,7 @@ class Segment:
     student_bounds: np.ndarray  # (G+1,) int32 over stop - start tokens
     teacher_bounds: np.ndarray  # (G+1,) int32 over m tokens
     teacher_round_trip: bool
+    byte_bounds: np.ndarray  # (G+1,) int32 over the text's UTF-8 bytes
 
 
 def pieces(ids: np.ndarray, position_ids: np.ndarray | None, special_ids: set[int]) -> list[tuple[int, int]]:
@@ -81,6 +83,68 @@ def align_block(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -
         t = byte_ends(pair.teacher, pair.teacher_bytes, text)
         if len(t.ids) == 0:
             continue
-        tb, sb, _ = group_bounds(t.ends, s_ends)
-        out.append(Segment(p + a, p + b, text, t.ids, sb, tb, t.round_trip))
+        tb, sb, bb = group_bounds(t.ends, s_ends)
+        out.append(Segment(p + a, p + b, text, t.ids, sb, tb, t.round_trip, bb))
     return out
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A batch of blocks aligned for a loss or an eval: each piece's first group dropped (the teacher sees only
+    the piece, so nothing predicts its first tokens), every later group predicted from the position before its
+    first token on each side. Flat over the batch (numpy):
+    s_rows (Ns,) rows of the student's (B*L, H) hidden states predicting s_ids (Ns,); sb (G+1,) group bounds;
+    t_seqs / t_pos: per block row, the teacher's tokens of its pieces packed, and their position ids (restarting
+    per piece); t_rows (Nt,) rows of those packed sequences' concatenated hidden states predicting t_ids; tb (G+1,);
+    keep (G,) bool: every student token of the group is trained (labels != -100); group_bytes (G,) bytes per group."""
+
+    s_rows: np.ndarray
+    s_ids: np.ndarray
+    sb: np.ndarray
+    t_seqs: list
+    t_pos: list
+    t_rows: np.ndarray
+    t_ids: np.ndarray
+    tb: np.ndarray
+    keep: np.ndarray
+    group_bytes: np.ndarray
+
+
+def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[int], ignore: int = -100) -> BatchPlan:
+    """(B, L) student ids, position ids (or None), (B, L-1) labels -> the BatchPlan (its docstring)."""
+    ids, labels = np.asarray(ids), np.asarray(labels)
+    pos = None if position_ids is None else np.asarray(position_ids)
+    B, L = ids.shape
+    s_rows, s_ids, s_bounds, keep, g_bytes = [], [], [0], [], []
+    t_seqs, t_pos, t_rows, t_ids, t_bounds = [], [], [], [], [0]
+    t_base = 0
+    for r in range(B):
+        row_ids, row_pos, row_len = [], [], 0
+        for seg in align_block(pair, ids[r], None if pos is None else pos[r], special_ids):
+            sb, tb = seg.student_bounds.astype(np.int64), seg.teacher_bounds.astype(np.int64)
+            offset_t = row_len
+            row_ids.append(seg.teacher_ids)
+            row_pos.append(np.arange(len(seg.teacher_ids)))
+            row_len += len(seg.teacher_ids)
+            if len(sb) < 3:  # one group: nothing predicted on both sides
+                continue
+            s_pred = np.arange(seg.start + sb[1], seg.stop)  # student positions predicted
+            s_rows.append(r * L + s_pred - 1)
+            s_ids.append(ids[r, s_pred])
+            trained = labels[r, s_pred - 1] != ignore
+            keep.append(np.logical_and.reduceat(trained, sb[1:-1] - sb[1]))
+            s_bounds.extend((s_bounds[-1] + np.cumsum(np.diff(sb[1:]))).tolist())
+            t_pred = np.arange(tb[1], len(seg.teacher_ids))
+            t_rows.append(t_base + offset_t + t_pred - 1)
+            t_ids.append(seg.teacher_ids[t_pred])
+            t_bounds.extend((t_bounds[-1] + np.cumsum(np.diff(tb[1:]))).tolist())
+            g_bytes.append(np.diff(seg.byte_bounds.astype(np.int64))[1:])
+        t_seqs.append(np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64))
+        t_pos.append(np.concatenate(row_pos) if row_pos else np.zeros(0, dtype=np.int64))
+        t_base += row_len
+
+    def cat(parts, dtype=np.int64):
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    return BatchPlan(cat(s_rows), cat(s_ids), np.asarray(s_bounds, dtype=np.int64), t_seqs, t_pos, cat(t_rows),
+                     cat(t_ids), np.asarray(t_bounds, dtype=np.int64), cat(keep, bool), cat(g_bytes))

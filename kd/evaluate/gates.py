@@ -19,7 +19,8 @@ KL_ID = "F-DISTILL-EVAL-001"
 ON_SAMPLE_ID = "F-DISTILL-ONPOLICY-001"
 
 # every metric of a ModelEval row that the finite gate checks
-METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share")
+METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share", "bits_per_byte")
+BPB_ID = "F-DISTILL-BPB-001"
 
 
 def _fmt(x: float | None) -> str:
@@ -125,6 +126,21 @@ def kl_gate(before: ModelEval, after: ModelEval) -> Falsifier:
     )
 
 
+def bpb_gate(teacher: ModelEval, before: ModelEval, after: ModelEval) -> Falsifier:
+    """F-DISTILL-BPB-001 (cross-tokenizer runs, in place of the KL gate): student-after's held-out bits per byte is
+    below student-before's, on the same bytes the teacher is scored on. KL(teacher||student) and top-1 agreement
+    need one vocabulary and are not applicable across tokenizers (stated in the claim, never a silent pass)."""
+    ok = before.bits_per_byte is not None and after.bits_per_byte is not None and after.bits_per_byte < before.bits_per_byte
+    return Falsifier(
+        id=BPB_ID,
+        claim="student-after held-out bits per byte is below student-before's (the same bytes for every model; "
+        "KL and top-1 agreement are not applicable across tokenizers: no shared vocabulary)",
+        observed=f"before {_fmt(before.bits_per_byte)}, after {_fmt(after.bits_per_byte)}, "
+        f"teacher {_fmt(teacher.bits_per_byte)} bits/byte",
+        verdict="pass" if ok else "fail",
+    )
+
+
 def on_sample_gate(report: OnSampleReport | None) -> Falsifier:
     """F-DISTILL-ONPOLICY-001: on completions each samples itself from the same held-out prompts, student-after's
     per-token reverse KL to the teacher is below student-before's (not measured, or NaN: fail)."""
@@ -144,18 +160,18 @@ def on_sample_gate(report: OnSampleReport | None) -> Falsifier:
 
 def eval_gates(
     teacher: ModelEval, before: ModelEval, after: ModelEval, vocab_size: int, cfg: EvalConfig,
-    on_samples: OnSampleReport | None = None,
+    on_samples: OnSampleReport | None = None, cross_tokenizer: bool = False,
 ) -> list[Falsifier]:
     """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`, the on-sample
     gate only when `cfg.require_on_sample_improvement` (an unchecked claim is left out rather than written
-    down as a pass)."""
+    down as a pass). `cross_tokenizer`: the KL gate is stated on bits per byte (bpb_gate)."""
     gates = [
         finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
         uniform_gate(after, vocab_size, cfg, before),
         collapse_gate(after, teacher, vocab_size, cfg),
     ]
     if cfg.require_kl_improvement:
-        gates.append(kl_gate(before, after))
+        gates.append(bpb_gate(teacher, before, after) if cross_tokenizer else kl_gate(before, after))
     if cfg.require_on_sample_improvement:
         gates.append(on_sample_gate(on_samples))
     return gates

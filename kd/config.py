@@ -129,7 +129,8 @@ class ModelRef(_Part):
     )
     server: TeacherServerConfig | None = Field(
         None, description="Teacher only: the teacher served by an inference engine (vLLM): `url` of a running "
-        "one or `launch: vllm`; the cache step asks it for top-k log-probs (kd/teacher_server/).",
+        "one or `launch: vllm`; the cache step asks it for top-k log-probs, and with kd.on_policy.fraction > 0 "
+        "it scores the student's samples (kd/teacher_server/). Needs kd.teacher_mode: offline.",
     )
 
     @property
@@ -642,9 +643,18 @@ class RunConfig(_Part):
             raise ValueError("teacher.init: only the student can be built from the teacher")
         if self.student.server is not None:
             raise ValueError("student.server: only the teacher can be served by an inference engine")
-        if self.teacher.server is not None and self.kd.teacher_mode != "offline":
-            raise ValueError("teacher.server: the served teacher feeds the cache step (kd.teacher_mode: offline); "
-                             "online and on-policy scoring through the engine are not built yet")
+        if self.teacher.server is not None:  # kd/teacher_server/on_policy.py says what is built and why
+            if self.kd.teacher_mode != "offline":
+                raise ValueError("teacher.server: the served teacher feeds the cache step (kd.teacher_mode: offline) "
+                                 "and scores on-policy samples (kd.on_policy.fraction > 0); kd.teacher_mode: online "
+                                 "through the engine is not built: set kd.teacher_mode: offline")
+            if self.kd.on_policy.seq_kd:
+                raise ValueError("kd.on_policy.seq_kd with teacher.server: teacher generation through the engine is "
+                                 "not built (the engine scores the student's samples; set kd.on_policy.seq_kd: false)")
+            if self.kd.on_policy.fraction > 0 and self.train.distributed != "none":
+                raise ValueError(f"train.distributed: {self.train.distributed} with teacher.server and "
+                                 "kd.on_policy.fraction > 0: on-policy scoring through the engine runs in the "
+                                 "single-process loop only (train.distributed: none)")
         if self.student.init is not None and self.student.init.tokenizer is not None \
                 and not self.kd.cross_tokenizer.enabled:
             raise ValueError("student.init.tokenizer: a student with another tokenizer than the teacher's needs "

@@ -248,13 +248,15 @@ def check_on_policy(cfg: RunConfig) -> str:
     if not op.enabled:
         return "off-policy only (kd.on_policy.fraction 0)"
     knob = "kd.on_policy.fraction" if op.fraction > 0 else "kd.on_policy.seq_kd"
-    if cfg.kd.teacher_mode == "offline":
+    served = cfg.teacher.server is not None and not op.seq_kd  # the engine scores the samples (teacher-server docs)
+    if cfg.kd.teacher_mode == "offline" and not served:
         raise ConfigError(f"kd.teacher_mode=offline and {knob}={getattr(op, knob.rsplit('.', 1)[1])} cannot go "
                           "together: the offline teacher cache scores only the prepared tokens, not generated "
                           "completions; set kd.teacher_mode=online or kd.on_policy.fraction=0 / seq_kd=false")
     who = "student" + (" + teacher (seq_kd)" if op.seq_kd else "") if op.fraction > 0 else "teacher (seq_kd)"
     return (f"{who} generate with {op.generator} on {op.fraction:g} of micro-batches, up to {op.max_new_tokens} "
-            f"new tokens (T={op.temperature:g}, top_p={op.top_p:g}), loss {op.divergence} at T={op.loss_temperature:g}")
+            f"new tokens (T={op.temperature:g}, top_p={op.top_p:g}), loss {op.divergence} at T={op.loss_temperature:g}"
+            + (f", scored by the served teacher's top-{cfg.kd.top_k} + tail" if served else ""))
 
 
 def _check_benchmarks(bench_cfg) -> str:

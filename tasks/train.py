@@ -113,12 +113,43 @@ def train_student_task(
         if config.train.distributed != "none":  # torchrun, N ranks: kd/train/distributed (issue 14)
             result = _train_with_torchrun(config, teacher, student, alignment, packed,
                                           run_dir, on_step, teacher_cache)
+        elif served_on_policy_needed(config):  # the engine scores on-policy samples: up for this step only
+            result = _train_with_served_teacher(config, teacher, student, alignment, packed, run_dir, on_step,
+                                                teacher_cache)
         else:
             result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed,
                                    run_dir, on_step=on_step, teacher_cache=teacher_cache)
     result = result.model_copy(update={"produced_by": provenance(run_name)})  # a cache hit keeps naming this run
     artifacts.train_metrics(result)
     return result
+
+
+def served_on_policy_needed(config: RunConfig) -> bool:
+    """teacher.server with kd.on_policy.fraction > 0: training asks the engine to score the student's samples."""
+    return config.teacher.server is not None and config.kd.on_policy.fraction > 0
+
+
+def _train_with_served_teacher(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot,
+                               alignment: VocabAlignment, packed, run_dir: Path, on_step,
+                               teacher_cache: TeacherCacheResult | None) -> TrainResult:
+    """Training inside the engine's lifetime: `teacher.server.url` as given, or `launch: vllm` started here and
+    stopped (its whole process group) when training ends or fails, before the task returns or retries. The
+    result's on_policy.teacher_server names the engine, its start-up and how it was stopped."""
+    from kd.teacher_server.on_policy import served_on_policy
+
+    log, record = get_run_logger(), {}
+    with served_on_policy(config, teacher.local_dir, teacher.repo, alignment, log_dir=run_dir, record=record) as scorer:
+        info = scorer.describe()
+        log.info("teacher server %s (%s %s, %s): scores the on-policy samples, prompt_logprobs %d",
+                 info["url"], info["engine"], info.get("engine_version"),
+                 "launched for this step" if info["launched"] else "given", info["prompt_logprobs"])
+        result = train_student(config, teacher.local_dir, student.local_dir, alignment, packed, run_dir,
+                               on_step=on_step, teacher_cache=teacher_cache, teacher_scorer=scorer)
+    launch = record.get("launch", {})
+    served = {**(result.on_policy or {}).get("teacher_server", {}),
+              "startup_s": launch.get("startup_s"), "stop": launch.get("stop"), "log": launch.get("log")}
+    log.info("teacher server stopped: %s", launch.get("stop") or "not launched by this step")
+    return result.model_copy(update={"on_policy": {**(result.on_policy or {}), "teacher_server": served}})
 
 
 def _train_with_torchrun(config: RunConfig, teacher: ModelSnapshot, student: ModelSnapshot,

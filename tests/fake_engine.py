@@ -5,7 +5,8 @@
     python tests/fake_engine.py --port 8123 [--child] [--ignore-term]     # as a process (launcher tests)
 
 Its "model" is a bigram table: the distribution after token t is log_softmax(W[t]) with W seeded by `seed`,
-so a test computes the exact reference with `reference_logprobs(ids)`. Answers the endpoints kdflow uses,
+so a test computes the exact reference with `reference_logprobs(ids)`; or, with `logprobs_fn` (ids -> (n-1, V)
+log-probs, e.g. a real tiny teacher's forward), that model: FakeEngine(vocab=V, logprobs_fn=fn). Answers the endpoints kdflow uses,
 in vLLM's shapes: /health, /version, /v1/models, /tokenize (one id per UTF-8 byte, mod vocab, + `shift`),
 /v1/completions with `prompt_logprobs` (top-k + the prompt's own token, first entry null; a k above
 `max_logprobs` and an id outside the vocabulary refused with 400 as vLLM words them).
@@ -32,8 +33,9 @@ def bigram_table(vocab: int, seed: int) -> np.ndarray:
 
 class FakeEngine:
     def __init__(self, *, vocab: int = 64, max_logprobs: int = 20, seed: int = 0, name: str = "kdflow-teacher",
-                 shift: int = 0, port: int = 0):
+                 shift: int = 0, port: int = 0, logprobs_fn=None):
         self.vocab, self.max_logprobs, self.name, self.shift = vocab, max_logprobs, name, shift
+        self.logprobs_fn = logprobs_fn  # ids -> (n-1, vocab) log-probs; None: the bigram table
         self.table = bigram_table(vocab, seed)  # (V, V) log-probs, float64
         self.fail_next: list[int] = []  # HTTP statuses to answer the next completions requests with
         self.malformed: str | None = None  # "missing" | "short" | "not-json" | "bad-logprob"
@@ -59,6 +61,8 @@ class FakeEngine:
 
     def reference_logprobs(self, ids: list[int]) -> np.ndarray:
         """(n-1, V): the distribution at each position but the last (what predicts ids[1:])."""
+        if self.logprobs_fn is not None:
+            return np.asarray(self.logprobs_fn(list(ids)), dtype=np.float64)
         return self.table[np.asarray(ids[:-1])]
 
     def _completion(self, body: dict) -> tuple[int, object]:
@@ -77,8 +81,9 @@ class FakeEngine:
         choices = []
         for i, p in enumerate(prompts):
             plp: list = [None]
+            rows = self.reference_logprobs(p) if len(p) > 1 else None
             for j in range(1, len(p)):
-                row = self.table[p[j - 1]]
+                row = rows[j - 1]
                 top = np.argsort(-row, kind="stable")[:kk]
                 entry = {str(int(t)): {"logprob": float(row[t]), "rank": r + 1, "decoded_token": f"<{t}>"}
                          for r, t in enumerate(top)}
@@ -143,13 +148,13 @@ class FakeEngine:
                     eng.completion_prompts += len(body.get("prompt") or [])
                 try:
                     time.sleep(eng.delay_s)
-                    if eng.malformed == "not-json":
-                        return self._send(200, None, raw=b"<html>gateway</html>")
-                    status, obj = eng._completion(body)
-                    return self._send(status, obj)
-                finally:
+                    status, obj = (200, None) if eng.malformed == "not-json" else eng._completion(body)
+                finally:  # before the reply goes out: the client may send its next request as soon as it has it
                     with eng._lock:
                         eng.in_flight -= 1
+                if eng.malformed == "not-json":
+                    return self._send(200, None, raw=b"<html>gateway</html>")
+                return self._send(status, obj)
 
         return Handler
 

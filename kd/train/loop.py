@@ -126,8 +126,10 @@ def train_student(
     *,
     on_step: StepCallback | None = None,
     teacher_cache: TeacherCacheResult | None = None,
+    teacher_scorer=None,
 ) -> TrainResult:
-    """Train the student for `cfg.train.steps` optimizer steps; resume if a checkpoint exists."""
+    """Train the student for `cfg.train.steps` optimizer steps; resume if a checkpoint exists. `teacher_scorer`:
+    the served teacher scoring on-policy samples (kd/teacher_server/on_policy.py; the caller owns the engine)."""
     t0 = time.perf_counter()
     run_dir, student_dir = Path(run_dir).expanduser().resolve(), Path(student_dir)  # results hold absolute paths
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,11 @@ def train_student(
     objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device,
                                model_dirs=(teacher_dir, student_dir))
     step_objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
-                                         autocast=autocast, device=device)
+                                         autocast=autocast, device=device, scorer=teacher_scorer)
+    if teacher_scorer is not None and step_objective is not objective:
+        info = teacher_scorer.describe()
+        log.info("on-policy samples scored by %s at %s (served %s, prompt_logprobs %d%s)", info.get("engine"),
+                 info.get("url"), info.get("served_model"), info["prompt_logprobs"], ", exact" if info["exact"] else "")
     log.info("teacher: %s", "not loaded: alpha = 1, fine-tuning only" if fine_tuning_only(cfg) else
              "online (loaded, runs every step)" if offline is None else f"offline cache {offline.folder} (top-k {offline.spec.k}, {offline.spec.encoding}); teacher not loaded")
 
@@ -269,5 +275,6 @@ def train_student(
         tokens_per_s=tokens_trained / max(wall, 1e-9), wall_s=wall,
         peak_memory_bytes=int(peak), device=device, dtype="bfloat16-autocast" if autocast else "float32",
         teacher_cache=teacher_cache if offline is not None else None,
-        on_policy=on_policy_summary(cfg, metrics_path) if on_policy else None,
+        on_policy=None if not on_policy else {**on_policy_summary(cfg, metrics_path), **(
+            {"teacher_server": teacher_scorer.describe()} if teacher_scorer is not None else {})},
     )

@@ -13,7 +13,9 @@ never materialising [tokens, vocab] logits:
     OfflineObjective   the teacher's cached top-k (kd.teacher_mode: offline, kd/teacher_cache/): no teacher
                        in memory; `open_teacher_cache` gives the verified reader bound to the training data
     OnPolicyObjective  GKD around either of them (kd.on_policy): per micro-batch the student (or the
-                       teacher) generates the completions that are trained (below)
+                       teacher) generates the completions that are trained (below); with the teacher
+                       behind an inference engine (teacher.server) the engine scores the samples'
+                       top-k and they train as OfflineObjective (kd/teacher_server/on_policy.py)
 The single-process loop (kd/train/loop.py) and the torch.distributed loop (kd/train/distributed/loop.py)
 build them with the same calls here.
 
@@ -154,19 +156,28 @@ class OfflineObjective:
 
 
 def on_policy_objective(cfg: RunConfig, objective, student, teacher, alignment: VocabAlignment, packed,
-                        student_dir, *, autocast: bool, device: str, rank: int = 0, synced: bool = False):
+                        student_dir, *, autocast: bool, device: str, rank: int = 0, synced: bool = False,
+                        scorer=None):
     """kd.on_policy enabled: an OnPolicyObjective around `objective`; else `objective` itself. Generated batches
-    are trained by an OnlineObjective built for their config (divergence, temperature, alpha 0)."""
+    are trained by an OnlineObjective built for their config (divergence, temperature, alpha 0), or, with
+    `scorer` (the teacher behind an inference engine, kd/teacher_server/on_policy.py `ServedScores`), by an
+    OfflineObjective reading the engine's top-k + tail for the sampled sequences: the sparse target of the
+    offline cache, at the generated batches' divergence and temperature (teacher-server docs: what top-k
+    does to the divergence)."""
     if not cfg.kd.on_policy.enabled:
         return objective
-    if teacher is None:
+    if teacher is None and scorer is None:
         raise ConfigError("kd.on_policy.fraction / kd.on_policy.seq_kd: generated completions need the teacher "
-                          "online; kd.teacher_mode: offline has only a cache of the prepared tokens")
+                          "online (or served: teacher.server); kd.teacher_mode: offline has only a cache of the "
+                          "prepared tokens")
+    if scorer is not None and cfg.kd.on_policy.seq_kd:
+        raise ConfigError("kd.on_policy.seq_kd with teacher.server: teacher generation through the engine is not built")
     stops = stop_ids_of(student_dir)
     fmt = getattr(packed, "manifest", {}).get("format", "text")
-    return OnPolicyObjective(cfg, objective, lambda c: OnlineObjective(c, student, teacher, alignment, autocast, device),
-                             student, teacher, alignment, fmt=fmt, stop_ids=stops, pad_id=min(stops),
-                             autocast=autocast, rank=rank, synced=synced)
+    make = ((lambda c: OfflineObjective(c, student, scorer, alignment, autocast, device)) if scorer is not None
+            else (lambda c: OnlineObjective(c, student, teacher, alignment, autocast, device)))
+    return OnPolicyObjective(cfg, objective, make, student, teacher, alignment, fmt=fmt, stop_ids=stops,
+                             pad_id=min(stops), autocast=autocast, rank=rank, synced=synced)
 
 
 # ---------------------------------------------------------------- on-policy (GKD)

@@ -5,7 +5,8 @@ nothing left behind (checked at teardown). Against it: the identity check passes
 and refuses another one (exit-2 errors); a k above --max-logprobs is refused naming the flag; and the
 teacher cache built through the engine (cache_teacher_logits with teacher.server.url, the pruned preset's
 data) matches the in-process cache: top-k ids identical except near-ties (|Δ| < 1e-5), tail mass within 1e-4,
-log-probs within 1e-4 on average and 5e-4 at most (vLLM's CPU fp32 kernels: see the last test). Skipped, with the reason, only when .venv-vllm is absent.
+log-probs within 1e-4 on average and 5e-4 at most (vLLM's CPU fp32 kernels: see the cache test); and 2 on-policy
+steps whose samples a launched engine scores (kd/teacher_server/on_policy.py) end with a finite loss and no engine left. Skipped, with the reason, only when .venv-vllm is absent.
 """
 
 from __future__ import annotations
@@ -266,3 +267,45 @@ def test_launched_engine_killed_mid_build_then_resumed(caches, engine):
     res = cache_teacher_logits(*args, "run-resumed", device="cpu")
     assert res.status == "resumed" and res.shards_built == 1 and res.shards == 2
     assert res.source["engine"] == "vllm" and res.source["url"] == engine["url"]
+
+
+def test_two_on_policy_steps_scored_by_a_launched_engine(caches, smollm2_dir, tmp_path):
+    """On-policy through the engine (kd/teacher_server/on_policy.py): `launch: vllm` started for the training
+    step, the pruned student samples, the engine scores every sample's top-k; 2 steps give a finite loss and
+    no engine process is left once the block ends."""
+    import json
+
+    from kd.data import open_prepared
+    from kd.prune import make_student
+    from kd.teacher_server.launch import SERVER_MODULE
+    from kd.teacher_server.on_policy import served_on_policy
+    from kd.train.loop import train_student
+    from kd.vocab import align_vocab
+
+    cfg = caches["cfg_server"].model_copy(deep=True)
+    cfg.train.steps, cfg.train.checkpoint_every = 2, 0
+    cfg.kd.on_policy.fraction, cfg.kd.on_policy.max_new_tokens, cfg.kd.on_policy.prompt_tokens = 1.0, 6, 8
+    cfg.kd.on_policy.max_prompt_tokens = 32
+    cfg.teacher.server = TeacherServerConfig(launch="vllm", max_logprobs=64, max_model_len=256, probe_tolerance=1e-3,
+                                             engine_args=["--enforce-eager"])
+    student = tmp_path / "student"
+    make_student(smollm2_dir, student, layers=list(range(0, 30, 3)))
+    alignment = align_vocab(smollm2_dir, student)
+    record: dict = {}
+    with served_on_policy(cfg, smollm2_dir, "SmolLM2-135M", alignment, log_dir=tmp_path, record=record) as scorer:
+        res = train_student(cfg, smollm2_dir, student, alignment, open_prepared(caches["prepared"].path),
+                            tmp_path / "run", teacher_cache=caches["served"], teacher_scorer=scorer)
+    rows = [json.loads(line) for line in Path(res.metrics_path).read_text().splitlines()]
+    served = res.on_policy["teacher_server"]
+    print(f"on-policy through vLLM: losses {[r['loss'] for r in rows]}, generated {res.on_policy['generated_tokens']} "
+          f"tokens, scored {served['scored']}, engine start {record['launch']['startup_s']:.0f} s, "
+          f"stop {record['launch']['stop']}")
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["batches_on_policy"] == 1 for r in rows)
+    assert served["engine"] == "vllm" and served["launched"] and served["engine_version"] == "0.32.0"
+    assert served["scored"]["sequences"] == 2 * cfg.train.batch_size
+    assert record["launch"]["stop"]["signal"] in ("SIGTERM", "SIGKILL")
+    assert _running_in_group(record["launch"]["pid"]) == []
+    left = [p.pid for p in psutil.Process().children(recursive=True)
+            if p.pid != caches["engine_pid"] and p.status() != psutil.STATUS_ZOMBIE
+            and SERVER_MODULE in " ".join(p.cmdline())]
+    assert left == [], "an engine outlived the training step"

@@ -345,6 +345,13 @@ def run_preflight(cfg: RunConfig) -> PreflightReport:
         from kd.prune import pruned_size_info
 
         student.update(pruned_size_info(teacher, cfg.student.init.from_teacher))
+        if cfg.student.init.tokenizer is not None:  # transplanted onto another tokenizer: its embedding rows
+            from kd.cross_tokenizer.vocab_files import VOCAB_SIZES
+
+            v_new, v_old, width = VOCAB_SIZES[cfg.student.init.tokenizer], student.get("vocab_size"), student.get("hidden_size")
+            if student.get("params") is not None and isinstance(v_old, int) and isinstance(width, int):
+                student["params"] = int(student["params"] + (v_new - v_old) * width)
+            student["vocab_size"] = v_new
     max_pos = student.get("max_positions")
     if max_pos:
         ok = cfg.data.seq_len <= max_pos

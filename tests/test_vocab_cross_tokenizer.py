@@ -102,3 +102,14 @@ def test_report_real_cross_pair_with_teacher_mass(tiny_pair):
     # block edges cut through characters are dropped, so the student side always round-trips
     assert stats["student_not_round_trip"] == 0
     json.dumps(stats)
+
+
+def test_known_tokenizer_sizes_size_a_transplanted_student_at_preflight():
+    from kd.config import load_config
+    from kd.cross_tokenizer.vocab_files import VOCAB_SIZES
+    from kd.preflight import run_preflight
+
+    assert {k: len(load_tokenizer(k)) for k in VOCAB_SIZES} == VOCAB_SIZES
+    cfg = load_config("configs/smollm2-135m-cross-tokenizer.yaml")
+    report = run_preflight(cfg)
+    assert report.plan["student"]["vocab_size"] == VOCAB_SIZES["gpt2"]

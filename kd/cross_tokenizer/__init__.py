@@ -7,6 +7,13 @@
     merge.py        the chain-rule merge of a group's distributions ("observed")
     losses.py       chunked ULD, exact-match hybrid and projection-KL losses, chosen by config
     transplant.py   give a donor model a new tokenizer (tokensurgeon-like embedding init)
+    settings.py     CrossTokenizerLoss and the run's `kd.cross_tokenizer` part (torch-free, nested by kd/config.py)
+    blocks.py       student token blocks -> document pieces' text -> groups with the teacher's tokens (per batch)
+    report.py       check_vocab's alignment statistics on a sample of the training text
+    student.py      `student.init.tokenizer`: the pruned student transplanted onto a named tokenizer, built once
 
-Pure core: nothing here imports prefect. Not yet wired into the flow (after the kd/train/ restructure).
+Pure core: nothing here imports prefect. Wired in (kd.cross_tokenizer.enabled): check_vocab's verdict
+`cross-tokenizer` (kd/vocab.py), the training objective (kd/train/cross_objective.py), the eval's bits per byte
+(kd/evaluate/cross_tokenizer.py); preset configs/smollm2-135m-cross-tokenizer.yaml. Not built: groups stored
+with the prepared set (today aligned on the fly per batch), a cross-tokenizer teacher cache, on-policy.
 """

@@ -45,6 +45,8 @@ VOCABS = {
     "phi3": "ggml-vocab-phi-3.gguf",  # Phi-3, SentencePiece BPE with byte fallback, 32,064
 }
 TEACHER = "smollm2"
+# tokenizer sizes (len(tok)), known without loading: what preflight sizes a transplanted student with
+VOCAB_SIZES = {"qwen2": 151936, "llama3": 128257, "gpt2": 50257, "phi3": 32064, "smollm2": 49152}
 MARKER = "kdflow-vocab.json"
 CONVERT_FORMAT = 1  # bump when the conversion changes, so cached folders are rebuilt
 

@@ -169,7 +169,6 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
                      control_training=None, device="cpu", backend: str = "hf", log=print) -> EvalReport:
     """The trained student (and eval.control's control) against `baselines`: held-out row and gates, completions
     and benchmarks merged with the baselines', the on-sample eval, KD − control, and the ship verdict."""
-    from kd.evaluate.benchmarks import merge_benchmarks, score_benchmarks, with_benchmarks
     from kd.evaluate.ship import ship_verdict
     from kd.samples import merge_samples
 
@@ -195,10 +194,8 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
                         gates=eval_gates(baselines.teacher, baselines.student_before, after, v, ev, on_samples=sampled),
                         samples=merge_samples(baselines.samples,
                                               _samples(config, trained, student_dir, heldout, alignment, device)))
-    bench = score_benchmarks(trained, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
-                             device=device, log=log)
-    if bench is not None:
-        report = with_benchmarks(report, merge_benchmarks(baselines.benchmarks, bench), ev, log=log)
+    report = _with_trained_benchmarks(report, trained, tokenizer_dirs, baselines, ev, student_dir=student_dir,
+                                      heldout_path=heldout_path, device=device, log=log)
     mine = None
     if baselines.reference is not None:  # out of domain: the same documents the teacher was scored on
         docs = reference_docs(config, student_dir)
@@ -215,13 +212,22 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
     return report.model_copy(update={"ship": ship_verdict(report, ev.ship)})
 
 
+def _with_trained_benchmarks(report: EvalReport, trained: dict, tokenizer_dirs: dict, baselines, ev, *, student_dir,
+                             heldout_path, device, log) -> EvalReport:
+    """`report` with the trained models' benchmarks merged beside the baselines' and the benchmark gates."""
+    from kd.evaluate.benchmarks import merge_benchmarks, score_benchmarks, with_benchmarks
+
+    bench = score_benchmarks(trained, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
+                             device=device, log=log)
+    return report if bench is None else with_benchmarks(report, merge_benchmarks(baselines.benchmarks, bench), ev, log=log)
+
+
 def _evaluate_student_cross(config, models, tokenizer_dirs, baselines, heldout, alignment, trained, *, heldout_path,
                             device, backend, log) -> EvalReport:
     """evaluate_student for the verdict cross-tokenizer: bits per byte on the same bytes, the KL gate stated on them
     (kd/evaluate/gates.py bpb_gate), completions and benchmarks as usual; the on-sample eval, the reference and the
     control comparison read text through one tokenizer and are not run (their gates, when required, fail as
     not measured)."""
-    from kd.evaluate.benchmarks import merge_benchmarks, score_benchmarks, with_benchmarks
     from kd.evaluate.ship import ship_verdict
     from kd.samples import merge_samples
 
@@ -234,8 +240,6 @@ def _evaluate_student_cross(config, models, tokenizer_dirs, baselines, heldout, 
                         gates=eval_gates(baselines.teacher, baselines.student_before, after, v, ev, cross_tokenizer=True),
                         samples=merge_samples(baselines.samples,
                                               _samples(config, trained, student_dir, heldout, alignment, device)))
-    bench = score_benchmarks(trained, tokenizer_dirs, ev, student_dir=student_dir, heldout_path=heldout_path,
-                             device=device, log=log)
-    if bench is not None:
-        report = with_benchmarks(report, merge_benchmarks(baselines.benchmarks, bench), ev, log=log)
+    report = _with_trained_benchmarks(report, trained, tokenizer_dirs, baselines, ev, student_dir=student_dir,
+                                      heldout_path=heldout_path, device=device, log=log)
     return report.model_copy(update={"ship": ship_verdict(report, ev.ship)})

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from flows.cli import main
-from kd.evaluate.gates import BPB_ID, KL_ID
+from kd.evaluate.gates import BPB_ID, GROUP_KL_ID, KL_ID
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-cross-tokenizer.yaml"
 
@@ -32,7 +32,15 @@ def test_cross_tokenizer_preset_end_to_end(tmp_path, prefect_server, capsys):
     assert ev["cross_tokenizer"] is True
     for row in ("teacher", "student_before", "student_after"):
         assert math.isfinite(ev[row]["bits_per_byte"]) and ev[row]["kl_to_teacher"] is None
+    for row in ("student_before", "student_after"):  # the KL and agreement restated on byte-aligned groups
+        assert ev[row]["groups"] > 0 and ev[row]["group_kl_to_teacher"] > 0
+        assert 0 <= ev[row]["group_top1_agreement"] <= 1
+    assert ev["teacher"]["group_kl_to_teacher"] is None
     ids = [f["id"] for f in m["falsifiers"]]
-    assert BPB_ID in ids and KL_ID not in ids
+    assert BPB_ID in ids and GROUP_KL_ID in ids and KL_ID not in ids
     assert (code == 0) == all(f["verdict"] == "pass" for f in m["falsifiers"])
     assert main(["evidence", "verify", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["evidence", "show", str(run_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "group KL" in shown and "bits/byte" in shown and GROUP_KL_ID in shown

@@ -13,8 +13,11 @@ the teacher sees only the piece; groups with an untrained token dropped) is divi
     bits_per_byte = sum NLL (nats) / ln 2 / bytes        (the same bytes for teacher, before and after)
 
 `loss` / `perplexity` / `entropy` / `top_token_share` are each model's own per-token numbers (not comparable
-between teacher and student: other tokens); `kl_to_teacher` and `top1_agreement` are None (not applicable),
-and the eval gates state the bits-per-byte claim instead of the KL one (kd/evaluate/gates.py).
+between teacher and student: other tokens); `kl_to_teacher` and `top1_agreement` are None (not applicable).
+What is comparable is restated on the same groups (kd/cross_tokenizer/group_eval.py): each student's
+`group_kl_to_teacher` (mean binary KL of the realized group text, teacher || student) and `group_top1_agreement`
+(share of groups where both agree whether the realized text is their top choice); None on the teacher's row.
+The eval gates state the bits-per-byte claim and the group-KL one instead of the per-token KL (kd/evaluate/gates.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 from kd.cross_tokenizer.align import TokenizerPair
 from kd.cross_tokenizer.blocks import plan_batch
+from kd.cross_tokenizer.group_eval import group_binary_kl, group_outcomes
 from kd.cross_tokenizer.merge import group_index
 from kd.cross_tokenizer.report import special_ids
 from kd.data.prepared import IGNORE
@@ -37,31 +41,59 @@ class _Sums:
     def __init__(self, vocab: int):
         self.n, self.nll, self.entropy = 0, 0.0, 0.0
         self.counts = torch.zeros(vocab, dtype=torch.long)
+        self.groups, self.group_kl, self.group_agree = 0, 0.0, 0  # against the teacher, over the same groups
 
-    def result(self, n_bytes: int) -> ModelEval:
-        n = self.n or float("nan")
+    def add_groups(self, teacher: tuple[torch.Tensor, torch.Tensor], mine: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """(log p, top?) per group from group_outcomes, the teacher's and this model's."""
+        self.groups += int(mine[0].shape[0])
+        self.group_kl += float(group_binary_kl(teacher[0], mine[0]).sum())
+        self.group_agree += int((teacher[1] == mine[1]).sum())
+
+    def result(self, n_bytes: int, compared: bool) -> ModelEval:
+        n, g = self.n or float("nan"), self.groups or float("nan")
         loss = self.nll / n
         return ModelEval(loss=loss, perplexity=math.exp(loss) if loss < 709.0 else float("inf"), kl_to_teacher=None,
                          top1_agreement=None, entropy=self.entropy / n,
                          top_token_share=float(self.counts.max()) / n, tokens=self.n,
-                         bits_per_byte=self.nll / math.log(2) / n_bytes if n_bytes else float("nan"))
+                         bits_per_byte=self.nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+                         group_kl_to_teacher=self.group_kl / g if compared else None,
+                         group_top1_agreement=self.group_agree / g if compared else None,
+                         groups=self.groups if compared else None)
 
 
-def _score(acc: _Sums, hidden: torch.Tensor, w: torch.Tensor, b, ids: torch.Tensor, chunk_size: int) -> None:
+def _score(acc: _Sums | None, hidden: torch.Tensor, w: torch.Tensor, b, ids: torch.Tensor,
+           chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the per-token numbers into `acc` (None: only score); (N,) realized log-probs and (N,) bool: the
+    model's argmax is the realized token."""
+    lps, hits = [], []
     for s in range(0, hidden.shape[0], chunk_size):
         lp = F.log_softmax(F.linear(hidden[s:s + chunk_size], w, b).float(), -1)
         y = ids[s:s + chunk_size]
-        acc.nll += float(-lp.gather(1, y.unsqueeze(1)).sum())
-        acc.entropy += float(-(lp.exp() * lp).sum())
-        acc.counts += torch.bincount(lp.argmax(-1).cpu(), minlength=acc.counts.shape[0])
-        acc.n += y.shape[0]
+        picked, top = lp.gather(1, y.unsqueeze(1)).squeeze(1), lp.argmax(-1)
+        lps.append(picked.cpu())
+        hits.append((top == y).cpu())
+        if acc is not None:
+            acc.nll += float(-picked.sum())
+            acc.entropy += float(-(lp.exp() * lp).sum())
+            acc.counts += torch.bincount(top.cpu(), minlength=acc.counts.shape[0])
+            acc.n += y.shape[0]
+    if not lps:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(lps), torch.cat(hits)
+
+
+def _kept_bounds(bounds, keep: torch.Tensor) -> torch.Tensor:
+    """(G+1,) bounds over all groups -> (K+1,) bounds over the kept groups' tokens (as they are selected)."""
+    sizes = torch.diff(torch.as_tensor(bounds, dtype=torch.long))[keep]
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
 
 
 @torch.no_grad()
 def evaluate_cross(models: list, teacher, blocks, pair: TokenizerPair, *, batch_size: int, chunk_size: int = 256,
                    device="cpu", max_batches: int | None = None, backend: str = "hf") -> list[ModelEval]:
     """`models` (students on pair.student's tokenizer; the teacher itself may be among them, scored on its own
-    tokens) over held-out `blocks` ((B, L) ids or a prepared Split); one ModelEval per model (module docstring)."""
+    tokens) over held-out `blocks` ((B, L) ids or a prepared Split); one ModelEval per model (module docstring).
+    The teacher runs on every batch (the students' group numbers are against it), once even when among `models`."""
     from backends import get_backend
 
     be = get_backend(backend)
@@ -94,17 +126,21 @@ def evaluate_cross(models: list, teacher, blocks, pair: TokenizerPair, *, batch_
         s_ids = torch.as_tensor(plan.s_ids)[s_tok].to(device)
         t_rows = torch.as_tensor(plan.t_rows)[t_tok].to(device)
         t_ids = torch.as_tensor(plan.t_ids)[t_tok].to(device)
+        tb, sb = _kept_bounds(plan.tb, keep), _kept_bounds(plan.sb, keep)
+        w, b = be.output_head(teacher)
+        hs = [be.hidden_states(teacher, torch.as_tensor(q, device=device).unsqueeze(0),
+                               position_ids=torch.as_tensor(p, device=device).unsqueeze(0))[0]
+              for q, p in zip(plan.t_seqs, plan.t_pos) if len(q)]
+        h = torch.cat(hs).index_select(0, t_rows)
+        t_acc = next((acc for m, acc in zip(models, sums) if m is teacher), None)
+        t_groups = group_outcomes(*_score(t_acc, h, w[:vt], None if b is None else b[:vt], t_ids, chunk_size), tb)
         for m, acc in zip(models, sums):
-            w, b = be.output_head(m)
             if m is teacher:
-                hs = [be.hidden_states(m, torch.as_tensor(q, device=device).unsqueeze(0),
-                                       position_ids=torch.as_tensor(p, device=device).unsqueeze(0))[0]
-                      for q, p in zip(plan.t_seqs, plan.t_pos) if len(q)]
-                h = torch.cat(hs).index_select(0, t_rows)
-                _score(acc, h, w[:vt], None if b is None else b[:vt], t_ids, chunk_size)
-            else:
-                x, p = ids.to(device), None if pos is None else pos.to(device)
-                h = be.hidden_states(m, x, position_ids=p)
-                h = h.reshape(-1, h.shape[-1]).index_select(0, s_rows)
-                _score(acc, h, w[:vs], None if b is None else b[:vs], s_ids, chunk_size)
-    return [acc.result(n_bytes) for acc in sums]
+                continue
+            w, b = be.output_head(m)
+            x, p = ids.to(device), None if pos is None else pos.to(device)
+            h = be.hidden_states(m, x, position_ids=p)
+            h = h.reshape(-1, h.shape[-1]).index_select(0, s_rows)
+            acc.add_groups(t_groups, group_outcomes(*_score(acc, h, w[:vs], None if b is None else b[:vs], s_ids,
+                                                             chunk_size), sb))
+    return [acc.result(n_bytes, compared=m is not teacher) for m, acc in zip(models, sums)]

@@ -19,8 +19,10 @@ KL_ID = "F-DISTILL-EVAL-001"
 ON_SAMPLE_ID = "F-DISTILL-ONPOLICY-001"
 
 # every metric of a ModelEval row that the finite gate checks
-METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share", "bits_per_byte")
+METRICS = ("loss", "perplexity", "kl_to_teacher", "top1_agreement", "entropy", "top_token_share", "bits_per_byte",
+           "group_kl_to_teacher", "group_top1_agreement")
 BPB_ID = "F-DISTILL-BPB-001"
+GROUP_KL_ID = "F-DISTILL-GROUPKL-001"
 
 
 def _fmt(x: float | None) -> str:
@@ -128,15 +130,34 @@ def kl_gate(before: ModelEval, after: ModelEval) -> Falsifier:
 
 def bpb_gate(teacher: ModelEval, before: ModelEval, after: ModelEval) -> Falsifier:
     """F-DISTILL-BPB-001 (cross-tokenizer runs, in place of the KL gate): student-after's held-out bits per byte is
-    below student-before's, on the same bytes the teacher is scored on. KL(teacher||student) and top-1 agreement
-    need one vocabulary and are not applicable across tokenizers (stated in the claim, never a silent pass)."""
+    below student-before's, on the same bytes the teacher is scored on. Per-token KL(teacher||student) and top-1
+    agreement need one vocabulary and are not applicable across tokenizers (stated in the claim, never a silent
+    pass); group_kl_gate restates the KL claim on byte-aligned groups."""
     ok = before.bits_per_byte is not None and after.bits_per_byte is not None and after.bits_per_byte < before.bits_per_byte
     return Falsifier(
         id=BPB_ID,
         claim="student-after held-out bits per byte is below student-before's (the same bytes for every model; "
-        "KL and top-1 agreement are not applicable across tokenizers: no shared vocabulary)",
+        "per-token KL and top-1 agreement are not applicable across tokenizers: no shared vocabulary; restated on "
+        f"byte-aligned groups in {GROUP_KL_ID})",
         observed=f"before {_fmt(before.bits_per_byte)}, after {_fmt(after.bits_per_byte)}, "
         f"teacher {_fmt(teacher.bits_per_byte)} bits/byte",
+        verdict="pass" if ok else "fail",
+    )
+
+
+def group_kl_gate(before: ModelEval, after: ModelEval) -> Falsifier:
+    """F-DISTILL-GROUPKL-001 (cross-tokenizer runs, the KL gate restated on byte-aligned groups): student-after's mean
+    group KL(teacher||student) on held-out data is below student-before's (kd/cross_tokenizer/group_eval.py). Not
+    measured (None, a row recorded without group numbers) or NaN: fail."""
+    ok = (before.group_kl_to_teacher is not None and after.group_kl_to_teacher is not None
+          and after.group_kl_to_teacher < before.group_kl_to_teacher)
+    return Falsifier(
+        id=GROUP_KL_ID,
+        claim="student-after KL(teacher‖student) on held-out byte-aligned groups (binary: the group's realized text "
+        "vs anything else, chain-rule probabilities on each side's own tokens) is below student-before's",
+        observed=f"before {_fmt(before.group_kl_to_teacher)}, after {_fmt(after.group_kl_to_teacher)} nats/group over "
+        f"{after.groups} groups; group top-1 agreement {_fmt(before.group_top1_agreement)} → "
+        f"{_fmt(after.group_top1_agreement)}",
         verdict="pass" if ok else "fail",
     )
 
@@ -164,14 +185,16 @@ def eval_gates(
 ) -> list[Falsifier]:
     """All gates for an eval table. The KL gate is present only when `cfg.require_kl_improvement`, the on-sample
     gate only when `cfg.require_on_sample_improvement` (an unchecked claim is left out rather than written
-    down as a pass). `cross_tokenizer`: the KL gate is stated on bits per byte (bpb_gate)."""
+    down as a pass). `cross_tokenizer`: the KL gate is stated on bits per byte (bpb_gate) and on byte-aligned
+    groups (group_kl_gate)."""
     gates = [
         finite_gate({"teacher": teacher, "student_before": before, "student_after": after}),
         uniform_gate(after, vocab_size, cfg, before),
         collapse_gate(after, teacher, vocab_size, cfg),
     ]
     if cfg.require_kl_improvement:
-        gates.append(bpb_gate(teacher, before, after) if cross_tokenizer else kl_gate(before, after))
+        gates += ([bpb_gate(teacher, before, after), group_kl_gate(before, after)] if cross_tokenizer
+                  else [kl_gate(before, after)])
     if cfg.require_on_sample_improvement:
         gates.append(on_sample_gate(on_samples))
     return gates

@@ -75,7 +75,7 @@ def distill(config: RunConfig) -> dict:
         teacher, student = steps.run("pull_models", pull_models.with_options(**opts), config)
         alignment = steps.run("check_vocab", check_vocab.with_options(refresh_cache=refresh or None),
                               config, teacher, student)
-        prepared = steps.run("prepare_data", prepare_data_task.with_options(**opts), config, student)
+        prepared = steps.run("prepare_data", prepare_data_task.with_options(**opts), config, student, teacher)
         if config.kd.teacher_mode == "offline":  # the teacher runs once here; training never loads it
             teacher_cache = cache_step(config, teacher, alignment, prepared, run_name, steps, **opts)
         if config.orchestration.train_deployment:  # e.g. kd-train/gpu: runs on the gpu work pool's worker

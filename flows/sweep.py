@@ -160,7 +160,7 @@ def run_shared_steps(trials: list[Trial], sweep_name: str) -> None:
         opts = dict(refresh_cache=o.refresh_cache or None, retries=o.retries, retry_delay_seconds=o.retry_delay_s)
         teacher, student = pull_models.with_options(**opts)(cfg)
         alignment = check_vocab.with_options(refresh_cache=o.refresh_cache or None)(cfg, teacher, student)
-        prepared = prepare_data_task.with_options(**opts)(cfg, student)
+        prepared = prepare_data_task.with_options(**opts)(cfg, student, teacher)
         if cfg.kd.teacher_mode == "offline":
             cache_step(cfg, teacher, alignment, prepared, f"{sweep_name}-shared", **opts)
         for trial in group:  # one computation per distinct key: the rest of the group's calls are Cached

@@ -100,6 +100,11 @@ def hash_dir(root: str | Path) -> str:
     return digest_of(hash_tree(root))
 
 
+def package_hash(folder: str | Path) -> str:
+    """sha256 over one package folder's own .py files (not its sub-packages): a step's code in its cache key."""
+    return digest_of({p.name: sha256_file(p) for p in sorted(Path(folder).glob("*.py"))})
+
+
 def code_version() -> str:
     """sha256 over kdflow's own source (kd/ and backends/): a code change changes the cache keys."""
     root = Path(__file__).resolve().parent.parent

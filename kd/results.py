@@ -234,12 +234,11 @@ class ModelEval(_Result):
     tokens: int
     bits_per_byte: float | None = Field(None, description="Cross-tokenizer runs: held-out NLL in bits per UTF-8 byte "
                                         "over the bytes every model is scored on (kd/evaluate/cross_tokenizer.py)")
-    group_kl_to_teacher: float | None = Field(
-        None, description="Cross-tokenizer runs, students: mean over byte-aligned groups of the binary KL(teacher||model) "
-        "of the group's realized text vs anything else (kd/cross_tokenizer/group_eval.py)")
-    group_top1_agreement: float | None = Field(
-        None, description="Cross-tokenizer runs, students: share of groups where model and teacher agree whether the "
-        "realized text is their top choice (argmax at the group's first token is the realized token)")
+    group_kl_to_teacher: float | None = Field(None, description="Cross-tokenizer runs, students: mean over byte-aligned "
+                                              "groups of the binary KL(teacher||model) of the group's realized text vs "
+                                              "anything else (kd/cross_tokenizer/group_eval.py)")
+    group_top1_agreement: float | None = Field(None, description="Cross-tokenizer runs, students: share of groups where "
+                                               "model and teacher agree whether the realized text is their top choice")
     groups: int | None = Field(None, description="Cross-tokenizer runs, students: groups the two group metrics average over")
 
 

@@ -7,7 +7,7 @@ this process is the truth. Who computed a result travels inside the result (`pro
 cache hit names its producer without a server query.
 
     steps = StepStates()
-    prepared = steps.run("prepare_data", prepare_data_task.with_options(**opts), config, student)
+    prepared = steps.run("prepare_data", prepare_data_task.with_options(**opts), config, student, teacher)
     ...
     lineage = step_lineage(steps.cached, run_name, flow_run_id, results)
 """

@@ -131,6 +131,7 @@ def test_training_loop_runs_across_tokenizers(tiny_pair, gpt2_student, tmp_path)
     alignment = align_vocab(tiny_pair[0], gpt2_student, cross_tokenizer=True)
     result = train_student(cfg, tiny_pair[0], gpt2_student, alignment, packed, tmp_path / "run")
     assert result.steps == 2
+    assert list((packed.root / "groups").glob("*/groups.json"))  # the objective read the groups stored beside the set
     assert math.isfinite(result.initial_loss) and math.isfinite(result.final_loss)
 
 

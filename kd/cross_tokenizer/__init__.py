@@ -8,12 +8,17 @@
     losses.py       chunked ULD, exact-match hybrid and projection-KL losses, chosen by config
     transplant.py   give a donor model a new tokenizer (tokensurgeon-like embedding init)
     settings.py     CrossTokenizerLoss and the run's `kd.cross_tokenizer` part (torch-free, nested by kd/config.py)
-    blocks.py       student token blocks -> document pieces' text -> groups with the teacher's tokens (per batch)
+    blocks.py       student token blocks -> document pieces' text -> groups with the teacher's tokens
+    stored.py       those groups for every prepared block, stored beside the prepared set (memory-mapped)
+    group_eval.py   KL and top-1 agreement restated on groups (binary KL of the realized group text)
     report.py       check_vocab's alignment statistics on a sample of the training text
     student.py      `student.init.tokenizer`: the pruned student transplanted onto a named tokenizer, built once
 
 Pure core: nothing here imports prefect. Wired in (kd.cross_tokenizer.enabled): check_vocab's verdict
-`cross-tokenizer` (kd/vocab.py), the training objective (kd/train/cross_objective.py), the eval's bits per byte
-(kd/evaluate/cross_tokenizer.py); preset configs/smollm2-135m-cross-tokenizer.yaml. Not built: groups stored
-with the prepared set (today aligned on the fly per batch), a cross-tokenizer teacher cache, on-policy.
+`cross-tokenizer` (kd/vocab.py), the groups stored at prepare time (tasks/prepare.py -> stored.py) and read by
+the training objective (kd/train/cross_objective.py) and the eval, the eval's bits per byte, group KL and group
+agreement with their gates F-DISTILL-BPB-001 and F-DISTILL-GROUPKL-001 (kd/evaluate/cross_tokenizer.py,
+kd/evaluate/gates.py); preset configs/smollm2-135m-cross-tokenizer.yaml; docs/cross-tokenizer.md. Not built: a
+cross-tokenizer teacher cache (top-k with byte offsets), on-policy across tokenizers, chat templates rendered
+per side (the teacher reads the text of the student's pieces between special tokens).
 """

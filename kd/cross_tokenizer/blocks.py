@@ -2,10 +2,12 @@
 
     segs = align_block(pair, ids_row, position_ids_row, special_ids)   # list[Segment], one per document piece
     seg.start, seg.stop        # student positions start..stop-1 of the block (the piece's tokens)
-    seg.text                   # what those tokens spell (their bytes, token_bytes.py), valid UTF-8
-    seg.teacher_ids            # (m,) the teacher's tokenization of seg.text
+    seg.teacher_ids            # (m,) the teacher's tokenization of the text those tokens spell
     seg.student_bounds, seg.teacher_bounds   # (G+1,) group boundaries over the piece's tokens (align.py)
+    rows = align_blocks(pair, ids, position_ids, special_ids)          # (B, L) -> list[list[Segment]], one
+                                                                       # teacher batch-encode for all pieces
     plan = plan_batch(pair, ids, position_ids, labels, special_ids)   # BatchPlan: a batch's flat alignment
+    plan = plan_batch(..., segments=stored.rows(batch_rows))          # from the prepared set's stored groups
 
 Training and the vocab step see the student's *tokens* (the prepared set is tokenized by the student); the
 teacher must see the same text. A block is cut into pieces at document starts (position ids restarting at 0)
@@ -13,8 +15,9 @@ and at special tokens (eos / bos / pad: their literal strings mean nothing to an
 text is the concatenation of its tokens' bytes, so the student side round-trips by construction (its byte
 ends are exact). Tokens at a piece's edges that carry only part of a UTF-8 character (a block cut through
 an emoji) are left out of the piece. The teacher tokenizes the text (no special tokens added) and align.py
-groups both sides. This is done per batch, on the fly (issue 30 item 2 stores the groups with the prepared
-set; not built yet).
+groups both sides. Training and eval read these segments from the prepared set's stored groups
+(kd/cross_tokenizer/stored.py, built once at prepare time with align_blocks); aligning on the fly is what a batch
+without stored groups gets (bare tensors, tests) and the check that stored == on the fly.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from kd.cross_tokenizer.token_bytes import byte_ends
 class Segment:
     start: int
     stop: int
-    text: str
     teacher_ids: np.ndarray  # (m,) int64
     student_bounds: np.ndarray  # (G+1,) int32 over stop - start tokens
     teacher_bounds: np.ndarray  # (G+1,) int32 over m tokens
@@ -65,10 +67,16 @@ def _valid_utf8_span(chunks: list[bytes]) -> tuple[int, int, str] | None:
     return None
 
 
-def align_block(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -> list[Segment]:
-    """One block row of student ids (L,) (and its position ids or None) -> its aligned pieces (docstring)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    pos = None if position_ids is None else np.asarray(position_ids)
+@dataclass(frozen=True)
+class _Piece:
+    start: int
+    stop: int
+    text: str
+    student_ends: np.ndarray  # (stop - start,) byte end of each student token in text
+
+
+def _student_pieces(pair: TokenizerPair, ids: np.ndarray, pos, special_ids: set[int]) -> list[_Piece]:
+    """The student side: each document piece's tokens that spell whole UTF-8 characters, and their text."""
     out = []
     for p, q in pieces(ids, pos, special_ids):
         chunks = [pair.student_bytes.pieces[i] for i in ids[p:q].tolist()]
@@ -80,12 +88,43 @@ def align_block(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -
         if not text or any(len(c) == 0 for c in chunks):
             continue  # zero-width student tokens cannot be placed on bytes here
         s_ends = np.cumsum(np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks)))
-        t = byte_ends(pair.teacher, pair.teacher_bytes, text)
-        if len(t.ids) == 0:
-            continue
-        tb, sb, bb = group_bounds(t.ends, s_ends)
-        out.append(Segment(p + a, p + b, text, t.ids, sb, tb, t.round_trip, bb))
+        out.append(_Piece(p + a, p + b, text, s_ends))
     return out
+
+
+def _segment(pair: TokenizerPair, piece: _Piece, teacher_enc) -> Segment | None:
+    """The teacher side of a piece (teacher_enc: its (ids, offsets) from a batch encode) and the groups."""
+    t = byte_ends(pair.teacher, pair.teacher_bytes, piece.text, ids=teacher_enc[0], offsets=teacher_enc[1])
+    if len(t.ids) == 0:
+        return None
+    tb, sb, bb = group_bounds(t.ends, piece.student_ends)
+    return Segment(piece.start, piece.stop, t.ids, sb, tb, t.round_trip, bb)
+
+
+def align_blocks(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -> list[list[Segment]]:
+    """(B, L) student ids (and position ids or None) -> each row's aligned pieces (module docstring); the teacher
+    tokenizes every piece of the batch in one call."""
+    ids = np.asarray(ids, dtype=np.int64)
+    rows = [_student_pieces(pair, ids[r], None if position_ids is None else np.asarray(position_ids[r]), special_ids)
+            for r in range(ids.shape[0])]
+    texts = [pc.text for row in rows for pc in row]
+    enc = pair.teacher(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    out, k = [], 0
+    for row in rows:
+        segs = []
+        for pc in row:
+            seg = _segment(pair, pc, (enc["input_ids"][k], enc["offset_mapping"][k]))
+            k += 1
+            if seg is not None:
+                segs.append(seg)
+        out.append(segs)
+    return out
+
+
+def align_block(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -> list[Segment]:
+    """One block row of student ids (L,) (and its position ids or None) -> its aligned pieces (docstring)."""
+    return align_blocks(pair, np.asarray(ids)[None], None if position_ids is None else np.asarray(position_ids)[None],
+                        special_ids)[0]
 
 
 @dataclass(frozen=True)
@@ -110,17 +149,21 @@ class BatchPlan:
     group_bytes: np.ndarray
 
 
-def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[int], ignore: int = -100) -> BatchPlan:
-    """(B, L) student ids, position ids (or None), (B, L-1) labels -> the BatchPlan (its docstring)."""
+def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[int], ignore: int = -100, *,
+               segments: list[list[Segment]] | None = None) -> BatchPlan:
+    """(B, L) student ids, position ids (or None), (B, L-1) labels -> the BatchPlan (its docstring). `segments`:
+    each row's aligned pieces when stored (kd/cross_tokenizer/stored.py); None: aligned here (align_blocks)."""
     ids, labels = np.asarray(ids), np.asarray(labels)
     pos = None if position_ids is None else np.asarray(position_ids)
     B, L = ids.shape
+    if segments is None:
+        segments = align_blocks(pair, ids, pos, special_ids)
     s_rows, s_ids, s_bounds, keep, g_bytes = [], [], [0], [], []
     t_seqs, t_pos, t_rows, t_ids, t_bounds = [], [], [], [], [0]
     t_base = 0
     for r in range(B):
         row_ids, row_pos, row_len = [], [], 0
-        for seg in align_block(pair, ids[r], None if pos is None else pos[r], special_ids):
+        for seg in segments[r]:
             sb, tb = seg.student_bounds.astype(np.int64), seg.teacher_bounds.astype(np.int64)
             offset_t = row_len
             row_ids.append(seg.teacher_ids)

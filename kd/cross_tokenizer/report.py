@@ -52,9 +52,7 @@ def alignment_report(pair: TokenizerPair, blocks: torch.Tensor, *, teacher_model
             s_spans = TokenSpans(row[seg.start:seg.stop].astype(np.int64), np.zeros(n, dtype=np.int64), True)
             t_spans = TokenSpans(seg.teacher_ids, np.zeros(len(seg.teacher_ids), dtype=np.int64),
                                  seg.teacher_round_trip)
-            byte_bounds = np.zeros(len(seg.student_bounds), dtype=np.int32)
-            byte_bounds[-1] = len(seg.text.encode())
-            stats.add(DocAlignment(t_spans, s_spans, seg.teacher_bounds, seg.student_bounds, byte_bounds))
+            stats.add(DocAlignment(t_spans, s_spans, seg.teacher_bounds, seg.student_bounds, seg.byte_bounds))
             teacher_docs.append(seg.teacher_ids)
     vmap = exact_matches(pair.teacher_bytes, pair.student_bytes)
     out = {**stats.as_dict(), "exact_match": vmap.as_dict(), "teacher_matched_mass_mean": None,

@@ -50,10 +50,9 @@ def prepared_base(cfg) -> Path:
 
 
 def _code_hash() -> str:
-    from kd.hashing import digest_of, sha256_file
+    from kd.hashing import package_hash
 
-    here = Path(__file__).resolve().parent
-    return digest_of({p.name: sha256_file(p) for p in sorted(here.glob("*.py"))})
+    return package_hash(Path(__file__).resolve().parent)
 
 
 def fingerprint(cfg, tokenizer_dir) -> str:

@@ -40,9 +40,12 @@ class Batch:
     ids: torch.Tensor  # (B, L) int64
     labels: torch.Tensor  # (B, L-1) int64: label of position t is ids[t+1], or -100
     position_ids: torch.Tensor  # (B, L) int64
+    # where the rows came from (a Split's batch): what is stored per block beside the set is looked up by them
+    rows: np.ndarray | None = None
+    split: str | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.labels.to(device), self.position_ids.to(device))
+        return Batch(self.ids.to(device), self.labels.to(device), self.position_ids.to(device), self.rows, self.split)
 
 
 class Split:
@@ -76,7 +79,7 @@ class Split:
         tgt = torch.from_numpy(view(self.targets)[:, 1:].astype(bool))
         pos = torch.from_numpy(view(self.positions).astype(np.int64))
         labels = torch.where(tgt, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
-        return Batch(ids, labels, pos)
+        return Batch(ids, labels, pos, rows, self.root.name)
 
 
 class PreparedSet:

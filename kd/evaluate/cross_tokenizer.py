@@ -32,6 +32,7 @@ from kd.cross_tokenizer.blocks import plan_batch
 from kd.cross_tokenizer.group_eval import group_binary_kl, group_outcomes
 from kd.cross_tokenizer.merge import group_index
 from kd.cross_tokenizer.report import special_ids
+from kd.cross_tokenizer.stored import stored_rows
 from kd.data.prepared import IGNORE
 from kd.errors import DataError
 from kd.results import ModelEval
@@ -90,10 +91,13 @@ def _kept_bounds(bounds, keep: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_cross(models: list, teacher, blocks, pair: TokenizerPair, *, batch_size: int, chunk_size: int = 256,
-                   device="cpu", max_batches: int | None = None, backend: str = "hf") -> list[ModelEval]:
+                   device="cpu", max_batches: int | None = None, backend: str = "hf",
+                   groups: dict | None = None) -> list[ModelEval]:
     """`models` (students on pair.student's tokenizer; the teacher itself may be among them, scored on its own
     tokens) over held-out `blocks` ((B, L) ids or a prepared Split); one ModelEval per model (module docstring).
-    The teacher runs on every batch (the students' group numbers are against it), once even when among `models`."""
+    The teacher runs on every batch (the students' group numbers are against it), once even when among `models`.
+    `groups` ({split: StoredGroups}, kd/cross_tokenizer/stored.py): a prepared Split's pieces are read from them
+    rather than aligned here."""
     from backends import get_backend
 
     be = get_backend(backend)
@@ -111,11 +115,12 @@ def evaluate_cross(models: list, teacher, blocks, pair: TokenizerPair, *, batch_
             break
         if isinstance(blocks, torch.Tensor):
             ids = blocks[start:start + batch_size]
-            pos, labels = None, ids[:, 1:]
+            pos, labels, segs = None, ids[:, 1:], None
         else:
             bt = blocks.batch(range(start, min(start + batch_size, total)))
-            ids, pos, labels = bt.ids, bt.position_ids, bt.labels
-        plan = plan_batch(pair, ids.numpy(), None if pos is None else pos.numpy(), labels.numpy(), specials, IGNORE)
+            ids, pos, labels, segs = bt.ids, bt.position_ids, bt.labels, stored_rows(groups or {}, bt)
+        plan = plan_batch(pair, ids.numpy(), None if pos is None else pos.numpy(), labels.numpy(), specials, IGNORE,
+                          segments=segs)
         keep = torch.as_tensor(plan.keep)
         if not keep.any():
             continue

@@ -68,13 +68,19 @@ def evaluate_run(
 
 
 # ------------------------------------------------------------------ the eval step: baselines once, then the student
-def _cross_rows(models, teacher, heldout, pair, ev, chunk_size, device, backend):
+def _cross_rows(models, teacher, heldout, pair, ev, chunk_size, device, backend, tokenizer_dirs=None):
+    """The cross-tokenizer rows; with `tokenizer_dirs` and a prepared held-out Split, its stored groups are read."""
     from kd.evaluate.cross_tokenizer import evaluate_cross
 
     if pair is None:
         raise ValueError("a cross-tokenizer eval needs the TokenizerPair (teacher's and student's tokenizers)")
+    groups = None
+    if tokenizer_dirs is not None and hasattr(heldout, "root"):
+        from kd.cross_tokenizer.stored import stored_groups
+
+        groups = stored_groups(heldout.root.parent, pair, tokenizer_dirs["teacher"], tokenizer_dirs["student_before"])
     return evaluate_cross(models, teacher, heldout, pair, batch_size=ev.batch_size, chunk_size=chunk_size,
-                          device=device, max_batches=ev.max_batches, backend=backend)
+                          device=device, max_batches=ev.max_batches, backend=backend, groups=groups)
 
 
 def _pair_of(tokenizer_dirs: dict):
@@ -127,7 +133,8 @@ def evaluate_baselines(config, models: dict, tokenizer_dirs: dict, heldout, alig
     cross = alignment.verdict == "cross-tokenizer"
     if cross:  # bits per byte on the same bytes; the teacher's completions and reference need its own tokenizer
         teacher_eval, before = _cross_rows([models["teacher"], models["student_before"]], models["teacher"], heldout,
-                                           _pair_of(tokenizer_dirs), ev, config.kd.chunk_size, device, backend)
+                                           _pair_of(tokenizer_dirs), ev, config.kd.chunk_size, device, backend,
+                                           tokenizer_dirs)
     else:
         teacher_eval, before = evaluate_models(
             [models["teacher"], models["student_before"]], models["teacher"], heldout, compare=[False, True],
@@ -233,7 +240,7 @@ def _evaluate_student_cross(config, models, tokenizer_dirs, baselines, heldout, 
 
     ev, student_dir = config.eval, tokenizer_dirs["student_before"]
     (after,) = _cross_rows([models["student_after"]], models["teacher"], heldout, _pair_of(tokenizer_dirs), ev,
-                           config.kd.chunk_size, device, backend)
+                           config.kd.chunk_size, device, backend, tokenizer_dirs)
     v = alignment.valid_vocab
     report = EvalReport(teacher=baselines.teacher, student_before=baselines.student_before, student_after=after,
                         vocab_size=v, cross_tokenizer=True,

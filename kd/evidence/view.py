@@ -122,7 +122,7 @@ def show_run(run_dir: Path) -> str:
                 "entropy": "entropy", "top_token_share": "top share", "tokens": "tokens"}
         if getattr(m.eval, "cross_tokenizer", False):  # no shared vocabulary: bytes and byte-aligned groups instead
             cols = {"loss": "loss", "bits_per_byte": "bits/byte", "group_kl_to_teacher": "group KL",
-                    "group_top1_agreement": "group agree", "groups": "groups", "entropy": "entropy", "tokens": "tokens"}
+                    "group_top1_agreement": "grp agree", "groups": "groups", "entropy": "entropy", "tokens": "tokens"}
         out.append(f"  {'eval':<15}" + "".join(f"{label:>11}" for label in cols.values()))
         out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>11}" for c in cols) for name, row in rows.items()]
     sampled = getattr(m.eval, "on_samples", None) if m.eval is not None else None

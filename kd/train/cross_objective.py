@@ -7,8 +7,9 @@ Same protocol as kd/train/objectives.py's objectives (make_objective picks this 
 `cross-tokenizer`). Per micro-batch of student token blocks:
 1. each block row is cut into document pieces and each piece's text is what its student tokens spell
    (kd/cross_tokenizer/blocks.py); the teacher's tokenizer tokenizes that text and align.py groups the two
-   sides' tokens by bytes (TRL GOLD's rule). Done on the fly per batch (a few ms per block on the CPU); the
-   production path, groups stored with the prepared set, is not built yet.
+   sides' tokens by bytes (TRL GOLD's rule). A batch from the prepared set reads its rows' pieces from the
+   groups stored beside it (`groups`, kd/cross_tokenizer/stored.py, memory-mapped, built at prepare time);
+   a batch without stored rows (bare ids, generated) is aligned on the fly.
 2. the student runs on the block as usual; the teacher on its tokens of each row's pieces, packed into one
    sequence with position ids restarting per piece (block-diagonal attention, as for the prepared set).
 3. a piece's first group is not trained (its first tokens have no prediction on the teacher side: the teacher
@@ -36,6 +37,7 @@ from kd.cross_tokenizer.align import TokenizerPair
 from kd.cross_tokenizer.blocks import BatchPlan, plan_batch
 from kd.cross_tokenizer.losses import Side, cross_tokenizer_kd_loss
 from kd.cross_tokenizer.report import special_ids
+from kd.cross_tokenizer.stored import stored_rows
 from kd.cross_tokenizer.vocab_map import build_projection, exact_matches
 from kd.data import IGNORE, Batch
 from kd.train.losses import KDLossOutput
@@ -44,8 +46,9 @@ from kd.train.losses import KDLossOutput
 class CrossTokenizerObjective:
     """Student + frozen teacher with another tokenizer -> the cross-tokenizer KD loss on one batch."""
 
-    def __init__(self, cfg: RunConfig, student, teacher, pair: TokenizerPair, *, autocast: bool, device: str):
-        self.cfg, self.student, self.teacher, self.pair = cfg, student, teacher, pair
+    def __init__(self, cfg: RunConfig, student, teacher, pair: TokenizerPair, *, autocast: bool, device: str,
+                 groups: dict | None = None):
+        self.cfg, self.student, self.teacher, self.pair, self.groups = cfg, student, teacher, pair, groups or {}
         self.autocast, self.device = autocast, device
         self.backend = get_backend("hf")
         ct = cfg.kd.cross_tokenizer
@@ -55,9 +58,11 @@ class CrossTokenizerObjective:
         self.projection = build_projection(pair) if ct.kind == "projection" else None
 
     def plan(self, batch: Batch) -> BatchPlan:
-        """The batch's alignment (kd/cross_tokenizer/blocks.py's plan_batch)."""
+        """The batch's alignment (kd/cross_tokenizer/blocks.py's plan_batch), from the stored groups when the batch
+        names its split's rows."""
         pos = None if batch.position_ids is None else batch.position_ids.cpu().numpy()
-        return plan_batch(self.pair, batch.ids.cpu().numpy(), pos, batch.labels.cpu().numpy(), self.specials, IGNORE)
+        return plan_batch(self.pair, batch.ids.cpu().numpy(), pos, batch.labels.cpu().numpy(), self.specials, IGNORE,
+                          segments=stored_rows(self.groups, batch))
 
     def teacher_hidden(self, t_seqs, t_pos) -> torch.Tensor:
         """The teacher's final hidden states over each row's packed pieces, concatenated (M, H)."""

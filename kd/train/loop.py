@@ -165,7 +165,7 @@ def train_student(
     optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device,
-                               model_dirs=(teacher_dir, student_dir))
+                               model_dirs=(teacher_dir, student_dir), prepared_root=getattr(packed, "root", None))
     step_objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,
                                          autocast=autocast, device=device, scorer=teacher_scorer)
     if teacher_scorer is not None and step_objective is not objective:

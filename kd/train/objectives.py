@@ -57,6 +57,7 @@ from kd.data import Batch
 from kd.errors import ConfigError
 from kd.results import TeacherCacheResult, VocabAlignment
 from kd.cross_tokenizer.report import load_pair
+from kd.cross_tokenizer.stored import stored_groups
 from kd.train.cross_objective import CrossTokenizerObjective
 from kd.train.losses import KDLossOutput, fused_linear_kd_loss, fused_linear_sparse_kd_loss
 from kd.train.on_policy.generation import GenerationSettings, get_generator, sample_seed, stop_ids_of
@@ -82,14 +83,17 @@ def open_teacher_cache(cfg: RunConfig, teacher_cache: TeacherCacheResult | None,
 
 
 def make_objective(cfg: RunConfig, student, teacher, offline, alignment: VocabAlignment, *, autocast: bool,
-                   device: str, model_dirs: tuple | None = None) -> Objective:
+                   device: str, model_dirs: tuple | None = None, prepared_root=None) -> Objective:
     """`offline` (open_teacher_cache's reader) -> OfflineObjective; the verdict `cross-tokenizer` with a
-    teacher -> CrossTokenizerObjective (needs `model_dirs` = (teacher_dir, student_dir): their tokenizers);
+    teacher -> CrossTokenizerObjective (needs `model_dirs` = (teacher_dir, student_dir): their tokenizers; with
+    `prepared_root`, the prepared set's stored groups, kd/cross_tokenizer/stored.py);
     else OnlineObjective with `teacher` (None: fine-tuning only, the CE needs no teacher tokenizer)."""
     if alignment.verdict == "cross-tokenizer" and offline is None and teacher is not None:
         if model_dirs is None:
             raise ConfigError("the cross-tokenizer objective needs the teacher's and student's folders (tokenizers)")
-        return CrossTokenizerObjective(cfg, student, teacher, load_pair(*model_dirs), autocast=autocast, device=device)
+        pair = load_pair(*model_dirs)
+        groups = None if prepared_root is None else stored_groups(prepared_root, pair, *model_dirs)
+        return CrossTokenizerObjective(cfg, student, teacher, pair, autocast=autocast, device=device, groups=groups)
     if offline is None:
         return OnlineObjective(cfg, student, teacher, alignment, autocast, device)
     return OfflineObjective(cfg, student, offline, alignment, autocast, device)

@@ -62,8 +62,9 @@ def rank_batch(train, *, step: int, micro: int, per_rank: int, grad_accum: int, 
     mine = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
     if isinstance(full, torch.Tensor):
         return full[mine]
-    return type(full)(**{f.name: None if getattr(full, f.name) is None else getattr(full, f.name)[mine]
-                         for f in dataclasses.fields(full)})
+    # rows are sliced with the tensors; the split's name (a str) is kept whole
+    return type(full)(**{f.name: getattr(full, f.name)[mine] if hasattr(getattr(full, f.name), "shape")
+                         else getattr(full, f.name) for f in dataclasses.fields(full)})
 
 
 def _grad_norm(total) -> float:
@@ -119,7 +120,7 @@ def train_distributed(
         enable_activation_checkpointing(student)
     shard_teacher = mode == "fsdp" and tc.teacher_sharding == "shard" and teacher is not None
     objective = make_objective(cfg, student, teacher, offline, alignment, autocast=autocast, device=device_type,
-                               model_dirs=(teacher_dir, student_dir))
+                               model_dirs=(teacher_dir, student_dir), prepared_root=getattr(packed, "root", None))
     # kd.on_policy: GKD's objective; each rank samples its own rows' prompts (the seed includes the rank);
     # under FSDP2 generation gathers every layer once and steps the ranks together (synced)
     objective = on_policy_objective(cfg, objective, student, teacher, alignment, packed, student_dir,

@@ -92,7 +92,10 @@ class ModelInit(_Part):
         None, description="Cross-tokenizer (issue 30): give the pruned student this tokenizer (kd/cross_tokenizer/"
         "vocab_files.py: real tokenizers offline) by transplanting its embeddings and head (a new token that is "
         "byte-identical to a teacher token keeps its row, others the mean of their pieces' rows; "
-        "kd/cross_tokenizer/transplant.py). Needs kd.cross_tokenizer.enabled. None: the teacher's tokenizer."
+        "kd/cross_tokenizer/transplant.py). Needs kd.cross_tokenizer.enabled. None: the teacher's tokenizer. "
+        "Chat template: the named tokenizer's own (qwen2, phi3); gpt2 and llama3 ship none, so the student takes "
+        "the teacher's template text, tokenized by its own tokenizer (recorded as `chat_template: teacher` in the "
+        "init report; docs/cross-tokenizer.md)."
     )
 
 

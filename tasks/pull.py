@@ -19,17 +19,22 @@ def source_fingerprint(ref: ModelRef, dtype: str = "float32", data=None) -> str:
     models' folder, a local folder's listing (names, sizes, mtimes), or the hub commit the revision
     resolves to now (the cached one when offline). GGUF sources: the file's sha256 and the dtype it
     is converted to; pruned students: how they are pruned (the teacher's fingerprint is in the key
-    beside it) and, for a measured layer choice, the calibration data: the content of `data.source` and the
+    beside it), and the transplant's format for one on another tokenizer and, for a measured layer choice, the calibration data: the content of `data.source` and the
     data config (the calibration blocks come from the run's prepared training split). Whether the files are on disk is *not* part of the key (it would differ between the
     run that makes them and every later one): a hit whose folders are gone is a miss (`_pull_key`)."""
     if ref.kind == "pruned":
         spec = ref.init.from_teacher
+        init = ref.init.model_dump_json()
+        if ref.init.tokenizer is not None:  # a transplanted student: what the transplant makes (its format)
+            from kd.cross_tokenizer.student import TRANSPLANT_FORMAT
+
+            init = f"{init}:transplant-{TRANSPLANT_FORMAT}"
         if spec.measured and data is not None:
             from kd.data import data_fingerprint
 
             conf = data.model_dump_json(exclude={"num_proc", "prepared_dir"})
-            return f"pruned:{ref.init.model_dump_json()}:calibration:{data_fingerprint(data)}:{conf}"
-        return f"pruned:{ref.init.model_dump_json()}"
+            return f"pruned:{init}:calibration:{data_fingerprint(data)}:{conf}"
+        return f"pruned:{init}"
     if ref.is_gguf:
         return _gguf_fingerprint(ref, dtype)
     if ref.kind == "tiny":

@@ -17,7 +17,9 @@ ends are exact). Tokens at a piece's edges that carry only part of a UTF-8 chara
 an emoji) are left out of the piece. The teacher tokenizes the text (no special tokens added) and align.py
 groups both sides. Training and eval read these segments from the prepared set's stored groups
 (kd/cross_tokenizer/stored.py, built once at prepare time with align_blocks); aligning on the fly is what a batch
-without stored groups gets (bare tensors, tests) and the check that stored == on the fly.
+without stored groups gets (bare tensors, tests) and the check that stored == on the fly. Chat data are aligned
+per conversation instead, each side in its own chat template (kd/cross_tokenizer/chat.py, stored the same way):
+a Segment's `content` flags its groups of template markup, which no loss or eval compares.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Segment:
     teacher_bounds: np.ndarray  # (G+1,) int32 over m tokens
     teacher_round_trip: bool
     byte_bounds: np.ndarray  # (G+1,) int32 over the text's UTF-8 bytes
+    content: np.ndarray | None = None  # (G,) bool: the group is compared (False: chat markup, chat.py); None: all
 
 
 def pieces(ids: np.ndarray, position_ids: np.ndarray | None, special_ids: set[int]) -> list[tuple[int, int]]:
@@ -98,7 +101,7 @@ def _segment(pair: TokenizerPair, piece: _Piece, teacher_enc) -> Segment | None:
     if len(t.ids) == 0:
         return None
     tb, sb, bb = group_bounds(t.ends, piece.student_ends)
-    return Segment(piece.start, piece.stop, t.ids, sb, tb, t.round_trip, bb)
+    return Segment(piece.start, piece.stop, t.ids, sb, tb, t.round_trip, bb, np.ones(len(sb) - 1, dtype=bool))
 
 
 def align_blocks(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -> list[list[Segment]]:
@@ -135,7 +138,8 @@ class BatchPlan:
     s_rows (Ns,) rows of the student's (B*L, H) hidden states predicting s_ids (Ns,); sb (G+1,) group bounds;
     t_seqs / t_pos: per block row, the teacher's tokens of its pieces packed, and their position ids (restarting
     per piece); t_rows (Nt,) rows of those packed sequences' concatenated hidden states predicting t_ids; tb (G+1,);
-    keep (G,) bool: every student token of the group is trained (labels != -100); group_bytes (G,) bytes per group."""
+    keep (G,) bool: every student token of the group is trained (labels != -100) and the group is content (not chat
+    markup, kd/cross_tokenizer/chat.py); group_bytes (G,) bytes per group."""
 
     s_rows: np.ndarray
     s_ids: np.ndarray
@@ -175,7 +179,8 @@ def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[
             s_rows.append(r * L + s_pred - 1)
             s_ids.append(ids[r, s_pred])
             trained = labels[r, s_pred - 1] != ignore
-            keep.append(np.logical_and.reduceat(trained, sb[1:-1] - sb[1]))
+            kept = np.logical_and.reduceat(trained, sb[1:-1] - sb[1])
+            keep.append(kept if seg.content is None else kept & seg.content[1:])
             s_bounds.extend((s_bounds[-1] + np.cumsum(np.diff(sb[1:]))).tolist())
             t_pred = np.arange(tb[1], len(seg.teacher_ids))
             t_rows.append(t_base + offset_t + t_pred - 1)

@@ -16,7 +16,12 @@ set itself is shared. What each block row stores is exactly kd/cross_tokenizer/b
     segment_round_trip (S,) bool   the teacher's tokens spell the piece's text
     segment_tokens (S+1,) int64    teacher_ids (T,) int32 of piece s: segment_tokens[s]:segment_tokens[s+1]
     segment_groups (S+1,) int64    piece s's groups in the three *_end arrays (G,) int32: each group's end
-                                   (exclusive) in the piece's teacher tokens, student tokens, and bytes
+                                   (exclusive) in the piece's teacher tokens, student tokens, and bytes, and in
+    group_content (G,) bool        the group is compared (False: chat template markup)
+
+Chat data (the prepared set's format `chat`) are stored per conversation, each side rendered by its own chat
+template (kd/cross_tokenizer/chat.py's align_chat_blocks; the conversations read back from the source records):
+a piece is then a whole conversation, its teacher ids the teacher template's rendering.
 
 groups.json (written last: the build_once marker) holds the key's inputs, counts and the build's seconds.
 tests/test_cross_tokenizer_stored.py holds stored == on the fly for a real pair.
@@ -33,16 +38,17 @@ import numpy as np
 from kd.build_once import build_once
 from kd.cross_tokenizer.align import TokenizerPair
 from kd.cross_tokenizer.blocks import Segment, align_blocks
+from kd.cross_tokenizer.chat import align_chat_blocks, chat_docs, chat_templates
 from kd.cross_tokenizer.report import special_ids
 from kd.data.prepared import SPLITS, open_prepared
 from kd.data.sources import tokenizer_fingerprint
 from kd.hashing import digest_of, package_hash
 
 MARKER = "groups.json"
-GROUP_FORMAT = 1  # bump when the layout changes
+GROUP_FORMAT = 2  # bump when the layout changes
 ROWS_PER_CALL = 64  # block rows aligned per teacher batch-encode
 FILES = ("block_segments", "segment_span", "segment_round_trip", "segment_tokens", "teacher_ids", "segment_groups",
-         "teacher_group_end", "student_group_end", "group_byte_end")
+         "teacher_group_end", "student_group_end", "group_byte_end", "group_content")
 
 
 def groups_key(prepared_root: str | Path, teacher_dir: str | Path, student_dir: str | Path) -> dict:
@@ -56,14 +62,18 @@ def groups_folder(prepared_root: str | Path, key: dict) -> Path:
     return Path(prepared_root) / "groups" / digest_of(key)[:16]
 
 
-def _build_split(pair: TokenizerPair, split, specials: set[int], out: Path) -> dict:
-    """Align every block row of `split` and write the FILES into `out`; counts."""
+def _build_split(pair: TokenizerPair, split, specials: set[int], out: Path, chat=None) -> dict:
+    """Align every block row of `split` and write the FILES into `out`; counts. chat: (each row's ChatDocs,
+    (teacher, student) templates) for chat data."""
     parts: dict[str, list] = {n: [] for n in FILES}
     n_seg = n_tok = n_grp = 0
     offsets = {"block_segments": [0], "segment_tokens": [0], "segment_groups": [0]}
     for start in range(0, len(split), ROWS_PER_CALL):
         b = split.batch(range(start, min(start + ROWS_PER_CALL, len(split))))
-        for segs in align_blocks(pair, b.ids.numpy(), b.position_ids.numpy(), specials):
+        rows = (align_blocks(pair, b.ids.numpy(), b.position_ids.numpy(), specials) if chat is None else
+                align_chat_blocks(pair, b.ids.numpy(), b.position_ids.numpy(), [chat[0][int(r)] for r in b.rows],
+                                  specials, chat[1]))
+        for segs in rows:
             for seg in segs:
                 parts["segment_span"].append((seg.start, seg.stop))
                 parts["segment_round_trip"].append(seg.teacher_round_trip)
@@ -71,6 +81,8 @@ def _build_split(pair: TokenizerPair, split, specials: set[int], out: Path) -> d
                 parts["teacher_group_end"].append(seg.teacher_bounds[1:])
                 parts["student_group_end"].append(seg.student_bounds[1:])
                 parts["group_byte_end"].append(seg.byte_bounds[1:])
+                parts["group_content"].append(np.ones(len(seg.byte_bounds) - 1, bool) if seg.content is None
+                                              else seg.content)
                 n_tok += len(seg.teacher_ids)
                 n_grp += len(seg.student_bounds) - 1
                 offsets["segment_tokens"].append(n_tok)
@@ -81,6 +93,7 @@ def _build_split(pair: TokenizerPair, split, specials: set[int], out: Path) -> d
     arrays = {n: np.asarray(v, dtype=np.int64) for n, v in offsets.items()}
     arrays["segment_span"] = np.asarray(parts["segment_span"], dtype=np.int32).reshape(-1, 2)
     arrays["segment_round_trip"] = np.asarray(parts["segment_round_trip"], dtype=bool)
+    arrays["group_content"] = np.concatenate(parts["group_content"]) if parts["group_content"] else np.zeros(0, bool)
     for n in ("teacher_ids", "teacher_group_end", "student_group_end", "group_byte_end"):
         arrays[n] = np.concatenate(parts[n]).astype(np.int32) if parts[n] else np.zeros(0, np.int32)
     for n in FILES:
@@ -96,7 +109,10 @@ def ensure_groups(prepared_root: str | Path, pair: TokenizerPair, teacher_dir: s
 
     def build(tmp: Path) -> None:
         ps, specials, t0 = open_prepared(prepared_root), special_ids(pair.student), time.perf_counter()
-        counts = {name: _build_split(pair, getattr(ps, name), specials, tmp / name) for name in SPLITS}
+        templates = chat_templates(teacher_dir, student_dir) if ps.manifest["format"] == "chat" else None
+        counts = {name: _build_split(pair, getattr(ps, name), specials, tmp / name,
+                                     None if templates is None else (chat_docs(ps, name), templates))
+                  for name in SPLITS}
         (tmp / MARKER).write_text(json.dumps({"key": key, "splits": counts, "build_s": time.perf_counter() - t0},
                                              indent=1))
 
@@ -125,7 +141,8 @@ class StoredGroups:
 
         start, stop = (int(x) for x in self.segment_span[s])
         return Segment(start, stop, np.asarray(self.teacher_ids[a:b], dtype=np.int64), bounds("student_group_end"),
-                       bounds("teacher_group_end"), bool(self.segment_round_trip[s]), bounds("group_byte_end"))
+                       bounds("teacher_group_end"), bool(self.segment_round_trip[s]), bounds("group_byte_end"),
+                       np.asarray(self.group_content[g0:g1], dtype=bool))
 
     def rows(self, rows) -> list[list[Segment]]:
         return [[self.segment(s) for s in range(int(self.block_segments[r]), int(self.block_segments[r + 1]))]

@@ -6,6 +6,10 @@ The donor (the pruned student, kd/prune.py, which speaks the teacher's tokenizer
 (kd/cross_tokenizer/vocab_files.py) through transplant.py; the folder holds the resized weights, the new
 tokenizer's files and TRANSPLANT_INFO (the report). Content-addressed on the donor folder (itself content-
 addressed on the teacher and the layer choice), the tokenizer folder and TRANSPLANT_FORMAT.
+
+Chat template: the named tokenizer's own when it ships one (qwen2, phi3); otherwise (gpt2, llama3's vocabulary
+files) the donor's, i.e. the teacher's template text, which the new tokenizer then reads as plain text (its markup
+becomes ordinary tokens). TRANSPLANT_INFO["chat_template"] says which: "own", "teacher" or None (neither has one).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from kd.build_once import build_once
 from kd.hashing import digest_of
 
 TRANSPLANT_INFO = "kdflow-transplant.json"
-TRANSPLANT_FORMAT = 1  # bump when the transplant changes, so cached students are rebuilt
+TRANSPLANT_FORMAT = 2  # bump when the transplant changes, so cached students are rebuilt
 
 
 def ensure_transplanted(donor_dir: str | Path, tokenizer: str) -> tuple[Path, dict]:
@@ -42,9 +46,25 @@ def ensure_transplanted(donor_dir: str | Path, tokenizer: str) -> tuple[Path, di
         report = transplant_tokenizer(model, AutoTokenizer.from_pretrained(donor_dir), new_tok)
         model.save_pretrained(tmp, safe_serialization=True)
         new_tok.save_pretrained(tmp)
+        chat = adopt_chat_template(tmp, donor_dir)
         info = {"tokenizer": tokenizer, "tokenizer_folder": tok_dir.name, "donor": donor_dir.name,
-                **dataclasses.asdict(report), "format": TRANSPLANT_FORMAT}
+                **dataclasses.asdict(report), "chat_template": chat,
+                "format": TRANSPLANT_FORMAT}
         (tmp / TRANSPLANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
     build_once(out, TRANSPLANT_INFO, build)
     return out, json.loads((out / TRANSPLANT_INFO).read_text())
+
+
+def adopt_chat_template(tokenizer_dir: str | Path, donor_dir: str | Path) -> str | None:
+    """Give the tokenizer folder the donor's chat template when it has none (module docstring): "own", "teacher"
+    (copied) or None."""
+    from kd.data.encode import chat_template_of
+
+    if chat_template_of(tokenizer_dir) is not None:
+        return "own"
+    template = chat_template_of(donor_dir)
+    if template is None:
+        return None
+    (Path(tokenizer_dir) / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return "teacher"

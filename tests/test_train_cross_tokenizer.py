@@ -158,3 +158,43 @@ def test_pruned_student_on_another_tokenizer_is_built_once(tiny_pair):
     with pytest.raises(Exception, match="kd.cross_tokenizer.enabled"):
         RunConfig.model_validate(base)
     assert RunConfig.model_validate({**base, "kd": {"cross_tokenizer": {"enabled": True}}}).student.init.tokenizer == "gpt2"
+
+
+def test_training_loop_on_chat_rendered_per_side(tiny_pair, gpt2_student, tmp_path):
+    """Chat data across tokenizers (kd/cross_tokenizer/chat.py): the teacher (here given SmolLM2's template) and
+    the GPT-2 student (no template of its own: it takes the teacher's, student.py) each render the conversations;
+    the stored groups carry markup groups, the loop trains on the assistant contents with finite losses, and the
+    objective counts exactly the plan's kept groups."""
+    import shutil
+
+    from kd.cross_tokenizer.chat import chat_templates
+    from kd.cross_tokenizer.report import load_pair
+    from kd.cross_tokenizer.stored import stored_groups, stored_rows
+    from kd.cross_tokenizer.student import adopt_chat_template
+    from kd.cross_tokenizer.vocab_files import TEACHER, tokenizer_folder
+    from kd.data import pack_dataset
+    from kd.data.encode import chat_template_of
+    from kd.train.loop import train_student
+
+    t_dir, s_dir = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(tiny_pair[0], t_dir)
+    (t_dir / "chat_template.jinja").write_text(chat_template_of(tokenizer_folder(TEACHER)), encoding="utf-8")
+    shutil.copytree(gpt2_student, s_dir)
+    assert adopt_chat_template(s_dir, t_dir) == "teacher" and chat_templates(t_dir, s_dir)[1] is not None
+    cfg = _cfg("data.source=bundled:chat/genesis-chat.jsonl", "data.format=chat", "data.train_on=assistant",
+               "data.seq_len=256", f"data.prepared_dir={tmp_path / 'prepared'}", "train.steps=2",
+               "train.batch_size=2", "train.warmup_steps=0", "train.checkpoint_every=2")
+    packed = pack_dataset(cfg.data, s_dir, max_positions=256, min_train_blocks=4)
+    alignment = align_vocab(t_dir, s_dir, cross_tokenizer=True)
+    result = train_student(cfg, t_dir, s_dir, alignment, packed, tmp_path / "run")
+    assert result.steps == 2 and math.isfinite(result.initial_loss) and math.isfinite(result.final_loss)
+    pair = load_pair(t_dir, s_dir)
+    groups = stored_groups(packed.root, pair, t_dir, s_dir)
+    b = packed.train.batch(range(4))
+    segs = stored_rows(groups, b)
+    assert all(not s.content.all() for row in segs for s in row)  # every conversation has markup groups
+    be = get_backend("hf")
+    obj = CrossTokenizerObjective(cfg, be.load(s_dir), be.load(t_dir).eval().requires_grad_(False), pair,
+                                  autocast=False, device="cpu", groups=groups)
+    out = obj(b)
+    assert math.isfinite(float(out.loss.detach())) and out.tokens == int(obj.plan(b).keep.sum()) > 0

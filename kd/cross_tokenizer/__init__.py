@@ -9,6 +9,7 @@
     transplant.py   give a donor model a new tokenizer (tokensurgeon-like embedding init)
     settings.py     CrossTokenizerLoss and the run's `kd.cross_tokenizer` part (torch-free, nested by kd/config.py)
     blocks.py       student token blocks -> document pieces' text -> groups with the teacher's tokens
+    chat.py         chat data: each side renders a conversation in its own template; groups on the contents only
     stored.py       those groups for every prepared block, stored beside the prepared set (memory-mapped)
     group_eval.py   KL and top-1 agreement restated on groups (binary KL of the realized group text)
     report.py       check_vocab's alignment statistics on a sample of the training text
@@ -19,6 +20,6 @@ Pure core: nothing here imports prefect. Wired in (kd.cross_tokenizer.enabled): 
 the training objective (kd/train/cross_objective.py) and the eval, the eval's bits per byte, group KL and group
 agreement with their gates F-DISTILL-BPB-001 and F-DISTILL-GROUPKL-001 (kd/evaluate/cross_tokenizer.py,
 kd/evaluate/gates.py); preset configs/smollm2-135m-cross-tokenizer.yaml; docs/cross-tokenizer.md. Not built: a
-cross-tokenizer teacher cache (top-k with byte offsets), on-policy across tokenizers, chat templates rendered
-per side (the teacher reads the text of the student's pieces between special tokens).
+cross-tokenizer teacher cache (top-k with byte offsets), on-policy across tokenizers, the end of an assistant
+turn distilled across templates (chat markup has no counterpart and is left out).
 """

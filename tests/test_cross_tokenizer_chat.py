@@ -189,3 +189,23 @@ def test_trained_groups_are_the_assistant_contents(chat_set):
     plan = plan_batch(pair, b.ids.numpy(), b.position_ids.numpy(), labels, special_ids(pair.student), IGNORE,
                       segments=groups.rows(b.rows))
     assert n_kept > 50 and int(plan.keep.sum()) == n_kept and n_markup_labelled > 0
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_a_truncated_conversation_aligns_its_prefix(name):
+    """data.overlong: truncate keeps a prefix of the student's tokens: the teacher reads its own rendering up to the
+    same content byte, and the content groups still hold the same bytes of the same messages on both sides."""
+    msgs = conversations(3)[2]
+    pair, ids, _ = aligned(name, msgs)
+    st = student_template(name)
+    s_spans, t_r = render(pair.student, msgs, st).spans, render(pair.teacher, msgs, None)
+    full = pair.teacher.apply_chat_template(msgs, tokenize=True)["input_ids"]
+    for k in range(len(ids) // 2, len(ids), 3):
+        seg = align_chat_doc(pair, ids[:k], msgs, None, st)
+        assert seg.stop == k and seg.student_bounds[-1] == k and seg.teacher_bounds[-1] == len(seg.teacher_ids)
+        assert len(seg.teacher_ids) < len(full) and t_r.text.encode().startswith(
+            b"".join(pair.teacher_bytes.pieces[i] for i in seg.teacher_ids))
+        s_ends = np.cumsum([len(pair.student_bytes.pieces[i]) for i in ids[:k]])
+        t_ends = np.cumsum([len(pair.teacher_bytes.pieces[i]) for i in seg.teacher_ids])
+        assert _side_groups(seg, seg.student_bounds, s_ends, s_spans) == \
+            _side_groups(seg, seg.teacher_bounds, t_ends, t_r.spans)

@@ -197,4 +197,9 @@ def test_training_loop_on_chat_rendered_per_side(tiny_pair, gpt2_student, tmp_pa
     obj = CrossTokenizerObjective(cfg, be.load(s_dir), be.load(t_dir).eval().requires_grad_(False), pair,
                                   autocast=False, device="cpu", groups=groups)
     out = obj(b)
-    assert math.isfinite(float(out.loss.detach())) and out.tokens == int(obj.plan(b).keep.sum()) > 0
+    plan = obj.plan(b)
+    assert len(plan.eot_s) > 0  # the assistant turns' ends count too (losses.py's end-of-turn term)
+    assert math.isfinite(float(out.loss.detach())) and out.tokens == int(plan.keep.sum()) + len(plan.eot_s) > 0
+    cfg.kd.cross_tokenizer.end_of_turn = False
+    obj.cfg = cfg
+    assert obj(b).tokens == int(plan.keep.sum())

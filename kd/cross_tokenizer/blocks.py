@@ -32,6 +32,9 @@ from kd.cross_tokenizer.align import TokenizerPair, group_bounds
 from kd.cross_tokenizer.token_bytes import byte_ends
 
 
+NO_TURN_ENDS = np.zeros((0, 4), dtype=np.int32)
+
+
 @dataclass(frozen=True)
 class Segment:
     start: int
@@ -42,6 +45,8 @@ class Segment:
     teacher_round_trip: bool
     byte_bounds: np.ndarray  # (G+1,) int32 over the text's UTF-8 bytes
     content: np.ndarray | None = None  # (G,) bool: the group is compared (False: chat markup, chat.py); None: all
+    end_of_turn: np.ndarray | None = None  # (E, 4) int32 per assistant turn end (chat.py): student tokens [a, b),
+    #                                        teacher tokens [c, d) of the event "the content ends, the markup begins"
 
 
 def pieces(ids: np.ndarray, position_ids: np.ndarray | None, special_ids: set[int]) -> list[tuple[int, int]]:
@@ -101,7 +106,8 @@ def _segment(pair: TokenizerPair, piece: _Piece, teacher_enc) -> Segment | None:
     if len(t.ids) == 0:
         return None
     tb, sb, bb = group_bounds(t.ends, piece.student_ends)
-    return Segment(piece.start, piece.stop, t.ids, sb, tb, t.round_trip, bb, np.ones(len(sb) - 1, dtype=bool))
+    return Segment(piece.start, piece.stop, t.ids, sb, tb, t.round_trip, bb, np.ones(len(sb) - 1, dtype=bool),
+                   NO_TURN_ENDS)
 
 
 def align_blocks(pair: TokenizerPair, ids, position_ids, special_ids: set[int]) -> list[list[Segment]]:
@@ -139,7 +145,10 @@ class BatchPlan:
     t_seqs / t_pos: per block row, the teacher's tokens of its pieces packed, and their position ids (restarting
     per piece); t_rows (Nt,) rows of those packed sequences' concatenated hidden states predicting t_ids; tb (G+1,);
     keep (G,) bool: every student token of the group is trained (labels != -100) and the group is content (not chat
-    markup, kd/cross_tokenizer/chat.py); group_bytes (G,) bytes per group."""
+    markup, kd/cross_tokenizer/chat.py); group_bytes (G,) bytes per group;
+    eot_s (E, 2), eot_t (E, 2): each trained assistant turn end (Segment.end_of_turn, chat.py) as [start, stop)
+    into s_ids / t_ids: the tokens of the event "the content ends here and the end-of-turn markup begins" on each
+    side; kept when all its student tokens are trained and something predicts it on both sides."""
 
     s_rows: np.ndarray
     s_ids: np.ndarray
@@ -151,6 +160,8 @@ class BatchPlan:
     tb: np.ndarray
     keep: np.ndarray
     group_bytes: np.ndarray
+    eot_s: np.ndarray
+    eot_t: np.ndarray
 
 
 def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[int], ignore: int = -100, *,
@@ -164,6 +175,7 @@ def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[
         segments = align_blocks(pair, ids, pos, special_ids)
     s_rows, s_ids, s_bounds, keep, g_bytes = [], [], [0], [], []
     t_seqs, t_pos, t_rows, t_ids, t_bounds = [], [], [], [], [0]
+    eot_s, eot_t = [], []
     t_base = 0
     for r in range(B):
         row_ids, row_pos, row_len = [], [], 0
@@ -187,6 +199,11 @@ def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[
             t_ids.append(seg.teacher_ids[t_pred])
             t_bounds.extend((t_bounds[-1] + np.cumsum(np.diff(tb[1:]))).tolist())
             g_bytes.append(np.diff(seg.byte_bounds.astype(np.int64))[1:])
+            s_flat, t_flat = s_bounds[-1] - (seg.stop - seg.start), t_bounds[-1] - len(seg.teacher_ids)
+            for a, b, c, d in (NO_TURN_ENDS if seg.end_of_turn is None else seg.end_of_turn).tolist():
+                if a >= sb[1] and c >= tb[1] and (labels[r, seg.start + a - 1 : seg.start + b - 1] != ignore).all():
+                    eot_s.append((s_flat + a, s_flat + b))
+                    eot_t.append((t_flat + c, t_flat + d))
         t_seqs.append(np.concatenate(row_ids) if row_ids else np.zeros(0, dtype=np.int64))
         t_pos.append(np.concatenate(row_pos) if row_pos else np.zeros(0, dtype=np.int64))
         t_base += row_len
@@ -194,5 +211,7 @@ def plan_batch(pair: TokenizerPair, ids, position_ids, labels, special_ids: set[
     def cat(parts, dtype=np.int64):
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
+    pairs = lambda x: np.asarray(x, dtype=np.int64).reshape(-1, 2)  # noqa: E731
     return BatchPlan(cat(s_rows), cat(s_ids), np.asarray(s_bounds, dtype=np.int64), t_seqs, t_pos, cat(t_rows),
-                     cat(t_ids), np.asarray(t_bounds, dtype=np.int64), cat(keep, bool), cat(g_bytes))
+                     cat(t_ids), np.asarray(t_bounds, dtype=np.int64), cat(keep, bool), cat(g_bytes), pairs(eot_s),
+                     pairs(eot_t))

@@ -22,8 +22,11 @@ at the first byte where a token starts on both sides, and end at the last where 
 that one template does not render (Phi-3's drops system messages) is markup on the side that renders it. With
 `data.train_on: assistant` the student's labels carry the assistant turns (content and end-of-turn markup); a
 content group counts when all its student tokens are labelled, so the cross loss is on the assistant contents,
-on both sides, and the end-of-turn markup is not distilled (it has no counterpart; with alpha > 0 it is not in
-the CE either).
+on both sides. The end of each assistant turn is distilled apart (kd/cross_tokenizer/losses.py's end-of-turn
+term): a Segment's `end_of_turn` rows name, per assistant turn rendered whole on both sides, the tokens of the
+event "the content ends here and the markup begins" on each side: from the end of the turn's last content group
+to the first token that reaches past the content's last byte (the teacher's `<|im_end|>`; a Qwen2 student's own
+`<|im_end|>`; a GPT-2 student reading the template as text: `<`, or `.<` with the answer's final `.`).
 
 A template that changes a message's content (strips or escapes it) cannot be split into markup and content and
 is refused. A student whose tokenizer has no chat template gets the teacher's template text at transplant time
@@ -98,10 +101,22 @@ def _inner(ends: np.ndarray, lo: int, hi: int) -> set:
     return {int(x) - lo for x in starts[inside]} | {int(x) - lo for x in ends[inside]}
 
 
-def _runs(s_ends, t_ends, s_spans, t_spans) -> list[tuple[int, int, int, bool]]:
-    """(student tokens, teacher tokens, content bytes, is content) per group, in order over both sides."""
-    runs, si, ti = [], 0, 0
-    for (a, b), (c, d) in zip(s_spans, t_spans):
+def _turn_end(s_ends, t_ends, s1: int, t1: int, e_s: int, e_t: int) -> tuple[int, int, int, int] | None:
+    """The end of an assistant turn whose content ends at byte e_s (student) / e_t (teacher) and whose content
+    groups end at tokens s1 / t1: (s1, k_s + 1, t1, k_t + 1), k the first token on each side that reaches past the
+    content's end (the first token of that side's end-of-turn markup); None when a side has no such token (the
+    conversation is truncated there)."""
+    k_s, k_t = int(np.searchsorted(s_ends, e_s, side="right")), int(np.searchsorted(t_ends, e_t, side="right"))
+    if k_s >= len(s_ends) or k_t >= len(t_ends):
+        return None
+    return s1, k_s + 1, t1, k_t + 1
+
+
+def _runs(s_ends, t_ends, s_spans, t_spans, assistant=None) -> tuple[list[tuple[int, int, int, bool]], list]:
+    """(student tokens, teacher tokens, content bytes, is content) per group, in order over both sides, and the
+    assistant turns' ends (_turn_end; assistant: per span pair, the message is the assistant's)."""
+    runs, ends, si, ti = [], [], 0, 0
+    for k, ((a, b), (c, d)) in enumerate(zip(s_spans, t_spans)):
         n = min(b - a, d - c)
         if n <= 0:
             continue
@@ -116,8 +131,11 @@ def _runs(s_ends, t_ends, s_spans, t_spans) -> list[tuple[int, int, int, bool]]:
         tb, sb, bb = group_bounds(t_ends[t0:t1] - (c + lo), s_ends[s0:s1] - (a + lo))
         runs.extend(zip(np.diff(sb).tolist(), np.diff(tb).tolist(), np.diff(bb).tolist(), [True] * (len(sb) - 1)))
         si, ti = s1, t1
+        end = _turn_end(s_ends, t_ends, s1, t1, a + n, c + n) if assistant is not None and assistant[k] else None
+        if end is not None:
+            ends.append(end)
     runs.append((len(s_ends) - si, len(t_ends) - ti, 0, False))
-    return _merge_one_sided(runs)
+    return _merge_one_sided(runs), ends
 
 
 def _merge_one_sided(runs: list) -> list:
@@ -152,21 +170,23 @@ def align_chat_doc(pair: TokenizerPair, student_ids, messages: list[dict], teach
     s_bytes = b"".join(chunks)
     if not s_r.text.encode().startswith(s_bytes):
         return None
-    both = [(s, t) for s, t in zip(s_r.spans, t_r.spans) if s is not None and t is not None]
+    both = [(s, t, m["role"] == "assistant") for s, t, m in zip(s_r.spans, t_r.spans, messages)
+            if s is not None and t is not None]
     covered = len(s_bytes)  # a truncated conversation is a prefix of the rendering
-    both = [((a, min(b, covered)), (c, c + min(b, covered) - a)) for (a, b), (c, _) in both if a < covered]
-    s_spans, t_spans = [s for s, _ in both], [t for _, t in both]
+    both = [((a, min(b, covered)), (c, c + min(b, covered) - a), r) for (a, b), (c, _), r in both if a < covered]
+    s_spans, t_spans, assistant = [s for s, _, _ in both], [t for _, t, _ in both], [r for _, _, r in both]
     t_text = t_r.text if covered == len(s_r.text.encode()) else _cut(t_r.text, t_spans[-1][1] if t_spans else 0)
     t = byte_ends(pair.teacher, pair.teacher_bytes, t_text)
     if not len(t.ids):
         return None
     s_ends = np.cumsum(np.fromiter((len(c) for c in chunks), dtype=np.int64, count=len(chunks)))
-    runs = _runs(s_ends, np.asarray(t.ends, dtype=np.int64), s_spans, t_spans)
+    runs, ends = _runs(s_ends, np.asarray(t.ends, dtype=np.int64), s_spans, t_spans, assistant)
     if not runs:
         return None
     n_s, n_t, n_b, content = (np.asarray(x) for x in zip(*runs))
     cum = lambda x: np.concatenate([[0], np.cumsum(x)]).astype(np.int32)  # noqa: E731
-    return Segment(0, len(ids), t.ids, cum(n_s), cum(n_t), t.round_trip, cum(n_b), content.astype(bool))
+    return Segment(0, len(ids), t.ids, cum(n_s), cum(n_t), t.round_trip, cum(n_b), content.astype(bool),
+                   np.asarray(ends, dtype=np.int32).reshape(-1, 4))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,25 @@ with D by `kind`:
   k < Vt a lower bound (data-processing inequality), like kd.train.losses.SPARSE_EXACTNESS. The projected q can be
   0 where the teacher is not; log q is floored at 1e-30 there (X-Token adds an epsilon too).
 
+End of an assistant turn (chat data, `end_of_turn`, default on): the groups compare only message contents; each
+side's end-of-turn markup has no counterpart in the other's vocabulary, but both models say how likely the turn
+ends there. Per trained assistant turn end (kd/cross_tokenizer/chat.py), from the position after the last content
+group, the event E = "the content's remaining bytes (none, unless a token straddles the content's end), then the
+end-of-turn markup begins", on each side through its own tokens up to and including the first token that reaches
+past the content's end: the teacher's `<|im_end|>` (SmolLM2), a Qwen2 student's own `<|im_end|>`, a GPT-2 student
+reading the template as text its first markup token (`<`, or `.<` when the answer's final `.` merges with it).
+p = exp(sum of those tokens' realized log-probs at T) (the chain rule, merge.py), and the term is
+
+    D_eot = KL(Bern(p_t) || Bern(p_s)) = p_t log(p_t/p_s) + (1-p_t) log((1-p_t)/(1-p_s))   (group_eval.py)
+
+added to D's sum, each turn end one more unit of D's mean (with a normalizer N, the step's trained student tokens,
+it is divided by N like a group: the student's end-of-turn token is one of those N). For a text-markup student
+only the *first* markup token is taken, not the chain rule over the whole markup (`<|im_end|>` is 5 GPT-2 tokens):
+the first token is where "stop" and "go on" part (once a student has emitted `<`, the rest of the markup is a
+near-certain continuation that the CE teaches), it is the one position both sides predict from the same content
+prefix, and the event stays one token on both sides for a student with a real end-of-turn token. With alpha > 0 the
+CE also covers the event's student tokens (markup is otherwise left out of it). Identity: 0 (p_t = p_s).
+
 Chunking (DESIGN: no (tokens, vocab) logits on either side), the pattern of kd.train.losses.fused_linear_kd_loss:
 one autograd Function computes the loss and its gradients in the forward, in three chunked passes (realized-
 token log-probs of both sides; `chunk_size` groups' distributions at their first tokens, D differentiated by
@@ -48,6 +67,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kd.cross_tokenizer.group_eval import group_binary_kl
 from kd.cross_tokenizer.merge import compute_dtype, group_index, later_token_sums, realized_logprobs
 from kd.cross_tokenizer.settings import CrossTokenizerLoss
 from kd.cross_tokenizer.vocab_map import Projection, VocabMap
@@ -158,7 +178,8 @@ class _Plan:
     teacher: Side
     tb: torch.Tensor
     groups: torch.Tensor  # (n_groups,) the counted groups
-    token_keep: torch.Tensor  # (N,) bool: student tokens of counted groups
+    token_keep: torch.Tensor  # (N,) bool: student tokens of counted groups (and of counted turn ends)
+    eot: tuple | None  # (student tokens, their turn end, teacher tokens, their turn end, E) or None
     alpha: float
     temperature: float
     ce_den: float
@@ -184,6 +205,7 @@ def _fused_forward(hs, ws, bs, plan: _Plan, want_grad: bool):
     s_later, t_later = later_token_sums(s_lp, plan.sb), later_token_sums(t_lp, plan.tb)
     ce_sum = -(s_lp1 * plan.token_keep).sum()
     w_d = (1.0 - plan.alpha) * T**2 / plan.d_den
+    e_sum, g_eot = _turn_end_term(s_lp, t_lp, plan.eot, w_d, want_grad)
     grad_h = torch.zeros(hs.shape, dtype=dt, device=hs.device) if want_grad else None
     grad_w = torch.zeros(ws.shape, dtype=dt, device=ws.device) if want_grad else None
     grad_b = None if bs is None or not want_grad else torch.zeros(bs.shape, dtype=dt, device=bs.device)
@@ -196,7 +218,7 @@ def _fused_forward(hs, ws, bs, plan: _Plan, want_grad: bool):
         if grad_b is not None:
             grad_b.add_(dz.sum(0))
 
-    d_sum = torch.zeros((), dtype=dt, device=hs.device)
+    d_sum = e_sum.to(dt)
     for c in range(0, len(plan.groups), cfg.chunk_size):
         g = plan.groups[c:c + cfg.chunk_size]
         rows = plan.sb[g]
@@ -215,7 +237,8 @@ def _fused_forward(hs, ws, bs, plan: _Plan, want_grad: bool):
     if want_grad:
         later = torch.ones(len(plan.s_ids), dtype=torch.bool, device=hs.device)
         later[plan.sb[:-1]] = False
-        a_t = torch.where(later, g_later[group_index(plan.sb)], torch.zeros((), dtype=dt, device=hs.device)) / T
+        a_t = torch.where(later, g_later[group_index(plan.sb)], torch.zeros((), dtype=dt, device=hs.device))
+        a_t = (a_t if g_eot is None else a_t + g_eot) / T
         a_1 = -plan.alpha / plan.ce_den * plan.token_keep.to(dt)
         for c in range(0, len(plan.s_ids), cfg.token_chunk_size):
             rows = torch.arange(c, min(c + cfg.token_chunk_size, len(plan.s_ids)), device=hs.device)
@@ -228,6 +251,41 @@ def _fused_forward(hs, ws, bs, plan: _Plan, want_grad: bool):
             fold(dz, h_rows, rows)
     loss = plan.alpha * ce_sum / plan.ce_den + w_d * d_sum
     return loss, ce_sum, d_sum, (grad_h, grad_w, grad_b)
+
+
+def turn_end_logprobs(s_lp: torch.Tensor, t_lp: torch.Tensor, eot: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Realized log-probs of both sides' tokens (N,), (M,) -> (E,) log p_s, (E,) log p_t of each turn end's event:
+    the chain rule over the event's tokens on each side (end_of_turn_index)."""
+    s_tok, s_ev, t_tok, t_ev, n = eot
+    return (s_lp.new_zeros(n).index_add(0, s_ev, s_lp[s_tok]), t_lp.new_zeros(n).index_add(0, t_ev, t_lp[t_tok]))
+
+
+def _turn_end_term(s_lp, t_lp, eot, w_d: float, want_grad: bool):
+    """The end-of-turn term (module docstring): its sum of KL(Bern(p_t) || Bern(p_s)) over the turn ends and, when
+    want_grad, dL/d(each student token's realized log-prob at T) (N,); (0, None) without turn ends."""
+    if eot is None:
+        return s_lp.new_zeros(()), None
+    ls, lt = turn_end_logprobs(s_lp, t_lp, eot)
+    with torch.enable_grad():
+        ls = ls.detach().requires_grad_(want_grad)
+        kl = group_binary_kl(lt, ls)
+        if not want_grad:
+            return kl.detach().sum(), None
+        (d_ls,) = torch.autograd.grad(kl.sum() * w_d, [ls])
+    return kl.detach().sum(), s_lp.new_zeros(s_lp.shape).index_add(0, eot[0], d_ls[eot[1]].to(s_lp.dtype))
+
+
+def end_of_turn_index(s_ranges: torch.Tensor, t_ranges: torch.Tensor) -> tuple:
+    """(E, 2) [start, stop) of each turn end's tokens on each side (blocks.py's BatchPlan.eot_s / eot_t) -> (student
+    token indices, their turn end, teacher token indices, their turn end, E)."""
+    def flat(r):
+        r = r.long().reshape(-1, 2)
+        sizes = r[:, 1] - r[:, 0]
+        ev = torch.repeat_interleave(torch.arange(len(r), device=r.device), sizes)
+        starts = torch.repeat_interleave(r[:, 0] - torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]]), sizes)
+        return starts + torch.arange(int(sizes.sum()), device=r.device), ev
+
+    return (*flat(s_ranges), *flat(t_ranges), int(s_ranges.reshape(-1, 2).shape[0]))
 
 
 class _FusedCrossTokenizer(torch.autograd.Function):
@@ -255,12 +313,15 @@ class _FusedCrossTokenizer(torch.autograd.Function):
 def cross_tokenizer_kd_loss(student: Side, teacher: Side, cfg: CrossTokenizerLoss, *, alpha: float,
                             temperature: float, vocab_map: VocabMap | None = None,
                             projection: Projection | None = None, group_mask: torch.Tensor | None = None,
-                            normalizer: float | None = None) -> KDLossOutput:
+                            normalizer: float | None = None, end_of_turn: tuple | None = None) -> KDLossOutput:
     """alpha * CE(student) + (1 - alpha) * T^2 * D over aligned groups (module docstring for D by cfg.kind).
 
     student/teacher: Side with the same number of groups G; group_mask (G,) bool: groups that count (the CE
     counts the student tokens of those groups). The sums are divided by the counted groups (D) and student
-    tokens (CE), or both by `normalizer`. No counted group: loss 0 with zero gradients. `vocab_map` is needed
+    tokens (CE), or both by `normalizer`. `end_of_turn`: (student (E, 2), teacher (E, 2)) token ranges of assistant
+    turn ends (BatchPlan.eot_s / eot_t), the binary KL term of the module docstring when cfg.end_of_turn; each turn
+    end is one more unit of D's mean and its student tokens join the CE. No counted group nor turn end: loss 0 with
+    zero gradients. `vocab_map` is needed
     for kind=hybrid, `projection` for kind=projection. Gradients reach student.hidden / weight / bias (computed
     during the forward, chunk by chunk, as kd.train.losses.fused_linear_kd_loss does); the teacher is detached."""
     if not 0.0 <= alpha <= 1.0 or not temperature > 0:
@@ -294,19 +355,25 @@ def cross_tokenizer_kd_loss(student: Side, teacher: Side, cfg: CrossTokenizerLos
     groups = keep.nonzero().squeeze(1)
     n_groups = int(groups.numel())
     token_keep = keep[group_index(sb)] if len(student.ids) else keep.new_zeros(0)
-    if n_groups == 0:  # a value of 0, still attached to the graph, with zero gradients
+    eot = None
+    if cfg.end_of_turn and end_of_turn is not None and end_of_turn[0].numel():
+        eot = end_of_turn_index(end_of_turn[0].to(sb.device), end_of_turn[1].to(sb.device))
+        token_keep = token_keep.clone()
+        token_keep[eot[0]] = True  # the CE on the student's own end-of-turn tokens
+    n_eot = 0 if eot is None else eot[4]
+    if n_groups + n_eot == 0:  # a value of 0, still attached to the graph, with zero gradients
         zero = student.hidden[:0].sum() * 0.0 + student.weight[:0].sum() * 0.0
         return KDLossOutput(loss=zero, ce=zero.detach(), kd=zero.detach(), tokens=0)
     n_tokens = int(token_keep.sum())
     plan = _Plan(
-        s_ids=student.ids.long(), sb=sb, tb=tb, groups=groups, token_keep=token_keep, alpha=alpha,
+        s_ids=student.ids.long(), sb=sb, tb=tb, groups=groups, token_keep=token_keep, eot=eot, alpha=alpha,
         teacher=Side(teacher.hidden.detach(), teacher.weight.detach(), teacher.ids.long(), tb,
                      None if teacher.bias is None else teacher.bias.detach()),
         temperature=temperature, cfg=cfg, div_kw=div_kw,
         ce_den=float(max(n_tokens, 1)) if normalizer is None else float(normalizer),
-        d_den=float(n_groups) if normalizer is None else float(normalizer),
+        d_den=float(n_groups + n_eot) if normalizer is None else float(normalizer),
     )
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
     loss, ce, d = _FusedCrossTokenizer.apply(student.hidden, student.weight, student.bias, plan)
-    return KDLossOutput(loss=loss, ce=ce, kd=d, tokens=n_groups)
+    return KDLossOutput(loss=loss, ce=ce, kd=d, tokens=n_groups + n_eot)

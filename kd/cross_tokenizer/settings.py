@@ -32,6 +32,12 @@ class CrossTokenizerLoss(BaseModel):
     chunk_size: int = Field(32, ge=1, description="groups whose (g, V) distributions are computed at a time")
     token_chunk_size: int = Field(64, ge=1, description="tokens whose (n, V) logits are computed at a time for "
                                   "the realized-token log-probs (the chain rule's scalars and the CE)")
+    end_of_turn: bool = Field(
+        True, description="chat data: distil where each trained assistant turn ends, across templates: per turn end, "
+        "the binary KL between the teacher's and the student's probability that the content ends there and their "
+        "own end-of-turn markup begins (each side's first markup token, chain rule over the content bytes a "
+        "straddling token carries), one more unit of the divergence's mean; with alpha > 0 the CE also trains "
+        "those student tokens. false: the markup is left out as before (kd/cross_tokenizer/losses.py)")
 
 
 class CrossTokenizerConfig(CrossTokenizerLoss):

@@ -18,6 +18,8 @@ set itself is shared. What each block row stores is exactly kd/cross_tokenizer/b
     segment_groups (S+1,) int64    piece s's groups in the three *_end arrays (G,) int32: each group's end
                                    (exclusive) in the piece's teacher tokens, student tokens, and bytes, and in
     group_content (G,) bool        the group is compared (False: chat template markup)
+    segment_turn_ends (S+1,) int64 piece s's assistant turn ends (chat.py) are rows [t[s], t[s+1]) of
+    turn_end (E, 4) int32          student tokens [a, b), teacher tokens [c, d) of each turn end, in the piece
 
 Chat data (the prepared set's format `chat`) are stored per conversation, each side rendered by its own chat
 template (kd/cross_tokenizer/chat.py's align_chat_blocks; the conversations read back from the source records):
@@ -37,7 +39,7 @@ import numpy as np
 
 from kd.build_once import build_once
 from kd.cross_tokenizer.align import TokenizerPair
-from kd.cross_tokenizer.blocks import Segment, align_blocks
+from kd.cross_tokenizer.blocks import NO_TURN_ENDS, Segment, align_blocks
 from kd.cross_tokenizer.chat import align_chat_blocks, chat_docs, chat_templates
 from kd.cross_tokenizer.report import special_ids
 from kd.data.prepared import SPLITS, open_prepared
@@ -45,10 +47,10 @@ from kd.data.sources import tokenizer_fingerprint
 from kd.hashing import digest_of, package_hash
 
 MARKER = "groups.json"
-GROUP_FORMAT = 2  # bump when the layout changes
+GROUP_FORMAT = 3  # bump when the layout changes
 ROWS_PER_CALL = 64  # block rows aligned per teacher batch-encode
 FILES = ("block_segments", "segment_span", "segment_round_trip", "segment_tokens", "teacher_ids", "segment_groups",
-         "teacher_group_end", "student_group_end", "group_byte_end", "group_content")
+         "teacher_group_end", "student_group_end", "group_byte_end", "group_content", "segment_turn_ends", "turn_end")
 
 
 def groups_key(prepared_root: str | Path, teacher_dir: str | Path, student_dir: str | Path) -> dict:
@@ -66,8 +68,8 @@ def _build_split(pair: TokenizerPair, split, specials: set[int], out: Path, chat
     """Align every block row of `split` and write the FILES into `out`; counts. chat: (each row's ChatDocs,
     (teacher, student) templates) for chat data."""
     parts: dict[str, list] = {n: [] for n in FILES}
-    n_seg = n_tok = n_grp = 0
-    offsets = {"block_segments": [0], "segment_tokens": [0], "segment_groups": [0]}
+    n_seg = n_tok = n_grp = n_end = 0
+    offsets = {"block_segments": [0], "segment_tokens": [0], "segment_groups": [0], "segment_turn_ends": [0]}
     for start in range(0, len(split), ROWS_PER_CALL):
         b = split.batch(range(start, min(start + ROWS_PER_CALL, len(split))))
         rows = (align_blocks(pair, b.ids.numpy(), b.position_ids.numpy(), specials) if chat is None else
@@ -83,8 +85,12 @@ def _build_split(pair: TokenizerPair, split, specials: set[int], out: Path, chat
                 parts["group_byte_end"].append(seg.byte_bounds[1:])
                 parts["group_content"].append(np.ones(len(seg.byte_bounds) - 1, bool) if seg.content is None
                                               else seg.content)
+                ends = NO_TURN_ENDS if seg.end_of_turn is None else seg.end_of_turn
+                parts["turn_end"].append(ends)
                 n_tok += len(seg.teacher_ids)
                 n_grp += len(seg.student_bounds) - 1
+                n_end += len(ends)
+                offsets["segment_turn_ends"].append(n_end)
                 offsets["segment_tokens"].append(n_tok)
                 offsets["segment_groups"].append(n_grp)
             n_seg += len(segs)
@@ -94,11 +100,12 @@ def _build_split(pair: TokenizerPair, split, specials: set[int], out: Path, chat
     arrays["segment_span"] = np.asarray(parts["segment_span"], dtype=np.int32).reshape(-1, 2)
     arrays["segment_round_trip"] = np.asarray(parts["segment_round_trip"], dtype=bool)
     arrays["group_content"] = np.concatenate(parts["group_content"]) if parts["group_content"] else np.zeros(0, bool)
+    arrays["turn_end"] = np.concatenate([NO_TURN_ENDS, *parts["turn_end"]]).astype(np.int32)
     for n in ("teacher_ids", "teacher_group_end", "student_group_end", "group_byte_end"):
         arrays[n] = np.concatenate(parts[n]).astype(np.int32) if parts[n] else np.zeros(0, np.int32)
     for n in FILES:
         np.save(out / f"{n}.npy", arrays[n])
-    return {"blocks": len(split), "segments": n_seg, "teacher_tokens": n_tok, "groups": n_grp}
+    return {"blocks": len(split), "segments": n_seg, "teacher_tokens": n_tok, "groups": n_grp, "turn_ends": n_end}
 
 
 def ensure_groups(prepared_root: str | Path, pair: TokenizerPair, teacher_dir: str | Path,
@@ -140,9 +147,10 @@ class StoredGroups:
             return np.concatenate([z, getattr(self, name)[g0:g1]])
 
         start, stop = (int(x) for x in self.segment_span[s])
+        e0, e1 = int(self.segment_turn_ends[s]), int(self.segment_turn_ends[s + 1])
         return Segment(start, stop, np.asarray(self.teacher_ids[a:b], dtype=np.int64), bounds("student_group_end"),
                        bounds("teacher_group_end"), bool(self.segment_round_trip[s]), bounds("group_byte_end"),
-                       np.asarray(self.group_content[g0:g1], dtype=bool))
+                       np.asarray(self.group_content[g0:g1], dtype=bool), np.asarray(self.turn_end[e0:e1], np.int32))
 
     def rows(self, rows) -> list[list[Segment]]:
         return [[self.segment(s) for s in range(int(self.block_segments[r]), int(self.block_segments[r + 1]))]

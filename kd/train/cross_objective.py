@@ -14,7 +14,8 @@ Same protocol as kd/train/objectives.py's objectives (make_objective picks this 
    sequence with position ids restarting per piece (block-diagonal attention, as for the prepared set).
 3. a piece's first group is not trained (its first tokens have no prediction on the teacher side: the teacher
    sees only the piece); every later group g is predicted from the position before its first token on each
-   side. A group counts when all its student tokens are trained (labels != -100).
+   side. A group counts when all its student tokens are trained (labels != -100). Chat data: each trained
+   assistant turn end adds the end-of-turn binary KL (losses.py, `kd.cross_tokenizer.end_of_turn`).
 4. kd/cross_tokenizer/losses.py's chunked loss (cfg.kd.cross_tokenizer.kind: uld | hybrid | projection) with
    alpha, temperature from cfg.kd; the vocabulary map or projection is built once, here.
 
@@ -22,7 +23,7 @@ Normalization (kd/train/loss_normalization.py): with `normalizer` (the loops pas
 tokens*, labels != -100) the CE sum over the counted groups' student tokens and the divergence sum over the
 counted groups are both divided by it, so one global batch gives one gradient however it is split, and with
 the same tokenizer on both sides (one group per token) the loss is the same-vocabulary objective's. Without a
-normalizer: CE mean over counted student tokens, divergence mean over counted groups. Tokens this objective
+normalizer: CE mean over counted student tokens, divergence mean over counted groups and turn ends. Tokens this objective
 does not train (each piece's first group, special tokens such as eos, the bytes of a character cut by a block
 edge) are still in the normalizer's count: it is the step's count, shared with the same-vocabulary path.
 """
@@ -101,4 +102,6 @@ class CrossTokenizerObjective:
                        torch.as_tensor(tb, device=dev), None if t_b is None else t_b[: self.vt].detach())
         return cross_tokenizer_kd_loss(student, teacher, ct, alpha=kd.alpha, temperature=kd.temperature,
                                        vocab_map=self.vocab_map, projection=self.projection,
-                                       group_mask=torch.as_tensor(keep, device=dev), normalizer=normalizer)
+                                       group_mask=torch.as_tensor(keep, device=dev), normalizer=normalizer,
+                                       end_of_turn=(torch.as_tensor(p.eot_s, device=dev),
+                                                    torch.as_tensor(p.eot_t, device=dev)))

@@ -240,6 +240,13 @@ class ModelEval(_Result):
     group_top1_agreement: float | None = Field(None, description="Cross-tokenizer runs, students: share of groups where "
                                                "model and teacher agree whether the realized text is their top choice")
     groups: int | None = Field(None, description="Cross-tokenizer runs, students: groups the two group metrics average over")
+    end_of_turn_kl: float | None = Field(None, description="Cross-tokenizer chat runs, students: mean over held-out "
+                                         "assistant turn ends of the binary KL(teacher||model) of 'the turn ends here' "
+                                         "(each side's own end-of-turn token, kd/cross_tokenizer/group_eval.py)")
+    end_of_turn_gap: float | None = Field(None, description="Cross-tokenizer chat runs, students: mean |p_t - p_s| of "
+                                          "'the turn ends here' over the same turn ends")
+    turn_ends: int | None = Field(None, description="Cross-tokenizer chat runs, students: held-out assistant turn ends "
+                                  "the two end-of-turn metrics average over")
 
 
 class Falsifier(_Result):

@@ -203,3 +203,7 @@ def test_training_loop_on_chat_rendered_per_side(tiny_pair, gpt2_student, tmp_pa
     cfg.kd.cross_tokenizer.end_of_turn = False
     obj.cfg = cfg
     assert obj(b).tokens == int(plan.keep.sum())
+    from kd.evaluate.cross_tokenizer import evaluate_cross
+
+    _, row = evaluate_cross([obj.teacher, obj.student], obj.teacher, packed.heldout, pair, batch_size=2, groups=groups)
+    assert row.turn_ends > 0 and row.end_of_turn_kl >= 0 and 0 <= row.end_of_turn_gap <= 1  # held-out turn ends

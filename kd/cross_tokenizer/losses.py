@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kd.cross_tokenizer.group_eval import group_binary_kl
+from kd.cross_tokenizer.group_eval import end_of_turn_index, group_binary_kl, turn_end_logprobs
 from kd.cross_tokenizer.merge import compute_dtype, group_index, later_token_sums, realized_logprobs
 from kd.cross_tokenizer.settings import CrossTokenizerLoss
 from kd.cross_tokenizer.vocab_map import Projection, VocabMap
@@ -253,13 +253,6 @@ def _fused_forward(hs, ws, bs, plan: _Plan, want_grad: bool):
     return loss, ce_sum, d_sum, (grad_h, grad_w, grad_b)
 
 
-def turn_end_logprobs(s_lp: torch.Tensor, t_lp: torch.Tensor, eot: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Realized log-probs of both sides' tokens (N,), (M,) -> (E,) log p_s, (E,) log p_t of each turn end's event:
-    the chain rule over the event's tokens on each side (end_of_turn_index)."""
-    s_tok, s_ev, t_tok, t_ev, n = eot
-    return (s_lp.new_zeros(n).index_add(0, s_ev, s_lp[s_tok]), t_lp.new_zeros(n).index_add(0, t_ev, t_lp[t_tok]))
-
-
 def _turn_end_term(s_lp, t_lp, eot, w_d: float, want_grad: bool):
     """The end-of-turn term (module docstring): its sum of KL(Bern(p_t) || Bern(p_s)) over the turn ends and, when
     want_grad, dL/d(each student token's realized log-prob at T) (N,); (0, None) without turn ends."""
@@ -273,19 +266,6 @@ def _turn_end_term(s_lp, t_lp, eot, w_d: float, want_grad: bool):
             return kl.detach().sum(), None
         (d_ls,) = torch.autograd.grad(kl.sum() * w_d, [ls])
     return kl.detach().sum(), s_lp.new_zeros(s_lp.shape).index_add(0, eot[0], d_ls[eot[1]].to(s_lp.dtype))
-
-
-def end_of_turn_index(s_ranges: torch.Tensor, t_ranges: torch.Tensor) -> tuple:
-    """(E, 2) [start, stop) of each turn end's tokens on each side (blocks.py's BatchPlan.eot_s / eot_t) -> (student
-    token indices, their turn end, teacher token indices, their turn end, E)."""
-    def flat(r):
-        r = r.long().reshape(-1, 2)
-        sizes = r[:, 1] - r[:, 0]
-        ev = torch.repeat_interleave(torch.arange(len(r), device=r.device), sizes)
-        starts = torch.repeat_interleave(r[:, 0] - torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]]), sizes)
-        return starts + torch.arange(int(sizes.sum()), device=r.device), ev
-
-    return (*flat(s_ranges), *flat(t_ranges), int(s_ranges.reshape(-1, 2).shape[0]))
 
 
 class _FusedCrossTokenizer(torch.autograd.Function):

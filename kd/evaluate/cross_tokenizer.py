@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from kd.cross_tokenizer.align import TokenizerPair
 from kd.cross_tokenizer.blocks import plan_batch
-from kd.cross_tokenizer.group_eval import group_binary_kl, group_outcomes
+from kd.cross_tokenizer.group_eval import end_of_turn_index, group_binary_kl, group_outcomes, turn_end_logprobs
 from kd.cross_tokenizer.merge import group_index
 from kd.cross_tokenizer.report import special_ids
 from kd.cross_tokenizer.stored import stored_rows
@@ -43,6 +43,7 @@ class _Sums:
         self.n, self.nll, self.entropy = 0, 0.0, 0.0
         self.counts = torch.zeros(vocab, dtype=torch.long)
         self.groups, self.group_kl, self.group_agree = 0, 0.0, 0  # against the teacher, over the same groups
+        self.turn_ends, self.eot_kl, self.eot_gap = 0, 0.0, 0.0  # against the teacher, over the same turn ends
 
     def add_groups(self, teacher: tuple[torch.Tensor, torch.Tensor], mine: tuple[torch.Tensor, torch.Tensor]) -> None:
         """(log p, top?) per group from group_outcomes, the teacher's and this model's."""
@@ -50,8 +51,15 @@ class _Sums:
         self.group_kl += float(group_binary_kl(teacher[0], mine[0]).sum())
         self.group_agree += int((teacher[1] == mine[1]).sum())
 
+    def add_turn_ends(self, lt: torch.Tensor, ls: torch.Tensor) -> None:
+        """(E,) log p of "the turn ends here", the teacher's and this model's (group_eval.turn_end_logprobs)."""
+        self.turn_ends += int(ls.shape[0])
+        self.eot_kl += float(group_binary_kl(lt, ls).sum())
+        self.eot_gap += float((lt.double().exp() - ls.double().exp()).abs().sum())
+
     def result(self, n_bytes: int, compared: bool) -> ModelEval:
         n, g = self.n or float("nan"), self.groups or float("nan")
+        eot = compared and self.turn_ends > 0
         loss = self.nll / n
         return ModelEval(loss=loss, perplexity=math.exp(loss) if loss < 709.0 else float("inf"), kl_to_teacher=None,
                          top1_agreement=None, entropy=self.entropy / n,
@@ -59,7 +67,10 @@ class _Sums:
                          bits_per_byte=self.nll / math.log(2) / n_bytes if n_bytes else float("nan"),
                          group_kl_to_teacher=self.group_kl / g if compared else None,
                          group_top1_agreement=self.group_agree / g if compared else None,
-                         groups=self.groups if compared else None)
+                         groups=self.groups if compared else None,
+                         end_of_turn_kl=self.eot_kl / self.turn_ends if eot else None,
+                         end_of_turn_gap=self.eot_gap / self.turn_ends if eot else None,
+                         turn_ends=self.turn_ends if eot else None)
 
 
 def _score(acc: _Sums | None, hidden: torch.Tensor, w: torch.Tensor, b, ids: torch.Tensor,
@@ -136,16 +147,28 @@ def evaluate_cross(models: list, teacher, blocks, pair: TokenizerPair, *, batch_
         hs = [be.hidden_states(teacher, torch.as_tensor(q, device=device).unsqueeze(0),
                                position_ids=torch.as_tensor(p, device=device).unsqueeze(0))[0]
               for q, p in zip(plan.t_seqs, plan.t_pos) if len(q)]
-        h = torch.cat(hs).index_select(0, t_rows)
+        h_all = torch.cat(hs)
+        h = h_all.index_select(0, t_rows)
         t_acc = next((acc for m, acc in zip(models, sums) if m is teacher), None)
         t_groups = group_outcomes(*_score(t_acc, h, w[:vt], None if b is None else b[:vt], t_ids, chunk_size), tb)
+        eot = end_of_turn_index(torch.as_tensor(plan.eot_s), torch.as_tensor(plan.eot_t))
+        ev_t = eot[2].to(device)  # the turn ends' teacher tokens, scored apart (not among the kept groups')
+        lt_tok = _score(None, h_all.index_select(0, torch.as_tensor(plan.t_rows).to(device)[ev_t]), w[:vt],
+                        None if b is None else b[:vt], torch.as_tensor(plan.t_ids).to(device)[ev_t], chunk_size)[0]
+        ev_s_rows = torch.as_tensor(plan.s_rows)[eot[0]].to(device)
+        ev_s_ids = torch.as_tensor(plan.s_ids)[eot[0]].to(device)
+        local = (torch.arange(len(eot[0])), eot[1], torch.arange(len(eot[2])), eot[3], eot[4])
         for m, acc in zip(models, sums):
             if m is teacher:
                 continue
             w, b = be.output_head(m)
             x, p = ids.to(device), None if pos is None else pos.to(device)
             h = be.hidden_states(m, x, position_ids=p)
-            h = h.reshape(-1, h.shape[-1]).index_select(0, s_rows)
-            acc.add_groups(t_groups, group_outcomes(*_score(acc, h, w[:vs], None if b is None else b[:vs], s_ids,
-                                                             chunk_size), sb))
+            h = h.reshape(-1, h.shape[-1])
+            acc.add_groups(t_groups, group_outcomes(*_score(acc, h.index_select(0, s_rows), w[:vs],
+                                                             None if b is None else b[:vs], s_ids, chunk_size), sb))
+            if eot[4]:
+                ls_tok = _score(None, h.index_select(0, ev_s_rows), w[:vs], None if b is None else b[:vs], ev_s_ids,
+                                chunk_size)[0]
+                acc.add_turn_ends(*turn_end_logprobs(ls_tok, lt_tok, local)[::-1])
     return [acc.result(n_bytes, compared=m is not teacher) for m, acc in zip(models, sums)]

@@ -123,6 +123,8 @@ def show_run(run_dir: Path) -> str:
         if getattr(m.eval, "cross_tokenizer", False):  # no shared vocabulary: bytes and byte-aligned groups instead
             cols = {"loss": "loss", "bits_per_byte": "bits/byte", "group_kl_to_teacher": "group KL",
                     "group_top1_agreement": "grp agree", "groups": "groups", "entropy": "entropy", "tokens": "tokens"}
+            if any(r.get("turn_ends") for r in rows.values()):  # chat: where assistant turns end, across templates
+                cols.update({"end_of_turn_kl": "EOT KL", "end_of_turn_gap": "EOT |dp|", "turn_ends": "turn ends"})
         out.append(f"  {'eval':<15}" + "".join(f"{label:>11}" for label in cols.values()))
         out += [f"  {name:<15}" + "".join(f"{_g(row[c]):>11}" for c in cols) for name, row in rows.items()]
     sampled = getattr(m.eval, "on_samples", None) if m.eval is not None else None

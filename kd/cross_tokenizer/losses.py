@@ -44,10 +44,11 @@ p = exp(sum of those tokens' realized log-probs at T) (the chain rule, merge.py)
 
 added to D's sum, each turn end one more unit of D's mean (with a normalizer N, the step's trained student tokens,
 it is divided by N like a group: the student's end-of-turn token is one of those N). For a text-markup student
-only the *first* markup token is taken, not the chain rule over the whole markup (`<|im_end|>` is 5 GPT-2 tokens):
+only the *first* markup token is taken, not the chain rule over the whole markup (`<|im_end|>` is 7 GPT-2 tokens):
 the first token is where "stop" and "go on" part (once a student has emitted `<`, the rest of the markup is a
-near-certain continuation that the CE teaches), it is the one position both sides predict from the same content
-prefix, and the event stays one token on both sides for a student with a real end-of-turn token. With alpha > 0 the
+near-certain continuation), it is the one position both sides predict from the same content prefix, and the event
+stays one token on both sides for a student with a real end-of-turn token. The markup's later tokens are trained by
+nothing here (nor by the CE). With alpha > 0 the
 CE also covers the event's student tokens (markup is otherwise left out of it). Identity: 0 (p_t = p_s).
 
 Chunking (DESIGN: no (tokens, vocab) logits on either side), the pattern of kd.train.losses.fused_linear_kd_loss:

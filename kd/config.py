@@ -424,9 +424,11 @@ class ShipConfig(_Part):
     min_reference_retention: float = Field(
         0.9, gt=0, description="Least teacher ÷ student-after bits per byte on eval.reference_text, text the run did "
         "not train on (out-of-domain retention). A run without a reference text cannot be called shippable.")
-    min_heldout_retention: float = Field(
+    min_heldout_retention: float | None = Field(
         0.9, gt=0, description="Least teacher ÷ student-after held-out loss per trained token (same tokens, one "
-        "tokenizer: the ratio of their bits per byte). 1 = as good as the teacher on held-out text.")
+        "tokenizer: the ratio of their bits per byte). 1 = as good as the teacher on held-out text. null: not a ship "
+        "criterion, for a held-out split the teacher wrote itself (sequence-level KD data): the teacher's loss there is "
+        "that of its own samples, so the ratio measures authorship; the out-of-domain check then carries retention.")
     max_repetition: float = Field(
         0.5, ge=0, le=1, description="Largest mean seq-rep-n (share of repeated word n-grams in one completion) of the "
         "student's greedy completions; the teacher's own share is allowed when higher.")

@@ -101,6 +101,18 @@ def test_a_student_far_from_the_teacher_on_heldout_text_does_not_ship():
     assert HELDOUT_ID in _failed(nan)
 
 
+def test_heldout_retention_null_drops_that_check_but_never_the_out_of_domain_one():
+    """A preset whose held-out split the teacher wrote (sequence-level KD data) sets min_heldout_retention: null;
+    the held-out check is then not among the checks, and out-of-domain retention still decides."""
+    good = ["Paris is the capital of France.", "The sea is blue and full of fish.", "Once a fox lived in the woods."]
+    weak = _report(good).model_copy(update={"student_after": _ev(1.6)})
+    cfg = ShipConfig(min_heldout_retention=None)
+    v = ship_verdict(weak, cfg)
+    assert v.verdict == "ship" and HELDOUT_ID not in {c.id for c in v.checks} and REFERENCE_ID in {c.id for c in v.checks}
+    assert _failed(weak.model_copy(update={"reference": _reference(0.85)}), cfg) == {REFERENCE_ID}
+    assert ship_verdict(weak.model_copy(update={"reference": None}), cfg).verdict == "dont_ship"
+
+
 def test_out_of_domain_retention_decides_and_no_reference_text_is_not_shippable():
     """The 24-layer SmolLM2 student of bench/results/ship_table: 0.94 in domain, fluent-ish, 0.85 on text it never
     saw: not shippable. Without a reference text nothing shows what it kept out of domain: not shippable either."""

@@ -12,8 +12,9 @@ them. The ship verdict looks at what the student *does*:
   output sets the bar;
 - how much of the teacher it kept on held-out text: teacher ÷ student held-out loss per trained token
   (`eval.ship.min_heldout_retention`, default 0.9; both score the same tokens with one tokenizer, so this
-  is the ratio of their bits per byte). Degenerate-output checks alone can only say a student is broken,
-  never that it is good: this one always runs;
+  is the ratio of their bits per byte). A preset whose held-out split the teacher wrote itself (its own
+  sampled answers) may set it to null: the teacher's loss on its own samples is low because it wrote them,
+  and the out-of-domain check below, which always runs, carries retention;
 - how much of the teacher it kept on text it did not train on: teacher ÷ student bits per byte on
   `eval.reference_text` (`eval.ship.min_reference_retention`, default 0.9). Always runs: a 24-layer SmolLM2
   student kept 0.94 in domain and answered "The capital of France is the city of the Holy, which is in the
@@ -170,8 +171,10 @@ def on_sample_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
 def ship_verdict(report: EvalReport, cfg: ShipConfig) -> ShipVerdict:
     """Every ship check for `report` under `cfg`; `ship` only when all pass."""
     samples = list(report.samples)
-    checks = [output_check(samples), repetition_check(samples, cfg), diversity_check(samples, cfg),
-              heldout_check(report, cfg), reference_check(report, cfg)]
+    checks = [output_check(samples), repetition_check(samples, cfg), diversity_check(samples, cfg)]
+    if cfg.min_heldout_retention is not None:
+        checks.append(heldout_check(report, cfg))
+    checks.append(reference_check(report, cfg))
     if cfg.min_retention:
         checks.append(retention_check(report, cfg))
     if cfg.max_on_sample_reverse_kl is not None:

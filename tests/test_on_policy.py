@@ -15,7 +15,7 @@ import torch
 from backends import get_backend
 from kd.config import load_config
 from kd.data import IGNORE, Batch, pack_dataset
-from kd.train.objectives import batch_kind
+from kd.train.objectives import Drawn, batch_kind
 from kd.train.on_policy import GenerationSettings, get_generator, prompts_from_batch, stop_ids_of
 from kd.train.on_policy.generation import Samples
 from kd.train.loop import train_student
@@ -240,3 +240,16 @@ def test_eval_on_own_samples_is_recorded_and_verify_recomputes_its_falsifier(tin
         (run / name).write_text(json.dumps(raw, indent=2))
     problems = verify_run_dir(run)
     assert any(ON_SAMPLE_ID in p and "the recorded numbers say fail" in p for p in problems), problems
+
+
+def test_a_drawn_batch_keeps_its_kind_and_rows_are_keyword_only():
+    """Batch's rows / split (where a prepared batch came from) are keyword-only: when they were positional, the
+    on-policy draw Drawn(ids, labels, pos, kind) put "on_policy" in `rows` and trained every generated batch as
+    off-policy (caught by the engine tests: the cache had no such block)."""
+    ids = torch.arange(8).view(2, 4)
+    d = Drawn(ids, ids[:, 1:], None, "on_policy")
+    assert d.kind == "on_policy" and d.rows is None
+    with pytest.raises(TypeError):
+        Batch(ids, ids[:, 1:], None, [0, 1])
+    kept = Drawn(ids, ids[:, 1:], None, rows=[3, 5], split="train", kind="off_policy")
+    assert (kept.kind, list(kept.rows), kept.split) == ("off_policy", [3, 5], "train")

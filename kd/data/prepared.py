@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,14 @@ class Batch:
     ids: torch.Tensor  # (B, L) int64
     labels: torch.Tensor  # (B, L-1) int64: label of position t is ids[t+1], or -100
     position_ids: torch.Tensor  # (B, L) int64
-    # where the rows came from (a Split's batch): what is stored per block beside the set is looked up by them
-    rows: np.ndarray | None = None
-    split: str | None = None
+    # where the rows came from (a Split's batch): what is stored per block beside the set is looked up by them.
+    # Keyword-only, so that a subclass's own field (objectives.Drawn's kind) can never land here by position.
+    rows: np.ndarray | None = field(default=None, kw_only=True)
+    split: str | None = field(default=None, kw_only=True)
 
     def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.labels.to(device), self.position_ids.to(device), self.rows, self.split)
+        return Batch(self.ids.to(device), self.labels.to(device), self.position_ids.to(device), rows=self.rows,
+                     split=self.split)
 
 
 class Split:
@@ -79,7 +81,7 @@ class Split:
         tgt = torch.from_numpy(view(self.targets)[:, 1:].astype(bool))
         pos = torch.from_numpy(view(self.positions).astype(np.int64))
         labels = torch.where(tgt, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
-        return Batch(ids, labels, pos, rows, self.root.name)
+        return Batch(ids, labels, pos, rows=rows, split=self.root.name)
 
 
 class PreparedSet:

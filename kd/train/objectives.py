@@ -251,7 +251,7 @@ class OnPolicyObjective:
         kind = batch_kind(self.op, self.cfg.train.seed, self.step, self.micro)
         self.stats[kind] += 1
         if kind == "off_policy":
-            return Drawn(batch.ids, batch.labels, batch.position_ids, kind)
+            return Drawn(batch.ids, batch.labels, batch.position_ids, rows=batch.rows, split=batch.split, kind=kind)
         samples = self.sample(batch, kind)
         self.last_samples = samples
         self.stats["gen_s"] += samples.seconds
@@ -259,7 +259,7 @@ class OnPolicyObjective:
         self.stats["samples"] += len(samples.completions)
         self.stats["stopped"] += sum(samples.stopped)
         b = samples.batch()
-        return Drawn(b.ids, b.labels, b.position_ids, kind)
+        return Drawn(b.ids, b.labels, b.position_ids, kind=kind)
 
     def __call__(self, batch, normalizer: float | None = None):
         """The loss of `batch` (prepared first unless it is a `Drawn`): token sums / normalizer, or token means."""

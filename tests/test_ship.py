@@ -183,3 +183,13 @@ def test_verify_refutes_a_forged_ship_verdict_and_show_says_dont_ship(inputs, tm
     main(["evidence", "show", str(run)])
     out = capsys.readouterr().out
     assert "ship verdict: DON'T SHIP: F-SHIP-OUTPUT-001" in out and "(the manifest claims ship)" in out
+
+
+def test_diversity_without_the_teachers_completions_is_not_measured_and_fails():
+    """A cross-tokenizer run generates no teacher completions: the diversity check has no bar and must fail
+    (fail-closed), not pass against a limit of 0."""
+    good = ["Paris is the capital of France.", "The sea is blue and full of fish.", "Once a fox lived in the woods."]
+    report = _report(good)
+    for s in report.samples:
+        del s.completions["teacher"]
+    assert DIVERSITY_ID in _failed(report)

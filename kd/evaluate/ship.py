@@ -111,9 +111,12 @@ def repetition_check(samples: list[SampleGeneration], cfg: ShipConfig) -> Falsif
 
 def diversity_check(samples: list[SampleGeneration], cfg: ShipConfig) -> Falsifier:
     """F-SHIP-DIVERSITY-001: the student's distinct-2 ≥ eval.ship.min_distinct_ratio × the teacher's."""
-    s, t = distinct(_completions(samples, STUDENT)), distinct(_completions(samples, TEACHER))
-    limit = cfg.min_distinct_ratio * t if not math.isnan(t) else 0.0
-    ok = s >= limit  # NaN (the student produced no two consecutive words) fails
+    teacher = _completions(samples, TEACHER)
+    s, t = distinct(_completions(samples, STUDENT)), distinct(teacher)
+    # a teacher whose completions have no two consecutive words sets no bar; one with no completions at all
+    # (not generated, e.g. across tokenizers) leaves the check unmeasured, and an unmeasured check fails
+    limit = cfg.min_distinct_ratio * t if not math.isnan(t) else (0.0 if teacher else float("nan"))
+    ok = s >= limit  # NaN (the student produced no two consecutive words, or no teacher to compare) fails
     return Falsifier(id=DIVERSITY_ID, claim=f"the student's distinct-2 over its completions is ≥ "
                      f"eval.ship.min_distinct_ratio={cfg.min_distinct_ratio:g} × the teacher's",
                      observed=f"student {_fmt(s)}, teacher {_fmt(t)}, limit {_fmt(limit)}"

@@ -19,6 +19,7 @@ given. tests/test_prepare.py checks a packed conversation's per-token losses equ
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -46,8 +47,9 @@ class Batch:
     split: str | None = field(default=None, kw_only=True)
 
     def to(self, device) -> "Batch":
-        return Batch(self.ids.to(device), self.labels.to(device), self.position_ids.to(device), rows=self.rows,
-                     split=self.split)
+        # every other field (rows, split, a subclass's own such as Drawn.kind) goes along unchanged
+        return dataclasses.replace(self, ids=self.ids.to(device), labels=self.labels.to(device),
+                                   position_ids=self.position_ids.to(device))
 
 
 class Split:

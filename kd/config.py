@@ -66,6 +66,13 @@ class PruneSpec(_Part):
         512, ge=16, le=65536, description="Tokens of the run's prepared training split (whole blocks of "
         "data.seq_len, spread over the split) the `measured` and `block-influence` strategies score layers on."
     )
+    calibration: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="Text the layers are scored on instead of the training split: bundled:NAME, a .txt file "
+        "(one document a line) or a folder of them; its first calibration_tokens tokens, in blocks of 128. For "
+        "training data the teacher wrote itself: its loss on its own samples is low whatever layers it keeps, so "
+        "they rank layers by how they carry its sampling, not its knowledge (docs/recipe.md). Never "
+        "eval.reference_text: the out-of-domain verdict must not have chosen the student."
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> "PruneSpec":
@@ -430,8 +437,8 @@ class ShipConfig(_Part):
         "criterion, for a held-out split the teacher wrote itself (sequence-level KD data): the teacher's loss there is "
         "that of its own samples, so the ratio measures authorship; the out-of-domain check then carries retention.")
     max_repetition: float = Field(
-        0.5, ge=0, le=1, description="Largest mean seq-rep-n (share of repeated word n-grams in one completion) of the "
-        "student's greedy completions; the teacher's own share is allowed when higher.")
+        0.5, ge=0, le=1, description="Largest seq-rep-n (share of repeated word n-grams in one completion) of each of "
+        "the student's greedy completions; the teacher's own share on the same prompt is allowed when higher.")
     repetition_ngram: int = Field(3, ge=1, le=8, description="n of the repetition measure (word n-grams).")
     min_distinct_ratio: float = Field(
         0.5, ge=0, le=1, description="The student's distinct-2 over its completions must be ≥ this × the teacher's.")

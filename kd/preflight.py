@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from kd.config import ModelRef, RunConfig, default_run_name
-from kd.errors import ConfigError, InputError, ModelError
+from kd.errors import ConfigError, DataError, InputError, ModelError
 from kd.inspect_data import check_data_files, check_enough_tokens, data_files
 from kd.inspect_model import check_architecture, check_tokenizer, config_field, read_model_config
 from kd.inspect_weights import inspect_weights
@@ -229,6 +229,9 @@ def check_inputs(cfg: RunConfig) -> list[dict]:
         inputs.run("benchmarks", _check_benchmarks, cfg.eval.benchmarks)
     if cfg.eval.reference_text is not None:  # out-of-domain text: readable, not the training source (issue 27)
         inputs.run("reference-text", _check_reference, cfg.eval.reference_text, cfg.data.source)
+    spec = cfg.student.init.from_teacher if cfg.student.kind == "pruned" else None
+    if spec is not None and spec.measured and spec.calibration is not None:  # the layer choice's own text
+        inputs.run("layer-calibration", _check_calibration, spec.calibration, cfg.eval.reference_text)
     files = inputs.run("data-files", data_files, cfg.data)
     docs = inputs.run("data-decode", _decode, cfg.data, files) if files else None
     if docs and "student" in folders:
@@ -269,6 +272,31 @@ def _check_reference(reference_text: str, data_source: str) -> str:
     from kd.evaluate.benchmarks import check_reference
 
     return check_reference(reference_text, data_source)
+
+
+def _check_calibration(calibration: str, reference_text: str | None) -> str:
+    """student.init.from_teacher.calibration names readable text that is not eval.reference_text: the
+    out-of-domain verdict must not have chosen the student's layers. ConfigError naming the field otherwise."""
+    from kd.bundled import source_path
+    from kd.evaluate.bundled_tasks import reference_files
+
+    field = f"student.init.from_teacher.calibration {calibration!r}"
+    try:
+        root = source_path(calibration).resolve()
+    except DataError:
+        root = None
+    files = (sorted(root.rglob("*.txt")) if root.is_dir() else [root]) if root is not None and root.exists() else []
+    if not files:
+        raise ConfigError(f"{field}: no bundled text, .txt file or folder of .txt files there")
+    if reference_text is not None:
+        try:
+            reference = [f.resolve() for f in reference_files(reference_text)]
+        except ConfigError:  # named by the reference-text check
+            reference = []
+        if any(f == root or f.is_relative_to(root) for f in reference):
+            raise ConfigError(f"{field} is (inside) eval.reference_text {reference_text!r}: the layers would be "
+                              "chosen on the text that judges the student; calibrate on another text")
+    return f"layer calibration {calibration}: {len(files)} file(s), {sum(f.stat().st_size for f in files):,} bytes"
 
 
 def _benchmark_plan(cfg: RunConfig, student: dict, cuda: bool) -> dict:

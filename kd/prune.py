@@ -157,12 +157,13 @@ def pruned_init(teacher_content_hash: str, info: dict) -> PrunedInit:
 
 
 def calibration_for(teacher_dir: str | Path, spec: PruneSpec, data=None):
-    """The calibration blocks of a measured choice: `spec.calibration_tokens` of the prepared training split
-    of `data` (whole blocks), or of DEFAULT_CALIBRATION in blocks of 128 tokens when there is no `data`."""
+    """The calibration blocks of a measured choice: `spec.calibration_tokens` of `spec.calibration` (blocks of
+    128 tokens) when given, else of the prepared training split of `data` (whole blocks), else of
+    DEFAULT_CALIBRATION."""
     from kd.layer_choice import CALIBRATION_SEQ_LEN, calibration_from_prepared, calibration_from_text
 
-    if data is None:
-        return calibration_from_text(DEFAULT_CALIBRATION, teacher_dir,
+    if spec.calibration is not None or data is None:
+        return calibration_from_text(spec.calibration or DEFAULT_CALIBRATION, teacher_dir,
                                      n_blocks=math.ceil(spec.calibration_tokens / CALIBRATION_SEQ_LEN))
     from kd.data import model_max_positions, prepare_data
 

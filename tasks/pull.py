@@ -20,7 +20,7 @@ def source_fingerprint(ref: ModelRef, dtype: str = "float32", data=None) -> str:
     resolves to now (the cached one when offline). GGUF sources: the file's sha256 and the dtype it
     is converted to; pruned students: how they are pruned (the teacher's fingerprint is in the key
     beside it), and the transplant's format for one on another tokenizer and, for a measured layer choice, the calibration data: the content of `data.source` and the
-    data config (the calibration blocks come from the run's prepared training split). Whether the files are on disk is *not* part of the key (it would differ between the
+    data config (the calibration blocks come from the run's prepared training split), or the content of `from_teacher.calibration` when it names its own text. Whether the files are on disk is *not* part of the key (it would differ between the
     run that makes them and every later one): a hit whose folders are gone is a miss (`_pull_key`)."""
     if ref.kind == "pruned":
         spec = ref.init.from_teacher
@@ -29,6 +29,12 @@ def source_fingerprint(ref: ModelRef, dtype: str = "float32", data=None) -> str:
             from kd.cross_tokenizer.student import TRANSPLANT_FORMAT
 
             init = f"{init}:transplant-{TRANSPLANT_FORMAT}"
+        if spec.measured and spec.calibration is not None:  # the calibration text's content, not only its name
+            from kd.bundled import source_path
+            from kd.hashing import hash_dir, sha256_file
+
+            path = source_path(spec.calibration)
+            return f"pruned:{init}:calibration-text:{hash_dir(path) if path.is_dir() else sha256_file(path)}"
         if spec.measured and data is not None:
             from kd.data import data_fingerprint
 

@@ -169,3 +169,34 @@ def test_the_flow_records_the_scores_in_the_manifest_and_an_artifact(prefect_ser
     assert init["calibration"]["source"].startswith(f"prepared:{m['data']['content_hash'][:16]} train rows")
     md = artifacts(state.state_details.flow_run_id)["layer-choice"].data
     assert "| 2 | 0 |" in md and "strategy `measured`" in md
+
+
+def test_a_named_calibration_text_chooses_the_layers_instead_of_the_training_split(deep_teacher, tmp_path):
+    """from_teacher.calibration: the layers are scored on that text (issue 27: the recipe trains on text the teacher
+    wrote, whose loss under the teacher is low whatever layers it keeps), and the pull key follows its content."""
+    from kd.hub import pull_model
+    from tasks.pull import source_fingerprint
+
+    teacher = pull_model(ModelRef(repo=str(deep_teacher)), "teacher")
+    text = tmp_path / "calib.txt"
+    text.write_text((REPO / "kd/corpus/smoke.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    spec = PruneSpec(keep_layers=5, calibration_tokens=128, calibration=str(text))
+    _, init = ensure_pruned(teacher, spec, DataConfig(source="bundled:english", seq_len=32))
+    assert init.calibration["source"] == f"{text} (first 128 tokens)" and init.layers == [0, 1, 3, 4, 5]
+    ref = ModelRef(repo="from-teacher", init={"from_teacher": {"keep_layers": 5, "calibration": str(text)}})
+    data = DataConfig(source="bundled:english")
+    before = source_fingerprint(ref, data=data)
+    assert source_fingerprint(ref, data=DataConfig(source="smoke")) == before  # the training data does not enter
+    text.write_text(text.read_text(encoding="utf-8") + "one more line\n", encoding="utf-8")
+    assert source_fingerprint(ref, data=data) != before  # its content does
+
+
+def test_a_bad_or_leaking_calibration_text_exits_2_naming_the_field(tmp_path, capsys):
+    field = "student.init.from_teacher.calibration"
+    base = ["run", "configs/smollm2-135m-recipe.yaml", "--dry-run"]
+    for value, msg in {str(tmp_path / "absent.txt"): "no bundled text, .txt file or folder",
+                       "bundled:nope": "no bundled text",
+                       "bundled:bierce": "is (inside) eval.reference_text 'bundled:bierce'"}.items():
+        assert main([*base, "--set", f"{field}={value}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{field} {value!r}" in err and msg in err, err[-800:]

@@ -85,6 +85,20 @@ def test_a_loop_is_caught_unless_the_teacher_loops_as_much():
     assert REPETITION_ID not in _failed(_report([loop, loop, "Once upon a time a fox lived."], teacher=[loop, loop, loop]))
 
 
+def test_one_looping_answer_among_good_ones_is_caught_where_the_mean_would_hide_it():
+    """The recipe's 60-step student answered "What is a verb?" with "A verb is a noun. A verb is a noun. ..."
+    (seq-rep-3 0.65) while its mean over 8 completions was 0.29: a loop a user gets, on one prompt."""
+    loop = "A verb is a verb. It is a verb. A verb is a noun. A verb is a noun. A verb is a noun. A verb is a noun."
+    good = ["Paris is the capital of France.", "The sea is blue and full of fish.", "Once a fox lived in the woods.",
+            "Sleep at the same time every night, and keep the room dark and cool."]
+    assert sum(repetition(t, 3) for t in [loop, *good]) / 5 < 0.5 < repetition(loop, 3)
+    teacher = [f"A fine answer number {i} about something else entirely." for i in range(5)]
+    check = next(c for c in ship_verdict(_report([loop, *good], teacher=teacher), ShipConfig()).checks
+                 if c.id == REPETITION_ID)
+    assert check.verdict == "fail" and "1 of 5 completions loop" in check.observed, check.observed
+    assert REPETITION_ID not in _failed(_report([loop, *good], teacher=[loop, *teacher[1:]]))  # the teacher loops too
+
+
 def test_far_fewer_distinct_phrases_than_the_teacher_fails():
     same = "Paris is nice."
     assert DIVERSITY_ID in _failed(_report([same, same, same]))
@@ -193,3 +207,20 @@ def test_diversity_without_the_teachers_completions_is_not_measured_and_fails():
     for s in report.samples:
         del s.completions["teacher"]
     assert DIVERSITY_ID in _failed(report)
+
+
+def test_the_recipe_preset_keeps_its_gates_and_a_student_a_fifth_smaller_than_its_teacher():
+    """configs/smollm2-135m-recipe.yaml (docs/recipe.md) is judged on text it never trained on, against its control,
+    with the 0.9 retention bar; and its student stays at most 80 % of the teacher's parameters (issue 27: a recipe,
+    not a few layers trimmed until a number passes)."""
+    from kd.gguf import inspect_gguf, packaged_smollm2
+    from kd.prune import pruned_size_info
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs/smollm2-135m-recipe.yaml")
+    assert cfg.eval.control and cfg.kd.alpha == 0
+    assert cfg.eval.reference_text == "bundled:bierce" and "bierce" not in cfg.data.source
+    assert cfg.eval.ship.min_reference_retention >= 0.9
+    teacher = inspect_gguf(packaged_smollm2())
+    student = pruned_size_info(teacher, cfg.student.init.from_teacher)
+    assert student["params"] / teacher["params"] <= 0.80, (student["params"], teacher["params"])

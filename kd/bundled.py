@@ -39,3 +39,14 @@ def source_path(source: str) -> Path:
         raise DataError(f"data.source {source!r}: no bundled data {name!r}; kdflow ships "
                         f"{', '.join(PREFIX + n for n in bundled_names())}")
     return path
+
+
+def text_files(source: str) -> list[Path]:
+    """The .txt files behind a text source (`bundled:NAME`, a .txt file or a folder of them): what the layer
+    choice calibrates on. Empty when the source names nothing readable; callers name their own field."""
+    try:
+        path = source_path(source)
+    except DataError:
+        return []
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    return files if files and all(f.is_file() for f in files) else []

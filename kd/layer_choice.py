@@ -96,12 +96,11 @@ def calibration_from_text(source: str, tokenizer_dir: str | Path, n_blocks: int 
                           seq_len: int = CALIBRATION_SEQ_LEN) -> Calibration:
     """The first `n_blocks` x `seq_len` tokens of a text source: `bundled:NAME`, a .txt file (one document a
     line) or a folder of them; each document ends with the tokenizer's EOS, as prepare_data packs them."""
-    from kd.bundled import source_path
+    from kd.bundled import text_files
     from kd.data.sources import eos_id, load_tokenizer
 
-    path = source_path(source)
-    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
+    files = text_files(source)
+    if not files:
         raise DataError(f"--calibration {source!r}: no such text file or folder of .txt files")
     tok, eos = load_tokenizer(tokenizer_dir), eos_id(tokenizer_dir)
     want = n_blocks * seq_len

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from kd.config import ModelRef, RunConfig, default_run_name
-from kd.errors import ConfigError, DataError, InputError, ModelError
+from kd.errors import ConfigError, InputError, ModelError
 from kd.inspect_data import check_data_files, check_enough_tokens, data_files
 from kd.inspect_model import check_architecture, check_tokenizer, config_field, read_model_config
 from kd.inspect_weights import inspect_weights
@@ -277,17 +277,14 @@ def _check_reference(reference_text: str, data_source: str) -> str:
 def _check_calibration(calibration: str, reference_text: str | None) -> str:
     """student.init.from_teacher.calibration names readable text that is not eval.reference_text: the
     out-of-domain verdict must not have chosen the student's layers. ConfigError naming the field otherwise."""
-    from kd.bundled import source_path
+    from kd.bundled import source_path, text_files
     from kd.evaluate.bundled_tasks import reference_files
 
     field = f"student.init.from_teacher.calibration {calibration!r}"
-    try:
-        root = source_path(calibration).resolve()
-    except DataError:
-        root = None
-    files = (sorted(root.rglob("*.txt")) if root.is_dir() else [root]) if root is not None and root.exists() else []
+    files = text_files(calibration)  # what calibration_from_text will read
     if not files:
         raise ConfigError(f"{field}: no bundled text, .txt file or folder of .txt files there")
+    root = source_path(calibration).resolve()
     if reference_text is not None:
         try:
             reference = [f.resolve() for f in reference_files(reference_text)]

@@ -30,11 +30,11 @@ def source_fingerprint(ref: ModelRef, dtype: str = "float32", data=None) -> str:
 
             init = f"{init}:transplant-{TRANSPLANT_FORMAT}"
         if spec.measured and spec.calibration is not None:  # the calibration text's content, not only its name
-            from kd.bundled import source_path
-            from kd.hashing import hash_dir, sha256_file
+            from kd.bundled import text_files
+            from kd.hashing import digest_of, sha256_file
 
-            path = source_path(spec.calibration)
-            return f"pruned:{init}:calibration-text:{hash_dir(path) if path.is_dir() else sha256_file(path)}"
+            texts = digest_of({str(f): sha256_file(f) for f in text_files(spec.calibration)})
+            return f"pruned:{init}:calibration-text:{texts}"
         if spec.measured and data is not None:
             from kd.data import data_fingerprint
 

@@ -529,6 +529,13 @@ class EvalConfig(_Part):
     sample_max_new_tokens: int = Field(
         24, ge=0, le=512, description="Tokens generated per prompt and model (0: no samples)."
     )
+    sample_repetition_penalty: float = Field(
+        1.0, ge=1.0, le=2.0, description="The decoding the student will be deployed with, for every model's sample "
+        "completions alike (and so for the ship verdict's generation checks): greedy, with this repetition penalty "
+        "(Keskar et al. 2019, transformers' `repetition_penalty`: a token already in the text has its logit divided "
+        "by it). 1.0: plain greedy. Ship the student with the same value in its generation config (Qwen2.5-Instruct "
+        "ships 1.05); samples.md and the verdict name it.",
+    )
     # --- the fine-tuning control (issue 27; kd/evaluate/control.py)
     control: bool = Field(
         False, description="Also train the same student with alpha = 1 (fine-tuning only) on the same data, steps, lr "

@@ -262,6 +262,7 @@ class SampleGeneration(_Result):
     prompt: str
     chat_template: bool = Field(description="The prompt was wrapped in the tokenizer's chat template")
     max_new_tokens: int
+    repetition_penalty: float = Field(1.0, description="Greedy decoding's repetition penalty (1.0: plain greedy)")
     completions: dict[str, str] = Field(description="model (teacher, student_before, student_after) -> completion")
     source: Literal["fixed", "heldout"] = Field(
         "fixed", description="fixed: an eval.sample_prompts prompt; heldout: a prompt cut from held-out data")

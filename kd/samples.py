@@ -8,9 +8,10 @@
 
 Metrics say how far the student is from the teacher; a few completions side by side say what
 that means. Prompts are chat-templated when the tokenizer has a chat template (an instruct
-model answers a user turn), else used as raw text. Decoding is greedy (deterministic) and every
-model only picks ids below `valid_vocab`, so each completion decodes with the student's tokenizer
-(the teacher's padding rows can never be emitted).
+model answers a user turn), else used as raw text. Decoding is greedy (deterministic), with the
+repetition penalty the student will be deployed with (`eval.sample_repetition_penalty`, 1.0 = plain greedy)
+for every model alike, and every model only picks ids below `valid_vocab`, so each completion decodes with
+the student's tokenizer (the teacher's padding rows can never be emitted).
 """
 
 from __future__ import annotations
@@ -49,31 +50,32 @@ class _OnlyValidIds:
 
 @torch.no_grad()
 def generate_samples(models: dict, tokenizer_dir: str | Path, prompts: list[str], *, max_new_tokens: int,
-                     valid_vocab: int, device: str = "cpu",
-                     heldout_prompt_ids: list[list[int]] = ()) -> list[SampleGeneration]:
-    """Greedy completions by every model in `models` ({name: causal LM}) of every prompt in `prompts` (text,
-    chat-templated when the tokenizer has a template) and of every `heldout_prompt_ids` prompt (token ids cut
-    from held-out data, already in the data's format)."""
+                     valid_vocab: int, device: str = "cpu", heldout_prompt_ids: list[list[int]] = (),
+                     repetition_penalty: float = 1.0) -> list[SampleGeneration]:
+    """Greedy completions (with `repetition_penalty`) by every model in `models` ({name: causal LM}) of every
+    prompt in `prompts` (text, chat-templated when the tokenizer has a template) and of every `heldout_prompt_ids`
+    prompt (token ids cut from held-out data, already in the data's format)."""
     from transformers import AutoTokenizer
 
     if max_new_tokens <= 0 or not (prompts or heldout_prompt_ids):
         return []
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    decoding = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
     out = []
     for prompt in prompts:
         ids, templated = _prompt_ids(tokenizer, prompt)
-        out.append(SampleGeneration(prompt=prompt, chat_template=templated, max_new_tokens=max_new_tokens,
-                                    completions=_complete(models, tokenizer, ids, max_new_tokens, valid_vocab, device)))
+        out.append(SampleGeneration(prompt=prompt, chat_template=templated, **decoding,
+                                    completions=_complete(models, tokenizer, ids, valid_vocab, device, **decoding)))
     for ids in heldout_prompt_ids:
         t = torch.tensor([list(ids)])
-        out.append(SampleGeneration(prompt=tokenizer.decode(ids), chat_template=False, max_new_tokens=max_new_tokens,
-                                    completions=_complete(models, tokenizer, t, max_new_tokens, valid_vocab, device),
+        out.append(SampleGeneration(prompt=tokenizer.decode(ids), chat_template=False, **decoding,
+                                    completions=_complete(models, tokenizer, t, valid_vocab, device, **decoding),
                                     source="heldout"))
     return out
 
 
-def _complete(models: dict, tokenizer, ids: torch.Tensor, max_new_tokens: int, valid_vocab: int,
-              device: str) -> dict[str, str]:
+def _complete(models: dict, tokenizer, ids: torch.Tensor, valid_vocab: int, device: str, *, max_new_tokens: int,
+              repetition_penalty: float) -> dict[str, str]:
     from transformers import LogitsProcessorList
 
     eos = tokenizer.eos_token_id
@@ -85,7 +87,7 @@ def _complete(models: dict, tokenizer, ids: torch.Tensor, max_new_tokens: int, v
         model.eval()
         gen = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, pad_token_id=eos if eos is not None else 0,
+            num_beams=1, pad_token_id=eos if eos is not None else 0, repetition_penalty=repetition_penalty,
             logits_processor=LogitsProcessorList([_OnlyValidIds(valid_vocab)]),
             # a model's generation_config may ask for sampling; greedy is what we mean here
             temperature=None, top_p=None, top_k=None,
@@ -100,9 +102,15 @@ def merge_samples(base: list[SampleGeneration], more: list[SampleGeneration]) ->
     list, each prompt's completions side by side."""
     if not base or not more:
         return list(base or more)
-    if [(s.prompt, s.source) for s in base] != [(s.prompt, s.source) for s in more]:
-        raise ValueError("merge_samples: the two lists complete different prompts")
+    if [(s.prompt, s.source, s.repetition_penalty) for s in base] != [(s.prompt, s.source, s.repetition_penalty)
+                                                                        for s in more]:
+        raise ValueError("merge_samples: the two lists complete different prompts, or decode them differently")
     return [b.model_copy(update={"completions": {**b.completions, **m.completions}}) for b, m in zip(base, more)]
+
+
+def decoding_of(samples: list[SampleGeneration]) -> str:
+    """How the completions were decoded, in words: 'greedy' or 'greedy, repetition penalty 1.2'."""
+    return "greedy" + "".join(f", repetition penalty {p:g}" for p in sorted({s.repetition_penalty for s in samples} - {1.0}))
 
 
 def _cell(text: str) -> str:
@@ -113,7 +121,7 @@ def _cell(text: str) -> str:
 
 def samples_markdown(samples: list[SampleGeneration], title: str = "Sample generations") -> str:
     lines = [f"# {title}", "",
-             "Greedy completions of fixed prompts (`eval.sample_prompts`) and of prompts cut from held-out data "
+             f"Completions ({decoding_of(samples)}: `eval.sample_repetition_penalty`) of fixed prompts (`eval.sample_prompts`) and of prompts cut from held-out data "
              "(`eval.heldout_sample_prompts`) by the teacher, the student before training and the student after.", ""]
     for i, s in enumerate(samples, 1):
         how = ("held-out prompt, as in the data" if s.source == "heldout" else

@@ -37,7 +37,8 @@ def _baseline_key(context, parameters) -> str:
     return content_key("eval-baselines", parameters["teacher"].content_hash, parameters["student"].content_hash,
                        parameters["alignment"].identity(), cfg.data.model_dump(exclude={"num_proc"}),
                        _data_key(parameters), ev.batch_size, ev.max_batches, ev.sample_prompts, ev.sample_max_new_tokens,
-                       ev.heldout_sample_prompts, ev.benchmarks.model_dump(), ev.reference_text, *_bench_key(cfg),
+                       ev.sample_repetition_penalty, ev.heldout_sample_prompts, ev.benchmarks.model_dump(),
+                       ev.reference_text, *_bench_key(cfg),
                        cfg.kd.chunk_size, cfg.train.seed, op.prompt_tokens, op.max_prompt_tokens,
                        str(resolve_device(cfg)[:2]), code_version())
 

@@ -85,6 +85,18 @@ def test_a_loop_is_caught_unless_the_teacher_loops_as_much():
     assert REPETITION_ID not in _failed(_report([loop, loop, "Once upon a time a fox lived."], teacher=[loop, loop, loop]))
 
 
+def test_the_generation_checks_name_the_decoding_they_judged():
+    """A preset that deploys with a repetition penalty is judged under it, and every generation check says so."""
+    report = _report(TEACHER)
+    penalised = report.model_copy(update={"samples": [s.model_copy(update={"repetition_penalty": 1.2})
+                                                      for s in report.samples]})
+    claims = {c.id: c.claim for c in ship_verdict(penalised, ShipConfig()).checks}
+    assert "(greedy, repetition penalty 1.2)" in claims[REPETITION_ID]
+    assert "(greedy, repetition penalty 1.2)" in claims[OUTPUT_ID]
+    plain = {c.id: c.claim for c in ship_verdict(report, ShipConfig()).checks}
+    assert "(greedy)" in plain[REPETITION_ID] and "penalty" not in plain[REPETITION_ID]
+
+
 def test_one_looping_answer_among_good_ones_is_caught_where_the_mean_would_hide_it():
     """The recipe's 60-step student answered "What is a verb?" with "A verb is a noun. A verb is a noun. ..."
     (seq-rep-3 0.65) while its mean over 8 completions was 0.29: a loop a user gets, on one prompt."""

@@ -6,7 +6,8 @@ The pipeline gates (kd/evaluate/gates.py) say the run worked: numbers finite, be
 a uniform guess, not collapsed. A student that answers every prompt with twelve newlines passes all of
 them. The ship verdict looks at what the student *does*:
 - its greedy completions of the fixed sample prompts and of held-out prompts (`eval.sample_prompts`,
-  `eval.heldout_sample_prompts`): none blank (no letter or digit at all), none looping (share of
+  `eval.heldout_sample_prompts`), decoded as it will be deployed (`eval.sample_repetition_penalty`, 1.0 = plain
+  greedy; the teacher's completions decoded alike, and every check names the decoding): none blank (no letter or digit at all), none looping (share of
   repeated word n-grams in each completion, seq-rep-n of Welleck et al. 2019), and a vocabulary not far below the teacher's
   on the same prompts (distinct-2, Li et al. 2016); each compared with the teacher where the teacher's own
   output sets the bar;
@@ -33,6 +34,7 @@ from collections import Counter
 
 from kd.config import ShipConfig
 from kd.results import EvalReport, Falsifier, SampleGeneration, ShipVerdict
+from kd.samples import decoding_of
 
 OUTPUT_ID = "F-SHIP-OUTPUT-001"
 REPETITION_ID = "F-SHIP-REPETITION-001"
@@ -89,8 +91,8 @@ def output_check(samples: list[SampleGeneration]) -> Falsifier:
                 "student says" if measured == 0 else
                 f"{len(blank)} of {measured} completions blank (no letter or digit)"
                 + (f", e.g. for {blank[0][:60]!r}" if blank else ""))
-    return Falsifier(id=OUTPUT_ID, claim="the student's greedy completions of the sample and held-out prompts are "
-                     "generated and none is blank (empty, whitespace or punctuation only) where the teacher's is not",
+    return Falsifier(id=OUTPUT_ID, claim=f"the student's completions ({decoding_of(samples)}) of the sample and held-out "
+                     "prompts are generated and none is blank (empty, whitespace or punctuation only) where the teacher's is not",
                      observed=observed, verdict="pass" if ok else "fail")
 
 
@@ -111,8 +113,8 @@ def repetition_check(samples: list[SampleGeneration], cfg: ShipConfig) -> Falsif
                     f"for {prompt[:60]!r}")
     else:
         observed = f"0 of {len(rows)} completions loop: worst seq-rep-{n} {max(r[1] for r in rows):.3g}"
-    return Falsifier(id=REPETITION_ID, claim=f"no completion of the student's repeats {n}-grams more than "
-                     f"max(eval.ship.max_repetition={cfg.max_repetition:g}, the teacher's on the same prompt)",
+    return Falsifier(id=REPETITION_ID, claim=f"no completion of the student's ({decoding_of(samples)}) repeats {n}-grams "
+                     f"more than max(eval.ship.max_repetition={cfg.max_repetition:g}, the teacher's on the same prompt)",
                      observed=observed, verdict="pass" if ok else "fail")
 
 

@@ -118,7 +118,8 @@ def _samples(config, models: dict, student_dir, heldout, alignment, device):
     spec = sample_spec(config, student_dir, heldout, prompts=config.eval.heldout_sample_prompts)
     return generate_samples(models, student_dir, config.eval.sample_prompts,
                             max_new_tokens=config.eval.sample_max_new_tokens, valid_vocab=alignment.valid_vocab,
-                            device=device, heldout_prompt_ids=heldout_prompts(heldout, spec) if spec else [])
+                            device=device, heldout_prompt_ids=heldout_prompts(heldout, spec) if spec else [],
+                            repetition_penalty=config.eval.sample_repetition_penalty)
 
 
 def evaluate_baselines(config, models: dict, tokenizer_dirs: dict, heldout, alignment, *, heldout_path, device="cpu",

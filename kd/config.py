@@ -442,6 +442,11 @@ class ShipConfig(_Part):
     repetition_ngram: int = Field(3, ge=1, le=8, description="n of the repetition measure (word n-grams).")
     min_distinct_ratio: float = Field(
         0.5, ge=0, le=1, description="The student's distinct-2 over its completions must be ≥ this × the teacher's.")
+    max_teacher_bits_ratio: float = Field(
+        2.0, ge=1, description="The teacher's bits per byte on the student's completions (pooled over prompts, each "
+        "token given the prompt and the tokens before it) must be ≤ this × on its own completions of the same "
+        "prompts: the teacher finds the student's answers plausible text. Word salad that neither loops nor repeats "
+        "a phrase (a 10-layer student under a repetition penalty: 4.7×) fails it; the recipe's student reads at 1.4-1.6×.")
     min_retention: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="'task/metric' -> least retention vs the teacher (after ÷ teacher; teacher "
         "÷ after when lower is better), e.g. {'kdflow_bpb/bits_per_byte': 0.9}. Each task must be in eval.benchmarks.tasks.")
@@ -533,8 +538,9 @@ class EvalConfig(_Part):
         1.0, ge=1.0, le=2.0, description="The decoding the student will be deployed with, for every model's sample "
         "completions alike (and so for the ship verdict's generation checks): greedy, with this repetition penalty "
         "(Keskar et al. 2019, transformers' `repetition_penalty`: a token already in the text has its logit divided "
-        "by it). 1.0: plain greedy. Ship the student with the same value in its generation config (Qwen2.5-Instruct "
-        "ships 1.05); samples.md and the verdict name it.",
+        "by it when positive, multiplied when negative). 1.0: plain greedy. Serve the student with the same value in "
+        "its generation config (Qwen2.5-Instruct ships 1.05, Qwen2-0.5B-Instruct 1.1); samples.md and the verdict "
+        "name it.",
     )
     # --- the fine-tuning control (issue 27; kd/evaluate/control.py)
     control: bool = Field(

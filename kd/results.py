@@ -264,6 +264,10 @@ class SampleGeneration(_Result):
     max_new_tokens: int
     repetition_penalty: float = Field(1.0, description="Greedy decoding's repetition penalty (1.0: plain greedy)")
     completions: dict[str, str] = Field(description="model (teacher, student_before, student_after) -> completion")
+    teacher_bits: dict[str, float] = Field(
+        default_factory=dict, description="model -> the teacher's bits (−log2 p, summed) on that model's completion "
+        "tokens, each given the prompt and the tokens before it (F-SHIP-FLUENCY-001); empty where the teacher reads "
+        "another tokenizer")
     source: Literal["fixed", "heldout"] = Field(
         "fixed", description="fixed: an eval.sample_prompts prompt; heldout: a prompt cut from held-out data")
 

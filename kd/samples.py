@@ -51,10 +51,11 @@ class _OnlyValidIds:
 @torch.no_grad()
 def generate_samples(models: dict, tokenizer_dir: str | Path, prompts: list[str], *, max_new_tokens: int,
                      valid_vocab: int, device: str = "cpu", heldout_prompt_ids: list[list[int]] = (),
-                     repetition_penalty: float = 1.0) -> list[SampleGeneration]:
+                     repetition_penalty: float = 1.0, scorer=None) -> list[SampleGeneration]:
     """Greedy completions (with `repetition_penalty`) by every model in `models` ({name: causal LM}) of every
     prompt in `prompts` (text, chat-templated when the tokenizer has a template) and of every `heldout_prompt_ids`
-    prompt (token ids cut from held-out data, already in the data's format)."""
+    prompt (token ids cut from held-out data, already in the data's format). With `scorer` (the teacher, same
+    tokenizer), each completion's tokens are also scored by it: `teacher_bits`."""
     from transformers import AutoTokenizer
 
     if max_new_tokens <= 0 or not (prompts or heldout_prompt_ids):
@@ -65,22 +66,23 @@ def generate_samples(models: dict, tokenizer_dir: str | Path, prompts: list[str]
     for prompt in prompts:
         ids, templated = _prompt_ids(tokenizer, prompt)
         out.append(SampleGeneration(prompt=prompt, chat_template=templated, **decoding,
-                                    completions=_complete(models, tokenizer, ids, valid_vocab, device, **decoding)))
+                                    **_complete(models, tokenizer, ids, valid_vocab, device, scorer, **decoding)))
     for ids in heldout_prompt_ids:
         t = torch.tensor([list(ids)])
         out.append(SampleGeneration(prompt=tokenizer.decode(ids), chat_template=False, **decoding,
-                                    completions=_complete(models, tokenizer, t, valid_vocab, device, **decoding),
+                                    **_complete(models, tokenizer, t, valid_vocab, device, scorer, **decoding),
                                     source="heldout"))
     return out
 
 
-def _complete(models: dict, tokenizer, ids: torch.Tensor, valid_vocab: int, device: str, *, max_new_tokens: int,
-              repetition_penalty: float) -> dict[str, str]:
+def _complete(models: dict, tokenizer, ids: torch.Tensor, valid_vocab: int, device: str, scorer, *,
+              max_new_tokens: int, repetition_penalty: float) -> dict:
+    """{"completions": {model: text}, "teacher_bits": {model: bits}} (the latter empty without a scorer)."""
     from transformers import LogitsProcessorList
 
     eos = tokenizer.eos_token_id
     ids = ids.to(device)
-    completions = {}
+    completions, bits = {}, {}
     for name in [n for n in MODEL_ORDER if n in models] + [n for n in models if n not in MODEL_ORDER]:
         model = models[name]
         was_training = model.training
@@ -94,7 +96,23 @@ def _complete(models: dict, tokenizer, ids: torch.Tensor, valid_vocab: int, devi
         )
         model.train(was_training)
         completions[name] = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    return completions
+        if scorer is not None:
+            bits[name] = _bits(scorer, gen, ids.shape[1], valid_vocab)
+    return {"completions": completions, "teacher_bits": bits}
+
+
+def _bits(scorer, seq: torch.Tensor, start: int, valid_vocab: int) -> float:
+    """−log2 p of the tokens seq[0, start:] under `scorer` (its valid rows), each given all tokens before it."""
+    import math
+
+    if seq.shape[1] <= start:
+        return 0.0
+    was_training = scorer.training
+    scorer.eval()
+    logits = scorer(input_ids=seq[:, :-1], use_cache=False).logits[0, start - 1:, :valid_vocab].float()
+    scorer.train(was_training)
+    nll = -torch.log_softmax(logits, -1).gather(1, seq[0, start:, None]).sum()
+    return float(nll) / math.log(2)
 
 
 def merge_samples(base: list[SampleGeneration], more: list[SampleGeneration]) -> list[SampleGeneration]:
@@ -105,7 +123,8 @@ def merge_samples(base: list[SampleGeneration], more: list[SampleGeneration]) ->
     if [(s.prompt, s.source, s.repetition_penalty) for s in base] != [(s.prompt, s.source, s.repetition_penalty)
                                                                         for s in more]:
         raise ValueError("merge_samples: the two lists complete different prompts, or decode them differently")
-    return [b.model_copy(update={"completions": {**b.completions, **m.completions}}) for b, m in zip(base, more)]
+    return [b.model_copy(update={"completions": {**b.completions, **m.completions},
+                                 "teacher_bits": {**b.teacher_bits, **m.teacher_bits}}) for b, m in zip(base, more)]
 
 
 def decoding_of(samples: list[SampleGeneration]) -> str:

@@ -51,3 +51,22 @@ def test_the_repetition_penalty_reaches_every_models_decoding(tiny_pair):
     assert "greedy, repetition penalty 2" in samples_markdown(penalised)
     with pytest.raises(ValueError, match="decode them differently"):
         merge_samples(plain, penalised)
+
+
+def test_the_teacher_scores_each_completion_token_given_what_came_before(tiny_pair):
+    """The rigged model's next-token distribution is the same after any text, so its bits on a completion are
+    the per-token −log2 p of one forward, summed: six A's at plain greedy, A B A A A A under penalty 2."""
+    import math
+
+    student_dir = tiny_pair[1]
+    model = _rigged(student_dir)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([[7]])).logits[0, -1].float(), -1) / math.log(2)
+    for penalty, tokens in [(1.0, [A] * 6), (2.0, [A, B, A, A, A, A])]:
+        (s,) = generate_samples({"student_after": model}, student_dir, ["the sea"], max_new_tokens=6, valid_vocab=vocab,
+                                repetition_penalty=penalty, scorer=model)
+        assert s.teacher_bits["student_after"] == pytest.approx(-float(logp[tokens].sum()), rel=1e-4)
+    (unscored,) = generate_samples({"student_after": model}, student_dir, ["the sea"], max_new_tokens=6,
+                                   valid_vocab=vocab)
+    assert unscored.teacher_bits == {}

@@ -11,7 +11,7 @@ import pytest
 from kd.config import EvalConfig, ShipConfig, load_config
 from kd.errors import ConfigError
 from kd.evaluate.ship import (
-    DIVERSITY_ID, HELDOUT_ID, ON_SAMPLE_ID, REFERENCE_ID, OUTPUT_ID, REPETITION_ID, RETENTION_ID, distinct, is_blank, repetition, ship_verdict,
+    DIVERSITY_ID, FLUENCY_ID, HELDOUT_ID, ON_SAMPLE_ID, REFERENCE_ID, OUTPUT_ID, REPETITION_ID, RETENTION_ID, distinct, is_blank, repetition, ship_verdict,
 )
 from tests.test_manifest import inputs  # noqa: F401  (the evidence fixture)
 from kd.results import (
@@ -28,9 +28,13 @@ def _ev(loss: float) -> ModelEval:  # teacher 1.0, student-before 3.0, student-a
                      top_token_share=0.1, tokens=100)
 
 
-def _report(student: list[str], teacher: list[str] = TEACHER, **extra) -> EvalReport:
+def _report(student: list[str], teacher: list[str] = TEACHER, student_bits_per_byte: float = 0.7,
+            **extra) -> EvalReport:
+    """Completions, each scored by the teacher: 0.5 bits per byte on its own, `student_bits_per_byte` on the student's."""
     samples = [SampleGeneration(prompt=f"p{i}", chat_template=True, max_new_tokens=24,
-                                completions={"teacher": t, "student_before": "x", "student_after": s})
+                                completions={"teacher": t, "student_before": "x", "student_after": s},
+                                teacher_bits={"teacher": 0.5 * len(t.encode()),
+                                              "student_after": student_bits_per_byte * len(s.encode())})
                for i, (t, s) in enumerate(zip(teacher, student))]
     extra.setdefault("reference", _reference(0.95))
     return EvalReport(teacher=_ev(1.0), student_before=_ev(3.0), student_after=_ev(1.05), vocab_size=360,
@@ -109,6 +113,28 @@ def test_one_looping_answer_among_good_ones_is_caught_where_the_mean_would_hide_
                  if c.id == REPETITION_ID)
     assert check.verdict == "fail" and "1 of 5 completions loop" in check.observed, check.observed
     assert REPETITION_ID not in _failed(_report([loop, *good], teacher=[loop, *teacher[1:]]))  # the teacher loops too
+
+
+def test_word_salad_the_teacher_finds_implausible_fails_though_it_neither_loops_nor_repeats():
+    """The 10-layer student under a repetition penalty 1.2: no loop, distinct-2 0.70, and the teacher reads its
+    answers at 2.4 bits per byte against 0.51 on its own (kdflow run, 2026-12-05)."""
+    salad = ["and I. And he said to his brother; that thou unto him in thy thee: But it not me with them",
+             "unto him in his brother; I is he to me shall not thee that thou will be a thy son's father:",
+             ", I. And he shall not unto him; God to his brother's thou in a that thee? But it thy"]
+    report = _report(salad, student_bits_per_byte=2.4)
+    assert _failed(report) == {FLUENCY_ID}  # only the teacher's surprise catches it
+    check = next(c for c in ship_verdict(report, ShipConfig()).checks if c.id == FLUENCY_ID)
+    assert "on the student's 2.4, on its own 0.5, limit 1" in check.observed, check.observed
+    assert FLUENCY_ID not in _failed(_report(salad, student_bits_per_byte=0.99))  # just under 2 x 0.5
+    assert FLUENCY_ID in _failed(_report(salad, student_bits_per_byte=1.01))
+    assert FLUENCY_ID not in _failed(report, ShipConfig(max_teacher_bits_ratio=5.0))
+
+
+def test_completions_the_teacher_did_not_score_are_not_called_fluent():
+    report = _report(TEACHER)
+    unscored = report.model_copy(update={"samples": [s.model_copy(update={"teacher_bits": {}}) for s in report.samples]})
+    check = next(c for c in ship_verdict(unscored, ShipConfig()).checks if c.id == FLUENCY_ID)
+    assert check.verdict == "fail" and "not measured" in check.observed
 
 
 def test_far_fewer_distinct_phrases_than_the_teacher_fails():

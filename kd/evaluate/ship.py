@@ -11,6 +11,9 @@ them. The ship verdict looks at what the student *does*:
   repeated word n-grams in each completion, seq-rep-n of Welleck et al. 2019), and a vocabulary not far below the teacher's
   on the same prompts (distinct-2, Li et al. 2016); each compared with the teacher where the teacher's own
   output sets the bar;
+- whether the teacher finds them plausible: its bits per byte on the student's completions, pooled, against
+  its own completions of the same prompts (`eval.ship.max_teacher_bits_ratio`): word salad that neither loops nor
+  repeats a phrase passes the checks above and fails this one;
 - how much of the teacher it kept on held-out text: teacher ÷ student held-out loss per trained token
   (`eval.ship.min_heldout_retention`, default 0.9; both score the same tokens with one tokenizer, so this
   is the ratio of their bits per byte). A preset whose held-out split the teacher wrote itself (its own
@@ -43,6 +46,7 @@ HELDOUT_ID = "F-SHIP-HELDOUT-001"
 REFERENCE_ID = "F-SHIP-REFERENCE-001"
 RETENTION_ID = "F-SHIP-RETENTION-001"
 ON_SAMPLE_ID = "F-SHIP-ONSAMPLE-001"
+FLUENCY_ID = "F-SHIP-FLUENCY-001"
 STUDENT, TEACHER = "student_after", "teacher"
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -109,10 +113,12 @@ def repetition_check(samples: list[SampleGeneration], cfg: ShipConfig) -> Falsif
         observed = "no completions generated"
     elif loops:
         prompt, rep, limit = max(loops, key=lambda r: r[1])
-        observed = (f"{len(loops)} of {len(rows)} completions loop: seq-rep-{n} {rep:.3g} > limit {limit:.3g} "
+        observed = (f"{len(loops)} of {len(rows)} completions loop ({decoding_of(samples)}): seq-rep-{n} {rep:.3g} > "
+                    f"limit {limit:.3g} "
                     f"for {prompt[:60]!r}")
     else:
-        observed = f"0 of {len(rows)} completions loop: worst seq-rep-{n} {max(r[1] for r in rows):.3g}"
+        observed = (f"0 of {len(rows)} completions loop ({decoding_of(samples)}): worst seq-rep-{n} "
+                    f"{max(r[1] for r in rows):.3g}")
     return Falsifier(id=REPETITION_ID, claim=f"no completion of the student's ({decoding_of(samples)}) repeats {n}-grams "
                      f"more than max(eval.ship.max_repetition={cfg.max_repetition:g}, the teacher's on the same prompt)",
                      observed=observed, verdict="pass" if ok else "fail")
@@ -180,10 +186,35 @@ def on_sample_check(report: EvalReport, cfg: ShipConfig) -> Falsifier:
                      verdict="pass" if ok else "fail")
 
 
+def teacher_bits_per_byte(samples: list[SampleGeneration], model: str) -> float:
+    """The teacher's bits on `model`'s completions per UTF-8 byte of them, pooled over prompts (NaN: none scored)."""
+    scored = [(s.teacher_bits[model], len(s.completions[model].encode("utf-8"))) for s in samples
+              if model in s.teacher_bits and model in s.completions]
+    total = sum(b for _, b in scored)
+    return sum(bits for bits, _ in scored) / total if total else float("nan")
+
+
+def fluency_check(samples: list[SampleGeneration], cfg: ShipConfig) -> Falsifier:
+    """F-SHIP-FLUENCY-001: the teacher reads the student's completions at ≤ max_teacher_bits_ratio × the bits per
+    byte of its own. Blank, loop and distinct-n checks pass word salad that does not repeat itself; the teacher's
+    surprise at every token does not. Unmeasured (no teacher scores, e.g. across tokenizers) fails."""
+    s, t = teacher_bits_per_byte(samples, STUDENT), teacher_bits_per_byte(samples, TEACHER)
+    limit = cfg.max_teacher_bits_ratio * t
+    ok = s <= limit  # NaN (nothing scored) fails
+    return Falsifier(id=FLUENCY_ID, claim=f"the teacher reads the student's completions ({decoding_of(samples)}) at ≤ "
+                     f"eval.ship.max_teacher_bits_ratio={cfg.max_teacher_bits_ratio:g} × the bits per byte of its own "
+                     "completions of the same prompts",
+                     observed=f"teacher's bits/byte on the student's {_fmt(s)}, on its own {_fmt(t)}, limit {_fmt(limit)}"
+                     + ("" if ok else ": text the teacher finds implausible" if not math.isnan(s) else
+                        ": not measured (the teacher did not score the completions)"),
+                     verdict="pass" if ok else "fail")
+
+
 def ship_verdict(report: EvalReport, cfg: ShipConfig) -> ShipVerdict:
     """Every ship check for `report` under `cfg`; `ship` only when all pass."""
     samples = list(report.samples)
-    checks = [output_check(samples), repetition_check(samples, cfg), diversity_check(samples, cfg)]
+    checks = [output_check(samples), repetition_check(samples, cfg), diversity_check(samples, cfg),
+              fluency_check(samples, cfg)]
     if cfg.min_heldout_retention is not None:
         checks.append(heldout_check(report, cfg))
     checks.append(reference_check(report, cfg))

@@ -110,16 +110,19 @@ def sample_spec(config, student_dir, heldout, prompts: int | None = None):
                       max_prompt_tokens=op.max_prompt_tokens, seed=config.train.seed, batch_size=ev.batch_size)
 
 
-def _samples(config, models: dict, student_dir, heldout, alignment, device):
-    """Greedy completions of the fixed and the held-out prompts by `models` (kd/samples.py)."""
+def _samples(config, models: dict, student_dir, heldout, alignment, device, scorer=None):
+    """Greedy completions of the fixed and the held-out prompts by `models` (kd/samples.py), each scored by
+    `scorer` (the teacher; None across tokenizers)."""
     from kd.evaluate.on_samples import heldout_prompts
     from kd.samples import generate_samples
 
-    spec = sample_spec(config, student_dir, heldout, prompts=config.eval.heldout_sample_prompts)
+    n = config.eval.heldout_sample_prompts
+    spec = sample_spec(config, student_dir, heldout, prompts=4 * n)  # rows that start alike give one prompt
+    distinct = list(dict.fromkeys(tuple(p) for p in heldout_prompts(heldout, spec)))[:n] if spec else []
     return generate_samples(models, student_dir, config.eval.sample_prompts,
                             max_new_tokens=config.eval.sample_max_new_tokens, valid_vocab=alignment.valid_vocab,
-                            device=device, heldout_prompt_ids=heldout_prompts(heldout, spec) if spec else [],
-                            repetition_penalty=config.eval.sample_repetition_penalty)
+                            device=device, heldout_prompt_ids=[list(p) for p in distinct],
+                            repetition_penalty=config.eval.sample_repetition_penalty, scorer=scorer)
 
 
 def evaluate_baselines(config, models: dict, tokenizer_dirs: dict, heldout, alignment, *, heldout_path, device="cpu",
@@ -154,7 +157,8 @@ def evaluate_baselines(config, models: dict, tokenizer_dirs: dict, heldout, alig
         [models["teacher"]], docs, _tokenizer(student_dir), valid_vocab=alignment.valid_vocab,
         chunk_size=config.kd.chunk_size, device=device, backend=backend, source="reference")
     return BaselineEval(teacher=teacher_eval, student_before=before, benchmarks=bench, reference=reference,
-                        samples=_samples(config, models, student_dir, heldout, alignment, device))
+                        samples=_samples(config, models, student_dir, heldout, alignment, device,
+                                         scorer=models["teacher"]))
 
 
 def _tokenizer(student_dir):
@@ -200,8 +204,8 @@ def evaluate_student(config, models: dict, tokenizer_dirs: dict, baselines, held
     report = EvalReport(teacher=baselines.teacher, student_before=baselines.student_before, student_after=after,
                         vocab_size=v, on_samples=sampled,
                         gates=eval_gates(baselines.teacher, baselines.student_before, after, v, ev, on_samples=sampled),
-                        samples=merge_samples(baselines.samples,
-                                              _samples(config, trained, student_dir, heldout, alignment, device)))
+                        samples=merge_samples(baselines.samples, _samples(config, trained, student_dir, heldout,
+                                                                          alignment, device, scorer=models["teacher"])))
     report = _with_trained_benchmarks(report, trained, tokenizer_dirs, baselines, ev, student_dir=student_dir,
                                       heldout_path=heldout_path, device=device, log=log)
     mine = None

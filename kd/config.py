@@ -446,7 +446,7 @@ class ShipConfig(_Part):
         2.0, ge=1, description="The teacher's bits per byte on the student's completions (pooled over prompts, each "
         "token given the prompt and the tokens before it) must be ≤ this × on its own completions of the same "
         "prompts: the teacher finds the student's answers plausible text. Word salad that neither loops nor repeats "
-        "a phrase (a 10-layer student under a repetition penalty: 4.7×) fails it; the recipe's student reads at 1.4-1.6×.")
+        "a phrase (a 10-layer student under a repetition penalty: 4.4×) fails it; the recipe's student reads at 1.7×.")
     min_retention: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="'task/metric' -> least retention vs the teacher (after ÷ teacher; teacher "
         "÷ after when lower is better), e.g. {'kdflow_bpb/bits_per_byte': 0.9}. Each task must be in eval.benchmarks.tasks.")

@@ -116,15 +116,16 @@ def test_one_looping_answer_among_good_ones_is_caught_where_the_mean_would_hide_
 
 
 def test_word_salad_the_teacher_finds_implausible_fails_though_it_neither_loops_nor_repeats():
-    """The 10-layer student under a repetition penalty 1.2: no loop, distinct-2 0.70, and the teacher reads its
-    answers at 2.4 bits per byte against 0.51 on its own (kdflow run, 2026-12-05)."""
-    salad = ["and I. And he said to his brother; that thou unto him in thy thee: But it not me with them",
-             "unto him in his brother; I is he to me shall not thee that thou will be a thy son's father:",
-             ", I. And he shall not unto him; God to his brother's thou in a that thee? But it thy"]
-    report = _report(salad, student_bits_per_byte=2.4)
+    """The issue's 10-layer student under the recipe's repetition penalty 1.1: no loop (worst seq-rep-3 0.09),
+    distinct-2 0.56 vs the teacher's 0.96, and the teacher reads its answers at 2.02 bits per byte against 0.456 on
+    its own (bench/results/degenerate_student-2026-12-05.md)."""
+    salad = ["and I. And he said to his brother; and they that thy thee, and thou, and she was not unto",
+             "and I of his wife; And he is that the LORD, and thou unto him in the Lord, and God to",
+             "unto him in his brother; I is he to me, and thou, and God said thee? and they shall not"]
+    report = _report(salad, student_bits_per_byte=2.02)
     assert _failed(report) == {FLUENCY_ID}  # only the teacher's surprise catches it
     check = next(c for c in ship_verdict(report, ShipConfig()).checks if c.id == FLUENCY_ID)
-    assert "on the student's 2.4, on its own 0.5, limit 1" in check.observed, check.observed
+    assert "on the student's 2.02, on its own 0.5, limit 1" in check.observed, check.observed
     assert FLUENCY_ID not in _failed(_report(salad, student_bits_per_byte=0.99))  # just under 2 x 0.5
     assert FLUENCY_ID in _failed(_report(salad, student_bits_per_byte=1.01))
     assert FLUENCY_ID not in _failed(report, ShipConfig(max_teacher_bits_ratio=5.0))

@@ -70,3 +70,26 @@ def test_the_teacher_scores_each_completion_token_given_what_came_before(tiny_pa
     (unscored,) = generate_samples({"student_after": model}, student_dir, ["the sea"], max_new_tokens=6,
                                    valid_vocab=vocab)
     assert unscored.teacher_bits == {}
+
+
+def test_held_out_rows_that_start_alike_give_one_prompt(tiny_pair):
+    """Chat records rendered as text all start with the same system prompt: three held-out rows that start alike
+    were three identical samples (the recipe's first run); they are one prompt, and the next rows fill the count."""
+    from types import SimpleNamespace
+    from pathlib import Path
+
+    from kd.config import load_config
+    from kd.evaluate.step import _samples
+
+    student_dir = tiny_pair[1]
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/smoke.yaml")
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={
+        "heldout_sample_prompts": 3, "sample_prompts": [], "sample_max_new_tokens": 2})})
+    n = cfg.kd.on_policy.prompt_tokens
+    same = list(range(10, 10 + n))
+    rows = torch.tensor([same + [1] * 8, same + [2] * 8, list(range(30, 30 + n)) + [3] * 8, same + [4] * 8,
+                         list(range(50, 50 + n)) + [5] * 8, list(range(70, 70 + n)) + [6] * 8])
+    model = _rigged(student_dir)
+    samples = _samples(cfg, {"student_after": model}, student_dir, rows, SimpleNamespace(valid_vocab=A + 8), "cpu")
+    prompts = [s.prompt for s in samples if s.source == "heldout"]
+    assert len(prompts) == 3 == len(set(prompts))

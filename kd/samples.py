@@ -129,7 +129,8 @@ def merge_samples(base: list[SampleGeneration], more: list[SampleGeneration]) ->
 
 def decoding_of(samples: list[SampleGeneration]) -> str:
     """How the completions were decoded, in words: 'greedy' or 'greedy, repetition penalty 1.2'."""
-    return "greedy" + "".join(f", repetition penalty {p:g}" for p in sorted({s.repetition_penalty for s in samples} - {1.0}))
+    penalties = sorted({s.repetition_penalty for s in samples} - {1.0})
+    return "greedy" + "".join(f", repetition penalty {p:g}" for p in penalties)
 
 
 def _cell(text: str) -> str:
@@ -140,8 +141,9 @@ def _cell(text: str) -> str:
 
 def samples_markdown(samples: list[SampleGeneration], title: str = "Sample generations") -> str:
     lines = [f"# {title}", "",
-             f"Completions ({decoding_of(samples)}: `eval.sample_repetition_penalty`) of fixed prompts (`eval.sample_prompts`) and of prompts cut from held-out data "
-             "(`eval.heldout_sample_prompts`) by the teacher, the student before training and the student after.", ""]
+             f"Completions ({decoding_of(samples)}: `eval.sample_repetition_penalty`) of fixed prompts "
+             "(`eval.sample_prompts`) and of prompts cut from held-out data (`eval.heldout_sample_prompts`) by the "
+             "teacher, the student before training and the student after.", ""]
     for i, s in enumerate(samples, 1):
         how = ("held-out prompt, as in the data" if s.source == "heldout" else
                "chat-templated user turn" if s.chat_template else "raw text")

@@ -7,9 +7,9 @@ a uniform guess, not collapsed. A student that answers every prompt with twelve 
 them. The ship verdict looks at what the student *does*:
 - its greedy completions of the fixed sample prompts and of held-out prompts (`eval.sample_prompts`,
   `eval.heldout_sample_prompts`), decoded as it will be deployed (`eval.sample_repetition_penalty`, 1.0 = plain
-  greedy; the teacher's completions decoded alike, and every check names the decoding): none blank (no letter or digit at all), none looping (share of
-  repeated word n-grams in each completion, seq-rep-n of Welleck et al. 2019), and a vocabulary not far below the teacher's
-  on the same prompts (distinct-2, Li et al. 2016); each compared with the teacher where the teacher's own
+  greedy; the teacher's completions decoded alike, and every check names the decoding): none blank (no letter or
+  digit at all), none looping (share of repeated word n-grams in each completion, seq-rep-n of Welleck et al.
+  2019), and a vocabulary not far below the teacher's on the same prompts (distinct-2, Li et al. 2016); each compared with the teacher where the teacher's own
   output sets the bar;
 - whether the teacher finds them plausible: its bits per byte on the student's completions, pooled, against
   its own completions of the same prompts (`eval.ship.max_teacher_bits_ratio`): word salad that neither loops nor
@@ -95,8 +95,9 @@ def output_check(samples: list[SampleGeneration]) -> Falsifier:
                 "student says" if measured == 0 else
                 f"{len(blank)} of {measured} completions blank (no letter or digit)"
                 + (f", e.g. for {blank[0][:60]!r}" if blank else ""))
-    return Falsifier(id=OUTPUT_ID, claim=f"the student's completions ({decoding_of(samples)}) of the sample and held-out "
-                     "prompts are generated and none is blank (empty, whitespace or punctuation only) where the teacher's is not",
+    return Falsifier(id=OUTPUT_ID, claim=f"the student's completions ({decoding_of(samples)}) of the sample and "
+                     "held-out prompts are generated and none is blank (empty, whitespace or punctuation only) where "
+                     "the teacher's is not",
                      observed=observed, verdict="pass" if ok else "fail")
 
 

@@ -50,3 +50,10 @@ def text_files(source: str) -> list[Path]:
         return []
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     return files if files and all(f.is_file() for f in files) else []
+
+
+def contains(source: str, files: list[Path]) -> bool:
+    """Whether any of `files` (resolved) is the file `source` names or lies inside the folder it names: the
+    overlap preflight refuses between the reference text and what the run trains or chooses layers on."""
+    root = source_path(source).resolve()
+    return any(f == root or f.is_relative_to(root) for f in files)

@@ -95,6 +95,11 @@ def digest_of(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def files_digest(paths) -> str:
+    """One sha256 over the content of `paths`, in their order, wherever they live (big files via sha256_memo)."""
+    return digest_of({str(i): sha256_memo(Path(f)) for i, f in enumerate(paths)})
+
+
 def hash_dir(root: str | Path) -> str:
     """One sha256 identifying a folder's content (e.g. a checkpoint)."""
     return digest_of(hash_tree(root))

@@ -277,20 +277,19 @@ def _check_reference(reference_text: str, data_source: str) -> str:
 def _check_calibration(calibration: str, reference_text: str | None) -> str:
     """student.init.from_teacher.calibration names readable text that is not eval.reference_text: the
     out-of-domain verdict must not have chosen the student's layers. ConfigError naming the field otherwise."""
-    from kd.bundled import source_path, text_files
+    from kd.bundled import contains, text_files
     from kd.evaluate.bundled_tasks import reference_files
 
     field = f"student.init.from_teacher.calibration {calibration!r}"
     files = text_files(calibration)  # what calibration_from_text will read
     if not files:
         raise ConfigError(f"{field}: no bundled text, .txt file or folder of .txt files there")
-    root = source_path(calibration).resolve()
     if reference_text is not None:
         try:
-            reference = [f.resolve() for f in reference_files(reference_text)]
+            reference = reference_files(reference_text)  # resolved paths
         except ConfigError:  # named by the reference-text check
             reference = []
-        if any(f == root or f.is_relative_to(root) for f in reference):
+        if contains(calibration, reference):
             raise ConfigError(f"{field} is (inside) eval.reference_text {reference_text!r}: the layers would be "
                               "chosen on the text that judges the student; calibrate on another text")
     return f"layer calibration {calibration}: {len(files)} file(s), {sum(f.stat().st_size for f in files):,} bytes"

@@ -31,10 +31,9 @@ def source_fingerprint(ref: ModelRef, dtype: str = "float32", data=None) -> str:
             init = f"{init}:transplant-{TRANSPLANT_FORMAT}"
         if spec.measured and spec.calibration is not None:  # the calibration text's content, not only its name
             from kd.bundled import text_files
-            from kd.hashing import digest_of, sha256_file
+            from kd.hashing import files_digest
 
-            texts = digest_of({str(f): sha256_file(f) for f in text_files(spec.calibration)})
-            return f"pruned:{init}:calibration-text:{texts}"
+            return f"pruned:{init}:calibration-text:{files_digest(text_files(spec.calibration))}"
         if spec.measured and data is not None:
             from kd.data import data_fingerprint
 

@@ -45,9 +45,9 @@ def source_files(cfg) -> list[Path]:
 
 def data_fingerprint(cfg) -> str:
     """sha256 over the source files' content (big files through the size/mtime memo)."""
-    from kd.hashing import digest_of, sha256_memo
+    from kd.hashing import files_digest
 
-    return digest_of({str(i): sha256_memo(f) for i, f in enumerate(source_files(cfg))})
+    return files_digest(source_files(cfg))
 
 
 def load_tokenizer(tokenizer_dir: str | Path):

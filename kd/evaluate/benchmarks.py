@@ -78,13 +78,13 @@ def check_reference(reference_text: str | None, data_source: str | None = None) 
         return "no reference text (eval.reference_text: null)"
     files = reference_files(reference_text)
     if data_source and not data_source.startswith("hf-dataset:"):
-        from kd.bundled import source_path
+        from kd.bundled import contains
 
         try:
-            root = source_path(data_source).resolve()
+            inside = contains(data_source, files)
         except Exception:  # noqa: BLE001 - data.source is checked (and named) by its own preflight check
-            root = None
-        if root is not None and any(f == root or f.is_relative_to(root) for f in files):
+            inside = False
+        if inside:
             raise ConfigError(f"eval.reference_text {reference_text!r} is (inside) the training data "
                               f"data.source {data_source!r}: the out-of-domain score needs a source the run does "
                               "not train on; give another text or null")

@@ -232,7 +232,7 @@ def test_verify_refutes_a_forged_ship_verdict_and_show_says_dont_ship(inputs, tm
     (run / "eval.json").write_text(json.dumps(ev))
     problems = verify_run_dir(run)
     assert any(p.startswith("eval.ship: manifest says ship, the recorded samples and numbers say dont_ship")
-               for p in problems), problems
+               and "checks that differ: F-SHIP-OUTPUT-001 pass -> fail" in p for p in problems), problems
     main(["evidence", "show", str(run)])
     out = capsys.readouterr().out
     assert "ship verdict: DON'T SHIP: F-SHIP-OUTPUT-001" in out and "(the manifest claims ship)" in out

@@ -116,8 +116,12 @@ def recheck_verdicts(m: Manifest, run_dir: Path, *, skip_files: set[str] = froze
     if ship is not None:  # the ship verdict, recomputed from the recorded completions and numbers
         again = ship_verdict(m.eval, eval_cfg.ship)
         if (again.verdict, [(c.id, c.verdict) for c in again.checks]) != (ship.verdict, [(c.id, c.verdict) for c in ship.checks]):
+            said, found = {c.id: c.verdict for c in ship.checks}, {c.id: c.verdict for c in again.checks}
+            differ = ", ".join(f"{i} {said.get(i)} -> {found.get(i)}" for i in {**said, **found}
+                               if said.get(i) != found.get(i)) or "none, in another order"
             problems.append(f"eval.ship: manifest says {ship.verdict}, the recorded samples and numbers say "
-                            f"{again.verdict} ({shorten('; '.join(again.reasons) or 'every check passes', 200)})")
+                            f"{again.verdict} ({shorten('; '.join(again.reasons) or 'every check passes', 200)}); "
+                            f"checks that differ: {differ}")
     return problems
 
 
